@@ -26,7 +26,7 @@ def _load_toolkit_module():
 
 
 def read_sources() -> dict[str, list[str]]:
-    sources: dict[str, list[str]] = {"cpu": [], "cuda": []}
+    sources: dict[str, list[str]] = {"cpu": [], "python": [], "cuda": []}
     for line in (ROOT / "csrc/sources.txt").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
@@ -67,19 +67,19 @@ def extension_modules():
     from torch.utils import cpp_extension
 
     sources = read_sources()
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]
     defines = [("TORCH_EXTENSION_NAME", "_C")]
     if not cuda_home:
         ext = cpp_extension.CppExtension(
-            "chunkinfer._C", sources["cpu"], extra_compile_args={"cxx": cxx},
+            "chunkinfer._C", sources["cpu"] + sources["python"], extra_compile_args={"cxx": cxx},
             define_macros=defines, extra_link_args=["-fopenmp"],
         )
         return [ext], cpp_extension
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     defines += [("CHUNKINFER_WITH_CUDA", "1"), ("CHUNKINFER_CUDA_ARCHS", f'"{archs}"')]
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     ext = cpp_extension.CUDAExtension(
-        "chunkinfer._C", sources["cpu"] + sources["cuda"],
+        "chunkinfer._C", sources["cpu"] + sources["python"] + sources["cuda"],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, define_macros=defines,
         extra_link_args=["-fopenmp"],
     )

@@ -1,0 +1,102 @@
+// act(gate) * up on the CPU: fp32 math, one rounding to the output dtype.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../dispatch.h"
+#include "../ops.h"
+#include "vec_util.h"
+
+namespace chunkinfer::cpu {
+namespace {
+
+template <Activation A>
+inline float act_scalar(float g) {
+  if constexpr (A == Activation::kSilu) return g / (1.0f + std::exp(-g));
+  if constexpr (A == Activation::kGeluErf) return 0.5f * g * (1.0f + std::erf(g * 0.70710678118654752f));
+  // tanh approximation, as torch.nn.functional.gelu(approximate="tanh")
+  const float inner = 0.79788456080286536f * (g + 0.044715f * g * g * g);
+  return 0.5f * g * (1.0f + std::tanh(inner));
+}
+
+template <Activation A>
+inline fVec act_vec(const fVec& g) {
+  if constexpr (A == Activation::kSilu) return g / (fVec(1.0f) + g.neg().exp());
+  if constexpr (A == Activation::kGeluErf) return fVec(0.5f) * g * (fVec(1.0f) + (g * fVec(0.70710678118654752f)).erf());
+  const fVec inner = fVec(0.79788456080286536f) * (g + fVec(0.044715f) * g * g * g);
+  return fVec(0.5f) * g * (fVec(1.0f) + inner.tanh());
+}
+
+template <typename scalar_t, Activation A>
+void act_and_mul_row(scalar_t* out, const scalar_t* gate, const scalar_t* up, int64_t begin, int64_t end) {
+  constexpr int64_t step = kPairStep<scalar_t>;
+  int64_t c = begin;
+  for (; c + step <= end; c += step) {
+    fVec g0, g1, u0, u1;
+    load_float(gate + c, g0, g1);
+    load_float(up + c, u0, u1);
+    store_float(out + c, act_vec<A>(g0) * u0, act_vec<A>(g1) * u1);
+  }
+  for (; c < end; ++c) {
+    out[c] = static_cast<scalar_t>(act_scalar<A>(static_cast<float>(gate[c])) * static_cast<float>(up[c]));
+  }
+}
+
+template <Activation A>
+void act_and_mul_impl(const char* op, const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& up) {
+  const ActRows r = check_act_args(op, x, up, out);
+  TORCH_CHECK(x.device().is_cpu(), op, ": expected CPU tensors");
+  if (r.rows == 0 || r.d == 0) return;
+  // Work items are (row, column block), so that a few long rows (decode) still use every core.
+  constexpr int64_t kBlock = 4096;
+  const int64_t blocks_per_row = (r.d + kBlock - 1) / kBlock;
+  CHUNKINFER_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    const scalar_t* gate = r.gate.const_data_ptr<scalar_t>();  // [rows, gate_stride]
+    const scalar_t* upp = r.up.const_data_ptr<scalar_t>();     // [rows, up_stride]
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();             // [rows, out_stride]
+    at::parallel_for(0, r.rows * blocks_per_row, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t row = i / blocks_per_row;
+        const int64_t c0 = (i % blocks_per_row) * kBlock;
+        act_and_mul_row<scalar_t, A>(o + row * r.out_stride, gate + row * r.gate_stride,
+                                     upp + row * r.up_stride, c0, std::min(c0 + kBlock, r.d));
+      }
+    });
+  });
+}
+
+void silu_and_mul_out(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& up) {
+  act_and_mul_impl<Activation::kSilu>("silu_and_mul", out, x, up);
+}
+
+void gelu_and_mul_out(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& up,
+                      const std::string& approximate) {
+  if (parse_gelu_approximate(approximate) == Activation::kGeluErf) {
+    act_and_mul_impl<Activation::kGeluErf>("gelu_and_mul", out, x, up);
+  } else {
+    act_and_mul_impl<Activation::kGeluTanh>("gelu_and_mul", out, x, up);
+  }
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x, const std::optional<at::Tensor>& up) {
+  at::Tensor out = act_output_like(x, up);
+  silu_and_mul_out(out, x, up);
+  return out;
+}
+
+at::Tensor gelu_and_mul(const at::Tensor& x, const std::optional<at::Tensor>& up, const std::string& approximate) {
+  at::Tensor out = act_output_like(x, up);
+  gelu_and_mul_out(out, x, up, approximate);
+  return out;
+}
+
+}  // namespace
+}  // namespace chunkinfer::cpu
+
+TORCH_LIBRARY_IMPL(chunkinfer, CPU, m) {
+  m.impl("silu_and_mul", &chunkinfer::cpu::silu_and_mul);
+  m.impl("silu_and_mul_out", &chunkinfer::cpu::silu_and_mul_out);
+  m.impl("gelu_and_mul", &chunkinfer::cpu::gelu_and_mul);
+  m.impl("gelu_and_mul_out", &chunkinfer::cpu::gelu_and_mul_out);
+}

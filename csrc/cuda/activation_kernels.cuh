@@ -1,0 +1,65 @@
+// act(gate) * up: fp32 math, one rounding to the output dtype. Pure CUDA (see device_util.cuh).
+#pragma once
+
+#include "device_util.cuh"
+
+namespace chunkinfer::cuda {
+
+enum class ActKind { kSilu, kGeluErf, kGeluTanh };
+
+template <ActKind A>
+__device__ __forceinline__ float act(float g) {
+  if constexpr (A == ActKind::kSilu) return g / (1.0f + __expf(-g));
+  if constexpr (A == ActKind::kGeluErf) return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
+  return 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g)));
+}
+
+// One work item = one (row, column block) of kThreads * VEC elements; a grid-stride loop covers any
+// number of items. kVec: every row start is 16-byte aligned and d is a multiple of VEC.
+template <typename T, ActKind A, bool kVec>
+__global__ void act_and_mul_kernel(T* __restrict__ out,          // [rows, out_stride]
+                                   const T* __restrict__ gate,   // [rows, gate_stride]
+                                   const T* __restrict__ up,     // [rows, up_stride]
+                                   int64_t d, int64_t gate_stride, int64_t up_stride, int64_t out_stride,
+                                   int64_t blocks_per_row, int64_t items) {
+  constexpr int VEC = kVec ? kVecElems<T> : 1;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t row = item / blocks_per_row;
+    const int64_t c = ((item % blocks_per_row) * blockDim.x + threadIdx.x) * VEC;
+    if (c >= d) continue;
+    const T* g = gate + row * gate_stride + c;
+    const T* u = up + row * up_stride + c;
+    T* o = out + row * out_stride + c;
+    if constexpr (kVec) {
+      const Vec16<T> gv = load16(g), uv = load16(u);
+      Vec16<T> ov;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) ov.v[i] = from_float<T>(act<A>(to_float(gv.v[i])) * to_float(uv.v[i]));
+      store16(o, ov);
+    } else {
+      *o = from_float<T>(act<A>(to_float(*g)) * to_float(*u));
+    }
+  }
+}
+
+template <typename T, ActKind A>
+void launch_act_and_mul(T* out, const T* gate, const T* up, int64_t rows, int64_t d, int64_t gate_stride,
+                        int64_t up_stride, int64_t out_stride, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  constexpr int VEC = kVecElems<T>;
+  const bool vec = d % VEC == 0 && gate_stride % VEC == 0 && up_stride % VEC == 0 && out_stride % VEC == 0 &&
+                   aligned16(gate) && aligned16(up) && aligned16(out);
+  const int64_t per_block = kThreads * (vec ? VEC : 1);
+  const int64_t blocks_per_row = (d + per_block - 1) / per_block;
+  const int64_t items = rows * blocks_per_row;
+  const unsigned grid = static_cast<unsigned>(items < (1LL << 30) ? items : (1LL << 30));
+  if (vec) {
+    act_and_mul_kernel<T, A, true><<<grid, kThreads, 0, stream>>>(out, gate, up, d, gate_stride, up_stride,
+                                                                 out_stride, blocks_per_row, items);
+  } else {
+    act_and_mul_kernel<T, A, false><<<grid, kThreads, 0, stream>>>(out, gate, up, d, gate_stride, up_stride,
+                                                                  out_stride, blocks_per_row, items);
+  }
+}
+
+}  // namespace chunkinfer::cuda

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include "message.h"
 #include <optional>
 #include <string>
 

@@ -11,21 +11,22 @@
 namespace chunkinfer::cpu {
 namespace {
 
+// GELU as 0.5·g·erfc(−g/√2) and its tanh form as g·sigmoid(2u): the textbook 1 + erf / 1 + tanh
+// cancel catastrophically for very negative g and lose every digit of the (tiny) result.
 template <Activation A>
 inline float act_scalar(float g) {
   if constexpr (A == Activation::kSilu) return g / (1.0f + std::exp(-g));
-  if constexpr (A == Activation::kGeluErf) return 0.5f * g * (1.0f + std::erf(g * 0.70710678118654752f));
-  // tanh approximation, as torch.nn.functional.gelu(approximate="tanh")
-  const float inner = 0.79788456080286536f * (g + 0.044715f * g * g * g);
-  return 0.5f * g * (1.0f + std::tanh(inner));
+  if constexpr (A == Activation::kGeluErf) return 0.5f * g * std::erfc(g * -0.70710678118654752f);
+  const float u = 0.79788456080286536f * (g + 0.044715f * g * g * g);
+  return g / (1.0f + std::exp(-2.0f * u));
 }
 
 template <Activation A>
 inline fVec act_vec(const fVec& g) {
   if constexpr (A == Activation::kSilu) return g / (fVec(1.0f) + g.neg().exp());
-  if constexpr (A == Activation::kGeluErf) return fVec(0.5f) * g * (fVec(1.0f) + (g * fVec(0.70710678118654752f)).erf());
-  const fVec inner = fVec(0.79788456080286536f) * (g + fVec(0.044715f) * g * g * g);
-  return fVec(0.5f) * g * (fVec(1.0f) + inner.tanh());
+  if constexpr (A == Activation::kGeluErf) return fVec(0.5f) * g * (g * fVec(-0.70710678118654752f)).erfc();
+  const fVec u = fVec(0.79788456080286536f) * (g + fVec(0.044715f) * g * g * g);
+  return g / (fVec(1.0f) + (fVec(-2.0f) * u).exp());
 }
 
 template <typename scalar_t, Activation A>
@@ -46,7 +47,7 @@ void act_and_mul_row(scalar_t* out, const scalar_t* gate, const scalar_t* up, in
 template <Activation A>
 void act_and_mul_impl(const char* op, const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& up) {
   const ActRows r = check_act_args(op, x, up, out);
-  TORCH_CHECK(x.device().is_cpu(), op, ": expected CPU tensors");
+  CHUNKINFER_CHECK(x.device().is_cpu(), op, ": expected CPU tensors");
   if (r.rows == 0 || r.d == 0) return;
   // Work items are (row, column block), so that a few long rows (decode) still use every core.
   constexpr int64_t kBlock = 4096;

@@ -72,7 +72,7 @@ void rms_norm_impl(const char* op, const at::Tensor& out, const at::Tensor& x, c
                    const at::Tensor& weight, double eps, bool gemma) {
   const NormRows r = kFused ? check_fused_add_rms_norm_args(op, x, *residual, weight, eps)
                             : check_rms_norm_args(op, x, weight, out, eps);
-  TORCH_CHECK(x.device().is_cpu(), op, ": expected CPU tensors");
+  CHUNKINFER_CHECK(x.device().is_cpu(), op, ": expected CPU tensors");
   if (r.rows == 0) return;
   const float feps = static_cast<float>(eps);
   CHUNKINFER_DISPATCH_FLOATING(x.scalar_type(), [&] {

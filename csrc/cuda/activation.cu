@@ -15,7 +15,7 @@ namespace {
 template <ActKind A>
 void act_and_mul_impl(const char* op, const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& up) {
   const ActRows r = check_act_args(op, x, up, out);
-  TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  CHUNKINFER_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
   if (r.rows == 0 || r.d == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -7,11 +7,14 @@ namespace chunkinfer::cuda {
 
 enum class ActKind { kSilu, kGeluErf, kGeluTanh };
 
+// GELU as 0.5·g·erfc(−g/√2) and its tanh form as g·sigmoid(2u): 1 + erf / 1 + tanh cancel for very
+// negative g and would lose every digit of the (tiny) result.
 template <ActKind A>
 __device__ __forceinline__ float act(float g) {
   if constexpr (A == ActKind::kSilu) return g / (1.0f + __expf(-g));
-  if constexpr (A == ActKind::kGeluErf) return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
-  return 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g)));
+  if constexpr (A == ActKind::kGeluErf) return 0.5f * g * erfcf(g * -0.70710678118654752f);
+  const float u = 0.79788456080286536f * (g + 0.044715f * g * g * g);
+  return g / (1.0f + __expf(-2.0f * u));
 }
 
 // One work item = one (row, column block) of kThreads * VEC elements; a grid-stride loop covers any

@@ -17,7 +17,7 @@ void rms_norm_impl(const char* op, const at::Tensor& out, const at::Tensor& x, c
                    const at::Tensor& weight, double eps, bool gemma) {
   const NormRows r = kFused ? check_fused_add_rms_norm_args(op, x, *residual, weight, eps)
                             : check_rms_norm_args(op, x, weight, out, eps);
-  TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  CHUNKINFER_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
   if (r.rows == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

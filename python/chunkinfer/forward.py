@@ -110,6 +110,20 @@ def _check_inputs(model, a: dict, past: int) -> tuple[int, int]:
     return b, s
 
 
+def _linked(pkv):
+    linked = getattr(pkv, "_chunkinfer_cache", None)
+    if linked is not None and pkv.get_seq_length() == pkv._chunkinfer_linked_len:
+        return linked
+    return None
+
+
+def _past_length(pkv) -> int:
+    if pkv is None:
+        return 0
+    linked = None if isinstance(pkv, ChunkKVCache) else _linked(pkv)
+    return (linked or pkv).get_seq_length()
+
+
 def _select_cache(pkv, n_layers: int) -> ChunkKVCache:
     """The ChunkKVCache this call continues. A stock DynamicCache is linked to the ChunkKVCache that
     replaces it, so passing the same DynamicCache again continues where it left off."""
@@ -117,8 +131,8 @@ def _select_cache(pkv, n_layers: int) -> ChunkKVCache:
         return ChunkKVCache(n_layers)
     if isinstance(pkv, ChunkKVCache):
         return pkv
-    linked = getattr(pkv, "_chunkinfer_cache", None)
-    if linked is not None and pkv.get_seq_length() == pkv._chunkinfer_linked_len:
+    linked = _linked(pkv)
+    if linked is not None:
         return linked
     cache = ChunkKVCache(n_layers) if pkv.get_seq_length() == 0 else ChunkKVCache.adopt(pkv, n_layers)
     pkv._chunkinfer_cache, pkv._chunkinfer_linked_len = cache, pkv.get_seq_length()
@@ -173,7 +187,7 @@ def converted_forward(model, *args, **kwargs):
 def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> CausalLMOutputWithPast:
     mb = state.binding
     pkv = a.get("past_key_values")
-    past = pkv.get_seq_length() if pkv is not None else 0
+    past = _past_length(pkv)
     b, s = _check_inputs(model, a, past)
     cache = _select_cache(pkv, len(mb.layers))
     if cache.get_seq_length() and cache.layers[0].batch_size != b:

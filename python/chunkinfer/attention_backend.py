@@ -20,7 +20,7 @@ def _math_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
         scores.masked_fill_(torch.ones(m, n, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.softmax(scores, dim=-1), v.to(ct))
-    return out.to(q.dtype), lse.float()
+    return out.to(q.dtype), lse  # fp64 inputs keep an fp64 lse
 
 
 def _cpu_flash_with_lse(q, k, v, causal, scale):
@@ -70,10 +70,11 @@ def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Ten
 
     out_* [B, H, M, D], lse_* [B, H, M] fp32 natural log. A later fused CUDA op replaces this function.
     """
+    ct = torch.promote_types(out_a.dtype, torch.float32)
     lse = torch.logaddexp(lse_a, lse_b)
-    w_a = torch.exp(lse_a - lse).unsqueeze(-1)
-    w_b = torch.exp(lse_b - lse).unsqueeze(-1)
-    return (out_a.float() * w_a + out_b.float() * w_b).to(out_a.dtype)
+    w_a = torch.exp(lse_a - lse).unsqueeze(-1).to(ct)
+    w_b = torch.exp(lse_b - lse).unsqueeze(-1).to(ct)
+    return (out_a.to(ct) * w_a + out_b.to(ct) * w_b).to(out_a.dtype)
 
 
 def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 from . import ops
+from .adapters import supported_architectures
+from .cache import ChunkKVCache
+from .convert import convert, is_converted, revert
+from .logprobs import token_logprobs
 from .ops import build_info
 
-__all__ = ["ops", "build_info"]
+__all__ = ["ops", "build_info", "convert", "revert", "is_converted", "token_logprobs", "ChunkKVCache",
+           "supported_architectures"]
 __version__ = "0.1.0"

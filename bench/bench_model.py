@@ -1,0 +1,156 @@
+"""Llama-3.1-8B-shaped prefill / decode / generate benchmark: stock transformers vs chunkinfer.convert.
+
+    python bench/bench_model.py --lengths 32768 131072 --skip-stock-above 131072 --decode \
+        --out bench/results/model_h200.json
+
+Random bf16 weights built on the GPU. Rows are appended to --out (JSON lines); a markdown table goes
+to stdout. Peak memory is reported beyond the weights (allocated and reserved).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+import chunkinfer  # noqa: E402
+
+
+def build_model(layers: int, llama3_rope: bool) -> T.LlamaForCausalLM:
+    rope = {"rope_type": "default", "rope_theta": 500000.0}
+    if llama3_rope:
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = T.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                        max_position_embeddings=262144, rope_parameters=rope, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = T.LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def reset_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def row(what, length, seconds=None, peak_alloc=None, peak_reserved=None, tokens=None, ms_per_token=None,
+        error=None) -> dict:
+    return {"what": what, "length": length, "seconds": seconds, "peak_alloc_beyond_weights": peak_alloc,
+            "peak_reserved_beyond_weights": peak_reserved,
+            "tokens_per_s": (tokens / seconds) if (tokens and seconds) else None, "ms_per_token": ms_per_token,
+            "error": error, "torch": torch.__version__, "transformers": T.__version__,
+            "device": torch.cuda.get_device_name()}
+
+
+def prefill(model, ids, label, base_alloc, base_reserved):
+    reset_memory()
+    try:
+        out, sec = timed(lambda: model(ids, use_cache=True, logits_to_keep=1))
+    except torch.OutOfMemoryError as exc:
+        reset_memory()
+        return row(label, ids.shape[1], error=f"OOM: {str(exc).splitlines()[0]}"), None
+    r = row(label, ids.shape[1], sec, torch.cuda.max_memory_allocated() - base_alloc,
+            torch.cuda.max_memory_reserved() - base_reserved, tokens=ids.shape[1])
+    return r, out
+
+
+def decode_ms(model, out, steps: int) -> float:
+    cache = out.past_key_values
+    nxt = out.logits[:, -1:].argmax(-1)
+    times = []
+    for i in range(steps + 5):
+        _, sec = timed(lambda: model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1))
+        if i >= 5:
+            times.append(sec * 1e3)
+        if hasattr(cache, "crop"):
+            cache.crop(-1)  # keep the cached length fixed
+    return statistics.median(times)
+
+
+def generate_row(model, ids, label, new_tokens: int) -> dict:
+    reset_memory()
+    try:
+        _, sec = timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                              min_new_tokens=new_tokens, do_sample=False))
+    except torch.OutOfMemoryError as exc:
+        reset_memory()
+        return row(label, ids.shape[1], error=f"OOM: {str(exc).splitlines()[0]}")
+    return row(label, ids.shape[1], sec, tokens=new_tokens)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--skip-stock-above", type=int, default=131072)
+    p.add_argument("--decode", action="store_true", help="also time decode steps and generate()")
+    p.add_argument("--decode-steps", type=int, default=20)
+    p.add_argument("--generate-tokens", type=int, default=32)
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--llama3-rope", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("bench/results/model_h200.json"))
+    args = p.parse_args()
+
+    model = build_model(args.layers, args.llama3_rope)
+    reset_memory()
+    base_alloc, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    rows = []
+    for length in args.lengths:
+        ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
+        for impl in ("stock", "chunkinfer"):
+            if impl == "stock" and length > args.skip_stock_above:
+                continue
+            if impl == "chunkinfer" and not chunkinfer.is_converted(model):
+                chunkinfer.convert(model, chunk_size=args.chunk_size)
+            if impl == "stock" and chunkinfer.is_converted(model):
+                chunkinfer.revert(model)
+            r, out = prefill(model, ids, f"{impl} prefill", base_alloc, base_reserved)
+            rows.append(r)
+            if args.decode and out is not None:
+                ms = decode_ms(model, out, args.decode_steps)
+                rows.append(row(f"{impl} decode", length, ms_per_token=ms))
+            del out
+            reset_memory()
+            if args.decode:
+                rows.append(generate_row(model, ids, f"{impl} generate {args.generate_tokens}", args.generate_tokens))
+            reset_memory()
+            print(json.dumps(rows[-1]), flush=True)
+        del ids
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    gib = 1 << 30
+    print("\n| what | length | s | tok/s | ms/token | peak alloc GiB | peak reserved GiB | error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fmt = lambda v, f: "" if v is None else f.format(v)  # noqa: E731
+        print(f"| {r['what']} | {r['length']} | {fmt(r['seconds'], '{:.2f}')} | {fmt(r['tokens_per_s'], '{:.0f}')} | "
+              f"{fmt(r['ms_per_token'], '{:.2f}')} | {fmt(r['peak_alloc_beyond_weights'] and r['peak_alloc_beyond_weights'] / gib, '{:.2f}')} | "
+              f"{fmt(r['peak_reserved_beyond_weights'] and r['peak_reserved_beyond_weights'] / gib, '{:.2f}')} | {r['error'] or ''} |")
+    kv = 2 * args.layers * 8 * 128 * 2
+    print(f"\nprediction for chunkinfer peak beyond weights: KV {kv // 1024} KiB/token + residual 8 KiB/token + < 3 GiB")
+
+
+if __name__ == "__main__":
+    main()

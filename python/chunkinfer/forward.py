@@ -1,0 +1,255 @@
+"""The forward a converted model runs: argument checks, cache choice, the layer loop, logits and loss.
+
+Whatever the loop does not support goes to the model's stock forward (warned once per reason).
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .adapters import ModelBinding
+from .cache import ChunkKVCache
+from .head import final_norm, iter_logits, logits_of
+from .layer_loop import LoopInputs, run_layers
+from .loss import ChunkedCrossEntropy, shifted_targets
+
+_HANDLED_KWARGS = {"output_hidden_states", "output_attentions", "num_items_in_batch", "shift_labels",
+                   "return_dict"}
+_DECODE_MAX_TOKENS = 64  # calls at most this long on a non-empty cache reuse the recorded padding
+_HEAD_ELEMENTS = 1 << 27  # max logits elements per LM-head chunk (rows = this // vocab)
+
+
+@dataclass
+class ConvertedState:
+    """What convert() attaches to a model (as ``model._chunkinfer``)."""
+
+    binding: ModelBinding
+    chunk_size: int
+    signature: inspect.Signature
+    warned: set = field(default_factory=set)
+
+
+class _Fallback(Exception):
+    """The loop does not handle this call; the stock forward does."""
+
+
+def _warn_once(state: ConvertedState, reason: str) -> None:
+    if reason not in state.warned:
+        state.warned.add(reason)
+        warnings.warn(f"chunkinfer: {reason}; running the stock transformers forward for such calls",
+                      stacklevel=3)
+
+
+def _needs_stock(model, a: dict, extra: dict) -> str | None:
+    if torch.is_grad_enabled():
+        emb = a.get("inputs_embeds")
+        if (emb is not None and emb.requires_grad) or any(p.requires_grad for p in model.parameters()):
+            return "autograd is recording (training)"
+    unknown = set(extra) - _HANDLED_KWARGS
+    if unknown:
+        return f"unsupported forward arguments {sorted(unknown)}"
+    if extra.get("output_attentions"):
+        return "output_attentions=True"
+    ohs = extra.get("output_hidden_states")
+    if ohs is not None and not isinstance(ohs, bool):
+        return "output_hidden_states given as layer indices"
+    mask = a.get("attention_mask")
+    if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2):
+        return "attention_mask that is not a 2-D padding mask"
+    ltk = a.get("logits_to_keep", 0)
+    if torch.is_tensor(ltk) and ltk.dim() != 1:
+        return "logits_to_keep given as a 2-D tensor"
+    pkv = a.get("past_key_values")
+    if pkv is not None and not isinstance(pkv, (ChunkKVCache, DynamicCache)):
+        return f"past_key_values of type {type(pkv).__name__}"
+    return None
+
+
+def _check_inputs(model, a: dict, past: int) -> tuple[int, int]:
+    """Raise ValueError/TypeError on malformed inputs, before any work. Returns (B, S)."""
+    ids, emb = a.get("input_ids"), a.get("inputs_embeds")
+    if (ids is None) == (emb is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if ids is not None:
+        if not torch.is_tensor(ids) or ids.dim() != 2 or ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be a 2-D integer tensor [batch, seq], got "
+                             f"{getattr(ids, 'shape', type(ids))}")
+        b, s = ids.shape
+    else:
+        hidden = model.config.hidden_size
+        if not torch.is_tensor(emb) or emb.dim() != 3 or emb.shape[-1] != hidden:
+            raise ValueError(f"inputs_embeds must be [batch, seq, {hidden}], got {getattr(emb, 'shape', type(emb))}")
+        b, s = emb.shape[:2]
+    if s == 0 or b == 0:
+        raise ValueError(f"empty input (batch {b}, sequence {s})")
+    device = model.model.embed_tokens.weight.device
+    x = ids if ids is not None else emb
+    if x.device != device:
+        raise ValueError(f"inputs are on {x.device} but the model is on {device}")
+    mask = a.get("attention_mask")
+    if mask is not None and tuple(mask.shape) != (b, past + s):
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected (batch, past + seq) = "
+                         f"({b}, {past + s})")
+    pos = a.get("position_ids")
+    if pos is not None and (pos.dim() != 2 or pos.shape[1] != s or pos.shape[0] not in (1, b)):
+        raise ValueError(f"position_ids has shape {tuple(pos.shape)}, expected ({b} or 1, {s})")
+    labels = a.get("labels")
+    if labels is not None and tuple(labels.shape) != (b, s):
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected ({b}, {s})")
+    ltk = a.get("logits_to_keep", 0)
+    if torch.is_tensor(ltk):
+        if ltk.dtype.is_floating_point or ltk.dtype == torch.bool:
+            raise ValueError("logits_to_keep as a tensor must hold integer positions")
+    elif not isinstance(ltk, int) or isinstance(ltk, bool) or ltk < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 or a 1-D tensor of positions, got {ltk!r}")
+    return b, s
+
+
+def _linked(pkv):
+    linked = getattr(pkv, "_chunkinfer_cache", None)
+    if linked is not None and pkv.get_seq_length() == pkv._chunkinfer_linked_len:
+        return linked
+    return None
+
+
+def _past_length(pkv) -> int:
+    if pkv is None:
+        return 0
+    linked = None if isinstance(pkv, ChunkKVCache) else _linked(pkv)
+    return (linked or pkv).get_seq_length()
+
+
+def _select_cache(pkv, n_layers: int) -> ChunkKVCache:
+    """The ChunkKVCache this call continues. A stock DynamicCache is linked to the ChunkKVCache that
+    replaces it, so passing the same DynamicCache again continues where it left off."""
+    if pkv is None:
+        return ChunkKVCache(n_layers)
+    if isinstance(pkv, ChunkKVCache):
+        return pkv
+    linked = _linked(pkv)
+    if linked is not None:
+        return linked
+    cache = ChunkKVCache(n_layers) if pkv.get_seq_length() == 0 else ChunkKVCache.adopt(pkv, n_layers)
+    pkv._chunkinfer_cache, pkv._chunkinfer_linked_len = cache, pkv.get_seq_length()
+    return cache
+
+
+def _key_starts(mask: torch.Tensor | None, cache: ChunkKVCache, past: int, s: int) -> list[int] | None:
+    """Each sequence's left padding as a cache position, or None when nothing is padded. Raises
+    _Fallback for masks that are not left padding. Reads the mask on the host (one sync) except for
+    decode steps on a cache whose padding is known: those assume generate()'s mask (past pattern + ones)."""
+    if mask is None:
+        return None
+    if cache.key_starts_known and past > 0 and s <= _DECODE_MAX_TOKENS:
+        return cache.key_starts
+    m = mask.bool()
+    pads = (~m).sum(1)
+    left_padded = (m == (torch.arange(m.shape[1], device=m.device)[None] >= pads[:, None])).all(1)
+    host = torch.stack([pads, left_padded.long()]).tolist()
+    if not all(host[1]):
+        raise _Fallback("attention_mask with zeros after the first one (only left padding is supported)")
+    starts = host[0]
+    if any(p >= past + s for p in starts):
+        raise _Fallback("a sequence that is all padding")
+    return starts if any(starts) else None
+
+
+def converted_forward(model, *args, **kwargs):
+    state: ConvertedState = model._chunkinfer
+    bound = state.signature.bind(model, *args, **kwargs)
+    a = dict(bound.arguments)
+    a.pop("self", None)
+    extra = dict(a.pop("kwargs", {}) or {})
+    config = model.config
+    return_dict = extra.get("return_dict")
+    return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
+
+    reason = _needs_stock(model, a, extra)
+    if reason is None:
+        try:
+            out = _chunked_forward(model, state, a, extra)
+        except _Fallback as exc:
+            reason = str(exc)
+    if reason is not None:
+        _warn_once(state, reason)
+        if isinstance(a.get("past_key_values"), ChunkKVCache):
+            a["past_key_values"].key_starts_known = False
+        return type(model).forward(model, *args, **kwargs)
+    return out if return_dict else out.to_tuple()
+
+
+@torch.no_grad()
+def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> CausalLMOutputWithPast:
+    mb = state.binding
+    pkv = a.get("past_key_values")
+    past = _past_length(pkv)
+    b, s = _check_inputs(model, a, past)
+    cache = _select_cache(pkv, len(mb.layers))
+    if cache.get_seq_length() and cache.layers[0].batch_size != b:
+        raise ValueError(f"past_key_values holds batch {cache.layers[0].batch_size}, input has batch {b}")
+    mask = a.get("attention_mask")
+    key_starts = _key_starts(mask, cache, past, s)
+
+    use_cache = a.get("use_cache")
+    use_cache = config_use_cache(model) if use_cache is None else use_cache
+    labels = a.get("labels")
+    ltk = a.get("logits_to_keep", 0)
+    want_hidden = bool(extra.get("output_hidden_states") or model.config.output_hidden_states)
+
+    emb = a.get("inputs_embeds")
+    hidden = mb.embed(a["input_ids"]) if emb is None else emb.clone()
+    pos = a.get("position_ids")
+    if pos is None:
+        pos = torch.arange(past, past + s, device=hidden.device)[None]
+    last_rows_from = 0
+    if isinstance(ltk, int) and 0 < ltk < s and labels is None and not want_hidden:
+        last_rows_from = s - ltk
+
+    inp = LoopInputs(hidden=hidden, position_ids=pos, start=past, key_starts=key_starts,
+                     chunk=state.chunk_size, last_rows_from=last_rows_from,
+                     hidden_states=[] if want_hidden else None)
+    cache.key_starts, cache.key_starts_known = key_starts, mask is not None
+    run_layers(mb, cache, inp)
+
+    head_chunk = max(16, min(state.chunk_size, _HEAD_ELEMENTS // max(1, model.config.vocab_size)))
+    hidden_states = None
+    normed = False
+    if want_hidden:
+        hidden = final_norm(mb, hidden)  # requested: the whole normed sequence is an output
+        normed = True
+        hidden_states = (*inp.hidden_states, hidden)
+
+    loss = None
+    ce = None
+    if labels is not None:
+        targets = extra.get("shift_labels")
+        ce = ChunkedCrossEntropy(shifted_targets(labels) if targets is None else targets)
+    logits = None
+    if torch.is_tensor(ltk):
+        sel = hidden[:, ltk.to(hidden.device)]
+        logits = logits_of(mb, sel if normed else final_norm(mb, sel))
+    keep_from = s if torch.is_tensor(ltk) else (0 if ltk == 0 else max(0, s - ltk))
+    # one pass over the rows: the loss needs all of them, the returned logits only the kept ones
+    for r0, r1, chunk_logits in iter_logits(mb, hidden, 0 if ce is not None else keep_from, s, head_chunk, normed):
+        if ce is not None:
+            ce.add(chunk_logits, r0, r1)
+        if r1 > keep_from:
+            if logits is None:
+                logits = chunk_logits.new_empty(b, s - keep_from, chunk_logits.shape[-1])
+            a0 = max(r0, keep_from)
+            logits[:, a0 - keep_from:r1 - keep_from] = chunk_logits[:, a0 - r0:]
+    if ce is not None:
+        loss = ce.result(extra.get("num_items_in_batch"))
+
+    return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                  past_key_values=cache if (use_cache or pkv is not None) else None,
+                                  hidden_states=hidden_states)
+
+
+def config_use_cache(model) -> bool:
+    return bool(getattr(model.config, "use_cache", True))

@@ -1,0 +1,178 @@
+"""The generic decoder-layer loop: layer-major, chunk by chunk, K, V written in place into the cache.
+
+Only the residual stream [B, S, H] and the cache are whole-sequence tensors; every other tensor is the
+size of one chunk, and the MLP activation goes into one buffer reused by every chunk and layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .adapters import LayerBinding, ModelBinding
+from .attention import block_attention
+from .cache import ChunkKVCache, ChunkKVLayer
+
+_PREFILL_HEADROOM = 1024  # spare cache positions after a prefill, so the first decode steps do not grow it
+
+
+@dataclass
+class LoopInputs:
+    hidden: torch.Tensor            # [B, S, H] residual stream; updated in place
+    position_ids: torch.Tensor      # [B or 1, S] rotary positions
+    start: int                      # cache positions already filled before this call
+    key_starts: list[int] | None    # per-sequence first visible cache position (left padding)
+    chunk: int
+    last_rows_from: int = 0         # the last layer computes outputs only for rows >= this
+    hidden_states: list | None = None  # collects the input of every layer when not None
+
+
+class _Rope:
+    """cos and sign-folded sin per chunk from the model's own rotary module.
+
+    rotate_half(x) * sin == roll(x, D/2) * cat(-sin1, sin2) exactly, which saves three ops per call.
+    """
+
+    def __init__(self, mb: ModelBinding, inp: LoopInputs):
+        self.mb, self.pos, self.x = mb, inp.position_ids, inp.hidden
+        # dynamic / longrope pick frequencies from the call's max position: give every chunk that max
+        self.global_max = inp.position_ids.amax(1, keepdim=True) if mb.rope_needs_global_max else None
+        self.single_chunk = inp.position_ids.shape[1] <= inp.chunk
+        self.memo: dict = {}
+
+    def get(self, key: str | None, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        memo_key = (key, c0, c1)
+        if self.single_chunk and memo_key in self.memo:
+            return self.memo[memo_key]
+        pos = self.pos[:, c0:c1]
+        if self.global_max is not None:
+            pos = torch.cat([pos, self.global_max], dim=1)
+        rotary = self.mb.rotary
+        cos, sin = rotary(self.x, pos) if key is None else rotary(self.x, pos, key)
+        if self.global_max is not None:
+            cos, sin = cos[:, :-1], sin[:, :-1]
+        half = sin.shape[-1] // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        res = (cos.unsqueeze(1), sin.unsqueeze(1))  # [B, 1, c, rot_dim]
+        if self.single_chunk:
+            self.memo[memo_key] = res
+        return res
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + x.roll(rd // 2, -1) * sin
+    xr = x[..., :rd]  # partial rotary (Phi-3 partial_rotary_factor)
+    return torch.cat([xr * cos + xr.roll(rd // 2, -1) * sin, x[..., rd:]], dim=-1)
+
+
+def _linear(x: torch.Tensor, m) -> torch.Tensor:
+    return F.linear(x, m.weight, m.bias)
+
+
+class _Layer:
+    """One layer's computations on a block of rows (bound per call to keep the inner loop flat)."""
+
+    def __init__(self, mb: ModelBinding, lb: LayerBinding, cache_layer: ChunkKVLayer, inp: LoopInputs,
+                 rope: _Rope, act_buf: torch.Tensor):
+        self.mb, self.lb, self.cache, self.inp, self.rope, self.act_buf = mb, lb, cache_layer, inp, rope, act_buf
+        self.gemma = mb.adapter.gemma_norms
+        self.eps = mb.norm_eps
+
+    def _norm(self, x: torch.Tensor, module) -> torch.Tensor:
+        return ops.rms_norm(x, module.weight, self.eps, gemma=self.gemma)
+
+    def _qkv(self, h: torch.Tensor, want_q: bool):
+        lb = self.lb
+        b, c, _ = h.shape
+        if len(lb.qkv) == 1:
+            qkv = _linear(h, lb.qkv[0])
+            nq, nk = lb.n_q * lb.head_dim, lb.n_kv * lb.head_dim
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+        else:
+            q = _linear(h, lb.qkv[0]) if want_q else None
+            k, v = _linear(h, lb.qkv[1]), _linear(h, lb.qkv[2])
+        k = k.view(b, c, lb.n_kv, lb.head_dim)
+        v = v.view(b, c, lb.n_kv, lb.head_dim).transpose(1, 2)
+        if lb.k_norm is not None:
+            k = self._norm(k, lb.k_norm)
+        if want_q:
+            q = q.view(b, c, lb.n_q, lb.head_dim)
+            if lb.q_norm is not None:
+                q = self._norm(q, lb.q_norm)
+            q = q.transpose(1, 2)
+        return q, k.transpose(1, 2), v
+
+    def kv_only(self, r0: int, r1: int) -> None:
+        """Write this layer's K, V for rows [r0, r1) without computing anything else."""
+        h = self._norm(self.inp.hidden[:, r0:r1], self.lb.input_norm)
+        _, k, v = self._qkv(h, want_q=False)
+        cos, sin = self.rope.get(self.lb.rope_key, r0, r1)
+        self.cache.write(_rotate(k, cos, sin), v, self.inp.start + r0)
+
+    def block(self, r0: int, r1: int) -> None:
+        """The whole layer on rows [r0, r1): attention (K, V into the cache), MLP, residual in place."""
+        lb, inp = self.lb, self.inp
+        x = inp.hidden[:, r0:r1]
+        b, c, _ = x.shape
+        q, k, v = self._qkv(self._norm(x, lb.input_norm), want_q=True)
+        cos, sin = self.rope.get(lb.rope_key, r0, r1)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q_start = inp.start + r0
+        self.cache.write(k, v, q_start)
+        keys, values = self.cache.view(q_start + c)
+        attn = block_attention(q, keys, values, q_start, inp.key_starts, lb.window, lb.scale)
+        o = _linear(attn.transpose(1, 2).reshape(b, c, lb.n_q * lb.head_dim), lb.o_proj)
+        if self.gemma:  # sandwich: norm the attention output, add, then pre-feed-forward norm
+            o = self._norm(o, lb.post_attn_norm)
+            ops.fused_add_rms_norm(o, x, lb.pre_ff_norm.weight, self.eps, gemma=True)
+        else:
+            ops.fused_add_rms_norm(o, x, lb.post_attn_norm.weight, self.eps)
+        down = self._mlp(o)
+        if lb.post_ff_norm is not None:
+            down = self._norm(down, lb.post_ff_norm)
+        x.add_(down)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        lb, mb = self.lb, self.mb
+        b, c, _ = h.shape
+        inter = lb.down.weight.shape[1]
+        act = self.act_buf[: b * c * inter].view(b, c, inter)
+        if len(lb.gate_up) == 1:
+            gate, up = _linear(h, lb.gate_up[0]), None
+        else:
+            gate, up = _linear(h, lb.gate_up[0]), _linear(h, lb.gate_up[1])
+        if mb.act == "silu":
+            ops.silu_and_mul(gate, up, out=act)
+        else:
+            ops.gelu_and_mul(gate, up, approximate=mb.act_approximate, out=act)
+        return _linear(act, lb.down)
+
+
+def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
+    """Run every decoder layer over inp.hidden in place; afterwards each cache layer holds start + S
+    positions. Rows of the last layer before ``last_rows_from`` are left stale (only their K, V count)."""
+    hidden = inp.hidden
+    b, s, _ = hidden.shape
+    chunk = inp.chunk
+    rope = _Rope(mb, inp)
+    inter = max(lb.down.weight.shape[1] for lb in mb.layers)
+    act_buf = hidden.new_empty(b * min(chunk, s) * inter)
+    end = inp.start + s
+    headroom = _PREFILL_HEADROOM if s > 1 else 0
+    last = len(mb.layers) - 1
+    for li, lb in enumerate(mb.layers):
+        if inp.hidden_states is not None:
+            inp.hidden_states.append(hidden.clone())
+        cache_layer = cache.layers[li]
+        cache_layer.reserve(b, lb.n_kv, lb.head_dim, hidden.dtype, hidden.device, end, headroom)
+        layer = _Layer(mb, lb, cache_layer, inp, rope, act_buf)
+        first = inp.last_rows_from if li == last else 0
+        for r0 in range(0, first, chunk):
+            layer.kv_only(r0, min(r0 + chunk, first))
+        for r0 in range(first, s, chunk):
+            layer.block(r0, min(r0 + chunk, s))
+        cache_layer.length = end

@@ -1,0 +1,41 @@
+"""Exact per-token log-probabilities of a long document, chunked like the forward."""
+from __future__ import annotations
+
+import torch
+
+from .cache import ChunkKVCache
+from .convert import build_state, is_converted
+from .forward import _check_inputs, _key_starts
+from .head import iter_logits
+from .layer_loop import LoopInputs, run_layers
+
+
+@torch.no_grad()
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                   chunk_size: int | None = None) -> torch.Tensor:
+    """log p(input_ids[:, t + 1] | input_ids[:, :t + 1]) for t < S - 1, as fp32 [B, S - 1].
+
+    Works on converted and unconverted supported models (the model is not changed). Equal to
+    ``log_softmax(model(input_ids).logits.float(), -1)`` gathered at the next tokens, without ever
+    holding [S, vocab] logits. With left padding, positions are taken as given (pass position_ids-free
+    inputs as generate() would); values at padding positions are meaningless.
+    """
+    state = model._chunkinfer if is_converted(model) and chunk_size is None else build_state(model, chunk_size)
+    mb = state.binding
+    b, s = _check_inputs(model, {"input_ids": input_ids, "attention_mask": attention_mask}, 0)
+    cache = ChunkKVCache(len(mb.layers))
+    key_starts = _key_starts(attention_mask, cache, 0, s)
+    hidden = mb.embed(input_ids)
+    if key_starts is None:
+        pos = torch.arange(s, device=hidden.device)[None]
+    else:  # generate()'s convention: positions count real tokens
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    inp = LoopInputs(hidden=hidden, position_ids=pos, start=0, key_starts=key_starts, chunk=state.chunk_size)
+    run_layers(mb, cache, inp)
+    del cache
+    out = torch.empty(b, s - 1, dtype=torch.float32, device=hidden.device)
+    head_chunk = max(16, min(state.chunk_size, (1 << 27) // model.config.vocab_size))
+    for r0, r1, logits in iter_logits(mb, hidden, 0, s - 1, head_chunk):
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        out[:, r0:r1] = lp.gather(-1, input_ids[:, r0 + 1:r1 + 1, None].to(lp.device)).squeeze(-1)
+    return out

@@ -1,0 +1,67 @@
+"""Small random-weight models built from the real transformers config classes."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers as T
+
+warnings.filterwarnings("ignore", message=".*compiled ops unavailable.*")
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"]
+
+
+def make_model(arch: str, *, layers: int = 3, dtype=torch.float32, device="cpu", seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=8192, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        cfg, cls = T.LlamaConfig(**common), T.LlamaForCausalLM
+    elif arch == "mistral":
+        cfg, cls = T.MistralConfig(**common, sliding_window=48), T.MistralForCausalLM
+    elif arch == "qwen2":
+        cfg, cls = T.Qwen2Config(**common), T.Qwen2ForCausalLM
+    elif arch == "qwen3":
+        cfg, cls = T.Qwen3Config(**common, head_dim=16), T.Qwen3ForCausalLM
+    elif arch == "phi3":
+        cfg, cls = T.Phi3Config(**common), T.Phi3ForCausalLM
+    elif arch == "gemma3":
+        types = ["sliding_attention" if (i % 2 == 0) else "full_attention" for i in range(layers)]
+        cfg = T.Gemma3TextConfig(**common, head_dim=16, sliding_window=40, query_pre_attn_scalar=24,
+                                 final_logit_softcapping=30.0, layer_types=types)
+        cls = T.Gemma3ForCausalLM
+    else:
+        raise ValueError(arch)
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = cls(cfg).to(dtype).eval()
+    if arch == "gemma3":  # zero-initialised (1 + w) norms would hide the gemma rounding path
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
+    return model
+
+
+def left_padded_batch(batch: int, seq: int, pads: list[int], vocab: int = 256, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    for i, p in enumerate(pads):
+        mask[i, :p] = 0
+        ids[i, :p] = 0
+    return ids, mask
+
+
+def max_rel_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    diff = (out.float() - ref.float()).abs()
+    if mask is not None:
+        diff, ref = diff[mask.bool()], ref[mask.bool()]
+    return (diff.max() / ref.float().abs().max()).item()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param

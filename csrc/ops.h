@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include "message.h"
+#include "row_layout.h"
 #include <optional>
 #include <string>
 
@@ -17,11 +18,11 @@ Activation parse_gelu_approximate(const std::string& approximate);
 // ---- normalisation (csrc/cpu/layernorm.cpp, csrc/cuda/layernorm.cu) ----
 // x: [..., h], weight: [h], residual: [..., h]. `gemma` scales by (1 + weight) in fp32.
 
-// Views of an activation call's operands as rows: element (r, c) of gate is gate[r * gate_stride + c].
+// An activation call's operands as rows: element (r, c) of gate is gate[gate_rows.offset(r) + c].
 struct ActRows {
   at::Tensor gate, up;  // views with the caller's storage; never copies
   int64_t rows = 0, d = 0;
-  int64_t gate_stride = 0, up_stride = 0, out_stride = 0;
+  RowLayout gate_rows, up_rows, out_rows;
 };
 ActRows check_act_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& up,
                        const at::Tensor& out);
@@ -29,16 +30,15 @@ at::Tensor act_output_like(const at::Tensor& x, const std::optional<at::Tensor>&
 
 struct NormRows {
   int64_t rows = 0, hidden = 0;
-  int64_t x_stride = 0, out_stride = 0;  // out: the normalised output (x itself when fused)
-  int64_t residual_stride = 0;
+  RowLayout x_rows, out_rows, residual_rows;  // out: the normalised output (x itself when fused)
 };
 NormRows check_rms_norm_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                              const at::Tensor& out, double eps);
 NormRows check_fused_add_rms_norm_args(const char* op, const at::Tensor& x, const at::Tensor& residual,
                                        const at::Tensor& weight, double eps);
 
-// Rows of a tensor whose last dimension is contiguous and whose leading dimensions flatten
-// without a copy; the stride between rows, or an error naming `arg`.
-int64_t row_stride(const char* op, const char* arg, const at::Tensor& t);
+// The rows of a tensor whose last dimension is contiguous and whose leading dimensions collapse into
+// at most two strided groups; or an error naming `arg`.
+RowLayout row_layout(const char* op, const char* arg, const at::Tensor& t);
 
 }  // namespace chunkinfer

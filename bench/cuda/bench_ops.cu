@@ -59,6 +59,10 @@ bf16* alloc_random(int64_t n, uint32_t seed) {
   return p;
 }
 
+chunkinfer::RowLayout contiguous_rows(int64_t rows, int64_t stride) {
+  return chunkinfer::RowLayout{rows, stride, 0};
+}
+
 int main() {
   const int64_t rows = 32768, d = 14336, hidden = 4096;
 
@@ -77,7 +81,8 @@ int main() {
   bf16* x = alloc_random(rows * 2 * d, 1);
   bf16* out = alloc_random(rows * d, 2);
   const float act_ms = median_ms([&] {
-    launch_act_and_mul<bf16, ActKind::kSilu>(out, x, x + d, rows, d, 2 * d, 2 * d, d, 0);
+    launch_act_and_mul<bf16, ActKind::kSilu>(out, x, x + d, rows, d, contiguous_rows(rows, 2 * d),
+                                             contiguous_rows(rows, 2 * d), contiguous_rows(rows, d), 0);
   });
   const double act_gbs = 3.0 * rows * d * sizeof(bf16) / act_ms / 1e6;
   std::printf("| silu_and_mul bf16 | [%lld, 2*%lld] | %.3f | %.0f | %.2f |\n", (long long)rows, (long long)d, act_ms,
@@ -89,7 +94,8 @@ int main() {
   bf16* res = alloc_random(rows * hidden, 4);
   bf16* w = alloc_random(hidden, 5);
   const float norm_ms = median_ms([&] {
-    launch_rms_norm<bf16, false, true>(hx, hx, res, w, rows, hidden, hidden, hidden, hidden, 1e-6f, 0);
+    const chunkinfer::RowLayout dense = contiguous_rows(rows, hidden);
+    launch_rms_norm<bf16, false, true>(hx, hx, res, w, rows, hidden, dense, dense, dense, 1e-6f, 0);
   });
   const double norm_gbs = 4.0 * rows * hidden * sizeof(bf16) / norm_ms / 1e6;
   std::printf("| fused_add_rms_norm bf16 | [%lld, %lld] | %.3f | %.0f | %.2f |\n", (long long)rows,

@@ -53,15 +53,15 @@ void act_and_mul_impl(const char* op, const at::Tensor& out, const at::Tensor& x
   constexpr int64_t kBlock = 4096;
   const int64_t blocks_per_row = (r.d + kBlock - 1) / kBlock;
   CHUNKINFER_DISPATCH_FLOATING(x.scalar_type(), [&] {
-    const scalar_t* gate = r.gate.const_data_ptr<scalar_t>();  // [rows, gate_stride]
-    const scalar_t* upp = r.up.const_data_ptr<scalar_t>();     // [rows, up_stride]
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();             // [rows, out_stride]
+    const scalar_t* gate = r.gate.const_data_ptr<scalar_t>();  // rows at r.gate_rows
+    const scalar_t* upp = r.up.const_data_ptr<scalar_t>();     // rows at r.up_rows
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();             // rows at r.out_rows
     at::parallel_for(0, r.rows * blocks_per_row, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t row = i / blocks_per_row;
         const int64_t c0 = (i % blocks_per_row) * kBlock;
-        act_and_mul_row<scalar_t, A>(o + row * r.out_stride, gate + row * r.gate_stride,
-                                     upp + row * r.up_stride, c0, std::min(c0 + kBlock, r.d));
+        act_and_mul_row<scalar_t, A>(o + r.out_rows.offset(row), gate + r.gate_rows.offset(row),
+                                     upp + r.up_rows.offset(row), c0, std::min(c0 + kBlock, r.d));
       }
     });
   });

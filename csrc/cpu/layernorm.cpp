@@ -77,19 +77,19 @@ void rms_norm_impl(const char* op, const at::Tensor& out, const at::Tensor& x, c
   const float feps = static_cast<float>(eps);
   CHUNKINFER_DISPATCH_FLOATING(x.scalar_type(), [&] {
     const scalar_t* w = weight.const_data_ptr<scalar_t>();  // [h]
-    const scalar_t* xin = x.const_data_ptr<scalar_t>();     // [rows, x_stride]
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();          // [rows, out_stride] (x itself when fused)
-    scalar_t* res = kFused ? residual->mutable_data_ptr<scalar_t>() : nullptr;  // [rows, residual_stride]
+    const scalar_t* xin = x.const_data_ptr<scalar_t>();     // rows at r.x_rows
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();          // rows at r.out_rows (x itself when fused)
+    scalar_t* res = kFused ? residual->mutable_data_ptr<scalar_t>() : nullptr;  // rows at r.residual_rows
     at::parallel_for(0, r.rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const scalar_t* src = xin + row * r.x_stride;
+        const scalar_t* src = xin + r.x_rows.offset(row);
         if constexpr (kFused) {
-          scalar_t* rrow = res + row * r.residual_stride;
+          scalar_t* rrow = res + r.residual_rows.offset(row);
           add_into_residual(rrow, src, r.hidden);
           src = rrow;
         }
         const float inv = 1.0f / std::sqrt(sum_squares(src, r.hidden) / static_cast<float>(r.hidden) + feps);
-        scalar_t* orow = o + row * r.out_stride;
+        scalar_t* orow = o + r.out_rows.offset(row);
         if (gemma) {
           normalise_row<scalar_t, true>(orow, src, w, r.hidden, inv);
         } else {

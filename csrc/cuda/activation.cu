@@ -23,7 +23,7 @@ void act_and_mul_impl(const char* op, const at::Tensor& out, const at::Tensor& x
     launch_act_and_mul<cuda_t<scalar_t>, A>(cuda_ptr(out.mutable_data_ptr<scalar_t>()),
                                             cuda_ptr(r.gate.const_data_ptr<scalar_t>()),
                                             cuda_ptr(r.up.const_data_ptr<scalar_t>()), r.rows, r.d,
-                                            r.gate_stride, r.up_stride, r.out_stride, stream);
+                                            r.gate_rows, r.up_rows, r.out_rows, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

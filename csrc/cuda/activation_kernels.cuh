@@ -1,6 +1,7 @@
 // act(gate) * up: fp32 math, one rounding to the output dtype. Pure CUDA (see device_util.cuh).
 #pragma once
 
+#include "../row_layout.h"
 #include "device_util.cuh"
 
 namespace chunkinfer::cuda {
@@ -20,19 +21,19 @@ __device__ __forceinline__ float act(float g) {
 // One work item = one (row, column block) of kThreads * VEC elements; a grid-stride loop covers any
 // number of items. kVec: every row start is 16-byte aligned and d is a multiple of VEC.
 template <typename T, ActKind A, bool kVec>
-__global__ void act_and_mul_kernel(T* __restrict__ out,          // [rows, out_stride]
-                                   const T* __restrict__ gate,   // [rows, gate_stride]
-                                   const T* __restrict__ up,     // [rows, up_stride]
-                                   int64_t d, int64_t gate_stride, int64_t up_stride, int64_t out_stride,
+__global__ void act_and_mul_kernel(T* __restrict__ out,          // [rows, d] at out_rows
+                                   const T* __restrict__ gate,   // [rows, d] at gate_rows
+                                   const T* __restrict__ up,     // [rows, d] at up_rows
+                                   int64_t d, RowLayout gate_rows, RowLayout up_rows, RowLayout out_rows,
                                    int64_t blocks_per_row, int64_t items) {
   constexpr int VEC = kVec ? kVecElems<T> : 1;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t row = item / blocks_per_row;
     const int64_t c = ((item % blocks_per_row) * blockDim.x + threadIdx.x) * VEC;
     if (c >= d) continue;
-    const T* g = gate + row * gate_stride + c;
-    const T* u = up + row * up_stride + c;
-    T* o = out + row * out_stride + c;
+    const T* g = gate + gate_rows.offset(row) + c;
+    const T* u = up + up_rows.offset(row) + c;
+    T* o = out + out_rows.offset(row) + c;
     if constexpr (kVec) {
       const Vec16<T> gv = load16(g), uv = load16(u);
       Vec16<T> ov;
@@ -46,22 +47,22 @@ __global__ void act_and_mul_kernel(T* __restrict__ out,          // [rows, out_s
 }
 
 template <typename T, ActKind A>
-void launch_act_and_mul(T* out, const T* gate, const T* up, int64_t rows, int64_t d, int64_t gate_stride,
-                        int64_t up_stride, int64_t out_stride, cudaStream_t stream) {
+void launch_act_and_mul(T* out, const T* gate, const T* up, int64_t rows, int64_t d, RowLayout gate_rows,
+                        RowLayout up_rows, RowLayout out_rows, cudaStream_t stream) {
   constexpr int kThreads = 256;
   constexpr int VEC = kVecElems<T>;
-  const bool vec = d % VEC == 0 && gate_stride % VEC == 0 && up_stride % VEC == 0 && out_stride % VEC == 0 &&
-                   aligned16(gate) && aligned16(up) && aligned16(out);
+  const bool vec = d % VEC == 0 && gate_rows.strides_multiple_of(VEC) && up_rows.strides_multiple_of(VEC) &&
+                   out_rows.strides_multiple_of(VEC) && aligned16(gate) && aligned16(up) && aligned16(out);
   const int64_t per_block = kThreads * (vec ? VEC : 1);
   const int64_t blocks_per_row = (d + per_block - 1) / per_block;
   const int64_t items = rows * blocks_per_row;
   const unsigned grid = static_cast<unsigned>(items < (1LL << 30) ? items : (1LL << 30));
   if (vec) {
-    act_and_mul_kernel<T, A, true><<<grid, kThreads, 0, stream>>>(out, gate, up, d, gate_stride, up_stride,
-                                                                 out_stride, blocks_per_row, items);
+    act_and_mul_kernel<T, A, true><<<grid, kThreads, 0, stream>>>(out, gate, up, d, gate_rows, up_rows,
+                                                                 out_rows, blocks_per_row, items);
   } else {
-    act_and_mul_kernel<T, A, false><<<grid, kThreads, 0, stream>>>(out, gate, up, d, gate_stride, up_stride,
-                                                                  out_stride, blocks_per_row, items);
+    act_and_mul_kernel<T, A, false><<<grid, kThreads, 0, stream>>>(out, gate, up, d, gate_rows, up_rows,
+                                                                  out_rows, blocks_per_row, items);
   }
 }
 

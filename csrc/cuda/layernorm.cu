@@ -29,11 +29,11 @@ void rms_norm_impl(const char* op, const at::Tensor& out, const at::Tensor& x, c
     const T* w = cuda_ptr(weight.const_data_ptr<scalar_t>());
     const float feps = static_cast<float>(eps);
     if (gemma) {
-      launch_rms_norm<T, true, kFused>(o, in, res, w, r.rows, r.hidden, r.x_stride, r.out_stride,
-                                       r.residual_stride, feps, stream);
+      launch_rms_norm<T, true, kFused>(o, in, res, w, r.rows, r.hidden, r.x_rows, r.out_rows,
+                                       r.residual_rows, feps, stream);
     } else {
-      launch_rms_norm<T, false, kFused>(o, in, res, w, r.rows, r.hidden, r.x_stride, r.out_stride,
-                                        r.residual_stride, feps, stream);
+      launch_rms_norm<T, false, kFused>(o, in, res, w, r.rows, r.hidden, r.x_rows, r.out_rows,
+                                        r.residual_rows, feps, stream);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

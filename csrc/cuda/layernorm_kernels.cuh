@@ -1,6 +1,7 @@
 // RMSNorm and fused residual-add + RMSNorm: fp32 statistics, HF's rounding points. Pure CUDA.
 #pragma once
 
+#include "../row_layout.h"
 #include "device_util.cuh"
 
 namespace chunkinfer::cuda {
@@ -16,18 +17,18 @@ __device__ __forceinline__ T normalise(float v, float inv, float w) {
 // back) accumulates the sum of squares; pass 2 re-reads the row, which this thread itself just read
 // or wrote, and writes the normalised output. kVec: 16-byte accesses (h and strides multiples of VEC).
 template <typename T, bool kGemma, bool kFused, bool kVec>
-__global__ void rms_norm_kernel(T* out,                        // [rows, out_stride]; x itself when fused
-                                const T* in,                   // [rows, in_stride]
-                                T* residual,                   // [rows, res_stride]; only when fused
+__global__ void rms_norm_kernel(T* out,                        // [rows, h] at out_rows; x itself when fused
+                                const T* in,                   // [rows, h] at in_rows
+                                T* residual,                   // [rows, h] at res_rows; only when fused
                                 const T* __restrict__ weight,  // [h]
-                                int64_t rows, int64_t h, int64_t in_stride, int64_t out_stride,
-                                int64_t res_stride, float eps) {
+                                int64_t rows, int64_t h, RowLayout in_rows, RowLayout out_rows,
+                                RowLayout res_rows, float eps) {
   constexpr int VEC = kVec ? kVecElems<T> : 1;
   __shared__ float scratch[32];
   const int64_t nvec = h / VEC;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const T* x = in + row * in_stride;
-    T* r = kFused ? residual + row * res_stride : nullptr;
+    const T* x = in + in_rows.offset(row);
+    T* r = kFused ? residual + res_rows.offset(row) : nullptr;
     const T* src = kFused ? r : x;
     float ss = 0.0f;
     for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
@@ -51,7 +52,7 @@ __global__ void rms_norm_kernel(T* out,                        // [rows, out_str
       }
     }
     const float inv = rsqrtf(block_sum(ss, scratch) / static_cast<float>(h) + eps);
-    T* o = out + row * out_stride;
+    T* o = out + out_rows.offset(row);
     for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
       if constexpr (kVec) {
         const Vec16<T> v = load16(src + i * VEC), w = load16(weight + i * VEC);
@@ -68,10 +69,10 @@ __global__ void rms_norm_kernel(T* out,                        // [rows, out_str
 
 template <typename T, bool kGemma, bool kFused>
 void launch_rms_norm(T* out, const T* in, T* residual, const T* weight, int64_t rows, int64_t h,
-                     int64_t in_stride, int64_t out_stride, int64_t res_stride, float eps, cudaStream_t stream) {
+                     RowLayout in_rows, RowLayout out_rows, RowLayout res_rows, float eps, cudaStream_t stream) {
   constexpr int VEC = kVecElems<T>;
-  const bool vec = h % VEC == 0 && in_stride % VEC == 0 && out_stride % VEC == 0 &&
-                   (!kFused || res_stride % VEC == 0) && aligned16(out) && aligned16(in) &&
+  const bool vec = h % VEC == 0 && in_rows.strides_multiple_of(VEC) && out_rows.strides_multiple_of(VEC) &&
+                   (!kFused || res_rows.strides_multiple_of(VEC)) && aligned16(out) && aligned16(in) &&
                    (!kFused || aligned16(residual)) && aligned16(weight);
   const int64_t nvec = vec ? h / VEC : h;
   int threads = static_cast<int>(((nvec < 1024 ? nvec : 1024) + 31) / 32 * 32);
@@ -79,10 +80,10 @@ void launch_rms_norm(T* out, const T* in, T* residual, const T* weight, int64_t 
   const unsigned grid = static_cast<unsigned>(rows < (1LL << 30) ? rows : (1LL << 30));
   if (vec) {
     rms_norm_kernel<T, kGemma, kFused, true><<<grid, threads, 0, stream>>>(out, in, residual, weight, rows, h,
-                                                                          in_stride, out_stride, res_stride, eps);
+                                                                          in_rows, out_rows, res_rows, eps);
   } else {
     rms_norm_kernel<T, kGemma, kFused, false><<<grid, threads, 0, stream>>>(out, in, residual, weight, rows, h,
-                                                                           in_stride, out_stride, res_stride, eps);
+                                                                           in_rows, out_rows, res_rows, eps);
   }
 }
 

@@ -3,13 +3,15 @@
 #include <gtest/gtest.h>
 
 #include <string>
+#include <vector>
 
 #include "ops.h"
 
 using chunkinfer::check_act_args;
 using chunkinfer::check_fused_add_rms_norm_args;
 using chunkinfer::check_rms_norm_args;
-using chunkinfer::row_stride;
+using chunkinfer::row_layout;
+using chunkinfer::RowLayout;
 
 namespace {
 
@@ -31,19 +33,50 @@ at::Tensor randn(at::IntArrayRef sizes, at::ScalarType t = at::kFloat) {
 
 }  // namespace
 
-TEST(RowStride, ContiguousAndSlices) {
-  EXPECT_EQ(row_stride("op", "x", randn({4, 6})), 6);
-  EXPECT_EQ(row_stride("op", "x", randn({2, 3, 6})), 6);
-  EXPECT_EQ(row_stride("op", "x", randn({8, 10}).narrow(1, 5, 5)), 10);  // the up half of gate | up
-  EXPECT_EQ(row_stride("op", "x", randn({2, 3, 10}).narrow(-1, 0, 5)), 10);
-  EXPECT_EQ(row_stride("op", "x", randn({1, 1, 7})), 7);                  // one row
-  EXPECT_EQ(row_stride("op", "x", randn({7})), 7);
+// Offsets of every row of t, as the kernels compute them.
+std::vector<int64_t> offsets(const at::Tensor& t) {
+  const RowLayout l = row_layout("op", "x", t);
+  const int64_t rows = t.numel() / t.size(-1);
+  std::vector<int64_t> out;
+  for (int64_t r = 0; r < rows; ++r) out.push_back(l.offset(r));
+  return out;
 }
 
-TEST(RowStride, RefusesWhatDoesNotFlatten) {
-  expect_error([] { row_stride("silu_and_mul", "x", randn({6, 4}).t()); }, "contiguous in its last dimension");
-  // rows of a 3-D tensor sliced in the middle dim do not collapse into one stride
-  expect_error([] { row_stride("silu_and_mul", "x", randn({3, 4, 6}).narrow(1, 0, 2)); }, "does not flatten");
+// The reference: the storage offset of each row's first element, from the tensor's own strides.
+std::vector<int64_t> expected_offsets(const at::Tensor& t) {
+  const at::Tensor first = t.select(-1, 0);
+  const at::Tensor base = at::zeros({1}, t.options().dtype(at::kLong));
+  std::vector<int64_t> out;
+  const int64_t rows = first.numel();
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t rem = r, off = 0;
+    for (int64_t i = first.dim() - 1; i >= 0; --i) {
+      off += (rem % first.size(i)) * first.stride(i);
+      rem /= first.size(i);
+    }
+    out.push_back(off);
+  }
+  return out;
+}
+
+TEST(RowLayout, ContiguousSlicesAndBatchedChunks) {
+  const std::vector<at::Tensor> cases = {
+      randn({4, 6}),
+      randn({2, 3, 6}),
+      randn({8, 10}).narrow(1, 5, 5),          // the up half of gate | up
+      randn({2, 3, 10}).narrow(-1, 0, 5),
+      randn({2, 50, 64}).narrow(1, 16, 24),    // a chunk of a batched [B, S, H] stream
+      randn({3, 1, 50, 8}).narrow(2, 10, 7),   // size-1 dims are skipped
+      randn({1, 1, 7}),
+      randn({7}),
+  };
+  for (const auto& t : cases) EXPECT_EQ(offsets(t), expected_offsets(t)) << "shape " << t.sizes();
+}
+
+TEST(RowLayout, RefusesWhatNeedsThreeGroups) {
+  expect_error([] { row_layout("silu_and_mul", "x", randn({6, 4}).t()); }, "contiguous in its last dimension");
+  expect_error([] { row_layout("silu_and_mul", "x", randn({2, 3, 4, 6}).narrow(2, 0, 2).narrow(1, 0, 2)); },
+               "do not collapse into two strided groups");
 }
 
 TEST(ActArgs, FusedAndTwoInputForms) {
@@ -52,11 +85,11 @@ TEST(ActArgs, FusedAndTwoInputForms) {
   const auto r = check_act_args("silu_and_mul", x, std::nullopt, out);
   EXPECT_EQ(r.rows, 15);
   EXPECT_EQ(r.d, 4);
-  EXPECT_EQ(r.gate_stride, 8);
+  EXPECT_EQ(r.gate_rows.offset(14), 14 * 8);
   EXPECT_EQ(r.up.data_ptr<float>() - r.gate.data_ptr<float>(), 4);
   const auto r2 = check_act_args("silu_and_mul", randn({3, 5, 4}), randn({3, 5, 4}), out);
   EXPECT_EQ(r2.rows, 15);
-  EXPECT_EQ(r2.gate_stride, 4);
+  EXPECT_EQ(r2.gate_rows.offset(14), 14 * 4);
 }
 
 TEST(ActArgs, Refusals) {

@@ -70,6 +70,12 @@ def test_strided_views_in_and_out(device, dtype, gen):
     # the fused layout itself as a row-strided view: every other row of a [8, 2d] buffer
     x = randn((8, 2 * d), dtype, device, gen)[::2]
     assert rel_err(ops.silu_and_mul(x), reference.silu_and_mul(x.double())) <= TOLERANCE[dtype]
+    # chunks of batched [B, S, .] buffers: rows in two strided groups, written in place
+    gate_up = randn((3, 40, 2 * d), dtype, device, gen)[:, 8:20]
+    act = poisoned((3, 40, d), dtype, device)
+    ops.silu_and_mul(gate_up, out=act[:, 8:20])
+    assert torch.isnan(act[:, :8]).all() and torch.isnan(act[:, 20:]).all(), "wrote outside the chunk"
+    assert rel_err(act[:, 8:20], reference.silu_and_mul(gate_up.double())) <= TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -81,6 +87,8 @@ def test_bad_inputs_name_the_problem(device, gen):
         ops.silu_and_mul(x.double())
     with pytest.raises(RuntimeError, match="contiguous in its last dimension"):
         ops.silu_and_mul(randn((10, 4), torch.float32, device, gen).t())
+    with pytest.raises(RuntimeError, match="two strided groups"):
+        ops.silu_and_mul(randn((2, 3, 4, 10), torch.float32, device, gen)[:, :2, :2])
     with pytest.raises(RuntimeError, match="up must have the shape of gate"):
         ops.silu_and_mul(x, x[:, :5])
     with pytest.raises(RuntimeError, match="out must have shape"):

@@ -72,6 +72,18 @@ def test_leading_dims_and_strided_rows(device, dtype, gen):
     ops.fused_add_rms_norm(xs, rs, w, 1e-6)
     assert torch.equal(buf[:, h:], untouched)
     assert rel_err(xs, want_norm) <= TOLERANCE[dtype] and rel_err(rs, want_res) <= TOLERANCE[dtype]
+    # a chunk of a batched residual stream [B, S, H]: rows in two strided groups, updated in place
+    stream = randn((3, 40, h), dtype, device, gen, scale=2.0)
+    attn = randn((3, 40, h), dtype, device, gen)
+    xs, rs = attn[:, 8:20], stream[:, 8:20]
+    want_norm, want_res = reference.fused_add_rms_norm(xs.double(), rs.double(), w.double(), 1e-6)
+    before = stream.clone()
+    ops.fused_add_rms_norm(xs, rs, w, 1e-6)
+    assert torch.equal(stream[:, :8], before[:, :8]) and torch.equal(stream[:, 20:], before[:, 20:])
+    assert rel_err(xs, want_norm) <= TOLERANCE[dtype] and rel_err(rs, want_res) <= TOLERANCE[dtype]
+    out = poisoned((3, 12, h), dtype, device)
+    ops.rms_norm(stream[:, 8:20], w, 1e-6, out=out)
+    assert rel_err(out, reference.rms_norm(stream[:, 8:20].double(), w.double(), 1e-6)) <= TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,27 @@
+// Where row r of a [..., n] tensor starts. Leading dims collapse into at most two strided groups, so
+// a chunk of a [B, S, H] residual stream ([B, c, H], strides [S*H, H, 1]) is addressed in place.
+// Pure C++ (host and device): the kernel headers take it by value.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define CHUNKINFER_HOST_DEVICE __host__ __device__
+#else
+#define CHUNKINFER_HOST_DEVICE
+#endif
+
+namespace chunkinfer {
+
+struct RowLayout {
+  int64_t inner = 1;         // rows in the inner group
+  int64_t inner_stride = 0;  // elements between consecutive rows of the inner group
+  int64_t outer_stride = 0;  // elements between consecutive inner groups
+
+  CHUNKINFER_HOST_DEVICE int64_t offset(int64_t row) const {
+    return (row / inner) * outer_stride + (row % inner) * inner_stride;
+  }
+  bool strides_multiple_of(int64_t v) const { return inner_stride % v == 0 && outer_stride % v == 0; }
+};
+
+}  // namespace chunkinfer

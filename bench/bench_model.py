@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 import transformers as T
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-import chunkinfer  # noqa: E402
+import chunkinfer  # the installed package: its compiled kernels, not the source tree
 
 
 def build_model(layers: int, llama3_rope: bool) -> T.LlamaForCausalLM:
@@ -111,10 +110,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results/model_h200.json"))
     args = p.parse_args()
 
+    assert chunkinfer.build_info()["cuda_kernels"], f"chunkinfer has no CUDA kernels: {chunkinfer.build_info()}"
     model = build_model(args.layers, args.llama3_rope)
     reset_memory()
     base_alloc, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
-    rows = []
+    command = "python bench/bench_model.py " + " ".join(sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [row("weights", 0, peak_alloc=base_alloc, peak_reserved=base_reserved)]
     for length in args.lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
         for impl in ("stock", "chunkinfer"):
@@ -136,10 +138,9 @@ def main() -> None:
             reset_memory()
             print(json.dumps(rows[-1]), flush=True)
         del ids
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
+    with args.out.open("a") as f:  # one line per row, each with the command that produced it
         for r in rows:
-            f.write(json.dumps(r) + "\n")
+            f.write(json.dumps({**r, "command": command}) + "\n")
     gib = 1 << 30
     print("\n| what | length | s | tok/s | ms/token | peak alloc GiB | peak reserved GiB | error |")
     print("|---|---|---|---|---|---|---|---|")

@@ -86,7 +86,8 @@ def decode_ms(model, out, steps: int) -> float:
     return statistics.median(times)
 
 
-def generate_row(model, ids, label, new_tokens: int) -> dict:
+def generate_row(model, ids, label, new_tokens: int, prefill_seconds: float) -> dict:
+    """generate()'s decode rate: its time less the prefill measured just before, over the new tokens."""
     reset_memory()
     try:
         _, sec = timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
@@ -94,9 +95,11 @@ def generate_row(model, ids, label, new_tokens: int) -> dict:
     except torch.OutOfMemoryError as exc:
         reset_memory()
         return row(label, ids.shape[1], error=f"OOM: {str(exc).splitlines()[0]}")
-    return row(label, ids.shape[1], sec, tokens=new_tokens)
+    decode_s = sec - prefill_seconds
+    return row(label, ids.shape[1], decode_s, tokens=new_tokens, ms_per_token=decode_s / new_tokens * 1e3)
 
 
+@torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
@@ -104,6 +107,8 @@ def main() -> None:
     p.add_argument("--decode", action="store_true", help="also time decode steps and generate()")
     p.add_argument("--decode-steps", type=int, default=20)
     p.add_argument("--generate-tokens", type=int, default=32)
+    p.add_argument("--generate-lengths", type=int, nargs="*", default=None,
+                   help="lengths at which to time generate() (default: all, when --decode)")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--llama3-rope", action="store_true")
@@ -133,8 +138,10 @@ def main() -> None:
                 rows.append(row(f"{impl} decode", length, ms_per_token=ms))
             del out
             reset_memory()
-            if args.decode:
-                rows.append(generate_row(model, ids, f"{impl} generate {args.generate_tokens}", args.generate_tokens))
+            gen_here = args.generate_lengths is None or length in args.generate_lengths
+            if args.decode and gen_here and r["seconds"] is not None:
+                rows.append(generate_row(model, ids, f"{impl} generate {args.generate_tokens}", args.generate_tokens,
+                                         r["seconds"]))
             reset_memory()
             print(json.dumps(rows[-1]), flush=True)
         del ids

@@ -27,15 +27,17 @@ def check_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def build_state(model: nn.Module, chunk_size: int | None = None) -> ConvertedState:
+def build_state(model: nn.Module, chunk_size: int | None = None, cuda_graphs: bool = True) -> ConvertedState:
     """Validate a model and resolve everything the loop needs, without changing the model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"chunkinfer.convert expects a transformers model, got {type(model).__name__}")
     check_chunk_size(chunk_size)
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
     binding = bind(model)
     if chunk_size is None:
         chunk_size = default_chunk_size(binding.embed.weight.device)
-    return ConvertedState(binding=binding, chunk_size=chunk_size,
+    return ConvertedState(binding=binding, chunk_size=chunk_size, cuda_graphs=cuda_graphs,
                           signature=inspect.signature(type(model).forward))
 
 
@@ -43,14 +45,15 @@ def is_converted(model: nn.Module) -> bool:
     return isinstance(getattr(model, "_chunkinfer", None), ConvertedState)
 
 
-def convert(model: nn.Module, *, chunk_size: int | None = None) -> nn.Module:
+def convert(model: nn.Module, *, chunk_size: int | None = None, cuda_graphs: bool = True) -> nn.Module:
     """Make ``model(...)`` and ``model.generate(...)`` run chunkinfer's layer loop; returns the model.
 
     Everything is validated first; on any error the model is left untouched. Converting a converted
     model again re-binds it (e.g. to change ``chunk_size``). Default chunk size: 8192 tokens on CUDA,
-    1024 elsewhere.
+    1024 elsewhere. ``cuda_graphs``: on CUDA (fp16/bf16), one-token decode steps replay a captured
+    CUDA graph per batch size instead of launching every kernel from Python.
     """
-    state = build_state(model, chunk_size)
+    state = build_state(model, chunk_size, cuda_graphs)
     original = type(model).forward
 
     def forward(self, *args, **kwargs):

@@ -14,6 +14,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapters import ModelBinding
 from .cache import ChunkKVCache
+from .decode_graph import DecodeGraphs, graph_decode_supported
 from .head import final_norm, iter_logits, logits_of
 from .layer_loop import LoopInputs, run_layers
 from .loss import ChunkedCrossEntropy, shifted_targets
@@ -31,6 +32,8 @@ class ConvertedState:
     binding: ModelBinding
     chunk_size: int
     signature: inspect.Signature
+    cuda_graphs: bool = True
+    graphs: DecodeGraphs = field(default_factory=DecodeGraphs)
     warned: set = field(default_factory=set)
 
 
@@ -202,10 +205,15 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
     want_hidden = bool(extra.get("output_hidden_states") or model.config.output_hidden_states)
 
     emb = a.get("inputs_embeds")
-    hidden = mb.embed(a["input_ids"]) if emb is None else emb.clone()
     pos = a.get("position_ids")
     if pos is None:
-        pos = torch.arange(past, past + s, device=hidden.device)[None]
+        pos = torch.arange(past, past + s, device=mb.embed.weight.device)[None]
+    if (state.cuda_graphs and s == 1 and past > 0 and emb is None and labels is None and not want_hidden
+            and isinstance(ltk, int)
+            and graph_decode_supported(mb, mb.embed.weight.device, mb.embed.weight.dtype)):
+        return _graph_decode(state, cache, a["input_ids"], pos, past, key_starts, mask is not None,
+                             use_cache or pkv is not None)
+    hidden = mb.embed(a["input_ids"]) if emb is None else emb.clone()
     last_rows_from = 0
     if isinstance(ltk, int) and 0 < ltk < s and labels is None and not want_hidden:
         last_rows_from = s - ltk
@@ -249,6 +257,20 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
     return CausalLMOutputWithPast(loss=loss, logits=logits,
                                   past_key_values=cache if (use_cache or pkv is not None) else None,
                                   hidden_states=hidden_states)
+
+
+def _graph_decode(state: ConvertedState, cache: ChunkKVCache, ids: torch.Tensor, pos: torch.Tensor, past: int,
+                  key_starts: list[int] | None, mask_given: bool, return_cache: bool) -> CausalLMOutputWithPast:
+    """One new token per sequence through the captured decode step (decode_graph.py)."""
+    mb = state.binding
+    weight = mb.embed.weight
+    for layer, lb in zip(cache.layers, mb.layers):
+        layer.reserve(ids.shape[0], lb.n_kv, lb.head_dim, weight.dtype, weight.device, past + 1)
+    logits = state.graphs.step(mb, cache, ids, pos, past, key_starts)
+    for layer in cache.layers:
+        layer.length = past + 1
+    cache.key_starts, cache.key_starts_known = key_starts, mask_given
+    return CausalLMOutputWithPast(logits=logits, past_key_values=cache if return_cache else None)
 
 
 def config_use_cache(model) -> bool:

@@ -117,14 +117,31 @@ class _Layer:
         """The whole layer on rows [r0, r1): attention (K, V into the cache), MLP, residual in place."""
         lb, inp = self.lb, self.inp
         x = inp.hidden[:, r0:r1]
-        b, c, _ = x.shape
         q, k, v = self._qkv(self._norm(x, lb.input_norm), want_q=True)
         cos, sin = self.rope.get(lb.rope_key, r0, r1)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         q_start = inp.start + r0
         self.cache.write(k, v, q_start)
-        keys, values = self.cache.view(q_start + c)
-        attn = block_attention(q, keys, values, q_start, inp.key_starts, lb.window, lb.scale)
+        keys, values = self.cache.view(q_start + x.shape[1])
+        self._finish(x, block_attention(q, keys, values, q_start, inp.key_starts, lb.window, lb.scale))
+
+    def decode_block(self, step: "DeviceStep") -> None:
+        """One new token per sequence with its position, write index and lengths in device tensors,
+        so the same launches serve every step: what a CUDA graph captures and replays."""
+        lb = self.lb
+        x = self.inp.hidden  # [B, 1, H]
+        q, k, v = self._qkv(self._norm(x, lb.input_norm), want_q=True)
+        cos, sin = self.rope.get(lb.rope_key, 0, 1)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        self.cache.write_at(k, v, step.write_index)
+        attn, _ = ops.decode_attention(q, self.cache.k_buf, self.cache.v_buf, step.seq_lens, step.starts,
+                                       scale=lb.scale, window=lb.window or 0)
+        self._finish(x, attn)
+
+    def _finish(self, x: torch.Tensor, attn: torch.Tensor) -> None:
+        """o_proj, the post-attention norms and the MLP for rows x [B, c, H], residual added in place."""
+        lb = self.lb
+        b, c, _ = x.shape
         o = _linear(attn.transpose(1, 2).reshape(b, c, lb.n_q * lb.head_dim), lb.o_proj)
         if self.gemma:  # sandwich: norm the attention output, add, then pre-feed-forward norm
             o = self._norm(o, lb.post_attn_norm)
@@ -150,6 +167,25 @@ class _Layer:
         else:
             ops.gelu_and_mul(gate, up, approximate=mb.act_approximate, out=act)
         return _linear(act, lb.down)
+
+
+@dataclass
+class DeviceStep:
+    """A decode step's varying numbers as device tensors (their values change, their storage does not)."""
+
+    write_index: torch.Tensor  # [1] int64: the cache position the new token's K, V go to
+    seq_lens: torch.Tensor     # [B] int32: cached length after the write
+    starts: torch.Tensor | None  # [B] int32: first visible position (left padding), or None
+
+
+def run_decode_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs, step: DeviceStep) -> None:
+    """Every layer on one new token per sequence (inp.hidden [B, 1, H]) with device-side positions;
+    the cache layers must already have capacity for the write."""
+    rope = _Rope(mb, inp)
+    inter = max(lb.down.weight.shape[1] for lb in mb.layers)
+    act_buf = inp.hidden.new_empty(inp.hidden.shape[0] * inter)
+    for li, lb in enumerate(mb.layers):
+        _Layer(mb, lb, cache.layers[li], inp, rope, act_buf).decode_block(step)
 
 
 def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:

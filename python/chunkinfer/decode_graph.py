@@ -1,0 +1,99 @@
+"""Decode steps as CUDA graphs: one captured step per batch size, replayed while the cache grows.
+
+Everything that changes between steps (token ids, rotary positions, the cache write index, the cached
+lengths) lives in device tensors that are updated in place before a replay, and attention reads the
+lengths on the device (``ops.decode_attention``), so the launch sequence never changes. A graph is
+recaptured only when the cache's buffers are reallocated (capacity growth, 1.25x at a time).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import ModelBinding
+from .cache import ChunkKVCache
+from .head import final_norm, logits_of
+from .layer_loop import DeviceStep, LoopInputs, run_decode_layers
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor        # [B, 1] int64 (static input)
+    positions: torch.Tensor  # [B, 1] int64 rotary positions (static input)
+    step: DeviceStep         # write index, lengths, starts (static inputs)
+    logits: torch.Tensor     # [B, 1, V] (static output)
+    buffers: tuple           # data pointers of the cache buffers the graph reads and writes
+    starts_host: tuple | None
+
+
+_KERNEL_HEAD_DIMS = (64, 128, 256)
+
+
+def graph_decode_supported(mb: ModelBinding, device: torch.device, dtype: torch.dtype) -> bool:
+    """CUDA, fp16/bf16, head dims the decode kernel has, and rotary frequencies that do not depend on
+    the call (dynamic/longrope read the maximum position on the host, which a replayed graph cannot)."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not mb.rope_needs_global_max
+            and all(lb.head_dim in _KERNEL_HEAD_DIMS for lb in mb.layers))
+
+
+def _buffers(cache: ChunkKVCache) -> tuple:
+    # addresses and shapes: a new cache may reuse freed addresses with another capacity (other strides)
+    return tuple((layer.k_buf.data_ptr(), layer.v_buf.data_ptr(), tuple(layer.k_buf.shape)) for layer in cache.layers)
+
+
+def _step_logits(mb: ModelBinding, cache: ChunkKVCache, ids: torch.Tensor, positions: torch.Tensor,
+                 step: DeviceStep) -> torch.Tensor:
+    hidden = mb.embed(ids)
+    inp = LoopInputs(hidden=hidden, position_ids=positions, start=0, key_starts=None, chunk=1)
+    run_decode_layers(mb, cache, inp, step)
+    return logits_of(mb, final_norm(mb, hidden))
+
+
+class DecodeGraphs:
+    """The captured decode steps of one converted model, by batch size."""
+
+    def __init__(self) -> None:
+        self._by_batch: dict[int, _Captured] = {}
+
+    def clear(self) -> None:
+        self._by_batch.clear()
+
+    def step(self, mb: ModelBinding, cache: ChunkKVCache, ids: torch.Tensor, positions: torch.Tensor,
+             past: int, key_starts: list[int] | None) -> torch.Tensor:
+        """Run one decode step (ids [B, 1]) on a cache holding ``past`` positions; returns logits
+        [B, 1, V]. The caller has reserved capacity for position ``past``."""
+        b = ids.shape[0]
+        starts_host = tuple(key_starts) if key_starts else None
+        cap = self._by_batch.get(b)
+        if cap is None or cap.buffers != _buffers(cache) or cap.starts_host != starts_host:
+            cap = self._capture(mb, cache, ids, positions, past, starts_host)
+            self._by_batch[b] = cap
+        cap.ids.copy_(ids)
+        cap.positions.copy_(positions.expand(b, 1))
+        cap.step.write_index.fill_(past)
+        cap.step.seq_lens.fill_(past + 1)
+        cap.graph.replay()
+        return cap.logits.clone()  # the static output is overwritten by the next replay
+
+    def _capture(self, mb, cache, ids, positions, past, starts_host) -> _Captured:
+        b, device = ids.shape[0], ids.device
+        step = DeviceStep(
+            write_index=torch.full((1,), past, dtype=torch.long, device=device),
+            seq_lens=torch.full((b,), past + 1, dtype=torch.int32, device=device),
+            starts=None if starts_host is None else torch.tensor(starts_host, dtype=torch.int32, device=device),
+        )
+        static_ids = ids.clone()
+        static_pos = positions.expand(b, 1).clone()
+        # Warm-up on a side stream (cuBLAS workspaces, lazy inits). Writing this step's K, V is
+        # idempotent, so running the step here and again at the replay changes nothing.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            _step_logits(mb, cache, static_ids, static_pos, step)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = _step_logits(mb, cache, static_ids, static_pos, step)
+        return _Captured(graph, static_ids, static_pos, step, logits, _buffers(cache), starts_host)

@@ -67,7 +67,7 @@ def extension_modules():
     from torch.utils import cpp_extension
 
     sources = read_sources()
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     defines = [("TORCH_EXTENSION_NAME", "_C")]
     if not cuda_home:
         ext = cpp_extension.CppExtension(
@@ -77,7 +77,7 @@ def extension_modules():
         return [ext], cpp_extension
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     defines += [("CHUNKINFER_WITH_CUDA", "1"), ("CHUNKINFER_CUDA_ARCHS", f'"{archs}"')]
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
     ext = cpp_extension.CUDAExtension(
         "chunkinfer._C", sources["cpu"] + sources["cuda"],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, define_macros=defines,

@@ -11,6 +11,8 @@ bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
+}  // namespace
+
 void check_float_tensor(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": ", arg, " is undefined");
   TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": ", arg,
@@ -25,8 +27,6 @@ void check_same(const char* op, const char* arg, const at::Tensor& t, const char
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " has dtype ", t.scalar_type(),
               " but ", ref_arg, " has dtype ", ref.scalar_type());
 }
-
-}  // namespace
 
 int64_t row_stride(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", arg,

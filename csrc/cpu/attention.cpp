@@ -53,61 +53,174 @@ inline float exp_nonpositive(float x) {
   return p;
 }
 
-// a . b with 16 independent partial sums, so it vectorises without reassociation flags
+// 16 floats as one value: GCC lowers it to one zmm (x86-64-v4 clone), two ymm (v3) or four xmm
+// (baseline), so the same source is explicit SIMD on every target. aligned(4): unaligned loads.
+typedef float v16f __attribute__((vector_size(64), aligned(4)));
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t v16u __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+__attribute__((always_inline)) inline v16f load16(const float* p) { return *reinterpret_cast<const v16f*>(p); }
+__attribute__((always_inline)) inline void store16(float* p, v16f x) { *reinterpret_cast<v16f*>(p) = x; }
+__attribute__((always_inline)) inline v16f splat16(float x) { return v16f{} + x; }
+
+__attribute__((always_inline)) inline float hsum(v16f x) {
+  const v8f a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// exp_nonpositive on 16 lanes, and exactly 0 below -87 (masked keys are -inf)
+__attribute__((always_inline)) inline v16f exp16(v16f x) {
+  const v16f lo = splat16(-87.0f);
+  const v16f xc = x < lo ? lo : x;
+  const v16f shifter = splat16(12582912.0f);
+  const v16f t = xc * 1.44269504088896341f + shifter;
+  const v16f n = t - shifter;
+  const v16f r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  v16f p = splat16(1.0f / 720);
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const v16i bits = reinterpret_cast<const v16i&>(p) + ((reinterpret_cast<const v16i&>(t) - 0x4B400000) << 23);
+  const v16f e = reinterpret_cast<const v16f&>(bits);
+  return x < lo ? v16f{} : e;
+}
+
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float part[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) part[j] += a[i + j] * b[i + j];
   float s = 0.f;
-  for (int j = 0; j < 16; ++j) s += part[j];
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
 CHUNKINFER_SIMD_CLONES
 void bf16_to_float(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16h h = *reinterpret_cast<const v16h*>(src + i);
+    const v16u w = __builtin_convertvector(h, v16u) << 16;
+    store16(dst + i, reinterpret_cast<const v16f&>(w));
+  }
+  for (; i < n; ++i) {
     const uint32_t bits = uint32_t(src[i]) << 16;
     std::memcpy(dst + i, &bits, 4);
   }
 }
 
-// One block of n keys for R query rows: row r sees block keys [lo[r], hi[r]). Updates the online
-// softmax state: m (running max, natural log units), l (running sum), acc (unnormalised output).
+// One block of n <= kBlockKeys keys for R query rows: row r sees block keys [lo[r], hi[r]).
+// Updates the online softmax state: m (running max), l (running sum), acc (unnormalised output).
+// For head dims that are a multiple of 16: every K and V row is loaded once for all R rows.
 CHUNKINFER_SIMD_CLONES
-void attend_block(const float* __restrict q,  // [R, D], already times the softmax scale
-                  int64_t R, int64_t D,
-                  const float* __restrict k, int64_t k_stride,  // [n, k_stride]
-                  const float* __restrict v, int64_t v_stride,  // [n, v_stride]
-                  int64_t n, const int64_t* lo, const int64_t* hi,  // [R], block-relative
-                  float* __restrict s,                              // [n] scratch
-                  float* __restrict m, float* __restrict l,         // [R]
-                  float* __restrict acc) {                          // [R, D]
+void attend_block16(const float* __restrict q,  // [R, D], already times the softmax scale
+                    int64_t R, int64_t D,
+                    const float* __restrict k, int64_t k_stride,  // [n, k_stride]
+                    const float* __restrict v, int64_t v_stride,  // [n, v_stride]
+                    int64_t n, const int64_t* lo, const int64_t* hi,  // [R], block-relative
+                    float* __restrict s,                              // [R, kBlockKeys] scratch
+                    float* __restrict m, float* __restrict l,         // [R]
+                    float* __restrict acc) {                          // [R, D]
+  const int64_t nv = D / 16;
+  int64_t j0 = n, j1 = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    j0 = std::min(j0, std::max<int64_t>(lo[r], 0));
+    j1 = std::max(j1, std::min<int64_t>(hi[r], n));
+  }
+  if (j0 >= j1) return;
+  // scores, four rows at a time against each key row
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* kj = k + j * k_stride;
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) {
+      v16f a0{}, a1{}, a2{}, a3{};
+      for (int64_t i = 0; i < nv; ++i) {
+        const v16f kv = load16(kj + 16 * i);
+        a0 += load16(q + r * D + 16 * i) * kv;
+        a1 += load16(q + (r + 1) * D + 16 * i) * kv;
+        a2 += load16(q + (r + 2) * D + 16 * i) * kv;
+        a3 += load16(q + (r + 3) * D + 16 * i) * kv;
+      }
+      s[r * kBlockKeys + j] = hsum(a0);
+      s[(r + 1) * kBlockKeys + j] = hsum(a1);
+      s[(r + 2) * kBlockKeys + j] = hsum(a2);
+      s[(r + 3) * kBlockKeys + j] = hsum(a3);
+    }
+    for (; r < R; ++r) {
+      v16f a0{};
+      for (int64_t i = 0; i < nv; ++i) a0 += load16(q + r * D + 16 * i) * load16(kj + 16 * i);
+      s[r * kBlockKeys + j] = hsum(a0);
+    }
+  }
+  // softmax update per row; keys outside the row's range get probability 0
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * kBlockKeys;
+    const int64_t a = std::max<int64_t>(lo[r], 0), b = std::min<int64_t>(hi[r], n);
+    for (int64_t j = j0; j < j1; ++j)
+      if (j < a || j >= b) sr[j] = kNegInf;
+    if (a >= b) continue;
+    float mx = m[r];
+    for (int64_t j = a; j < b; ++j) mx = std::max(mx, sr[j]);
+    const float corr = m[r] == kNegInf ? 0.f : std::exp(m[r] - mx);
+    m[r] = mx;
+    v16f sum{};
+    int64_t j = j0;
+    for (; j + 16 <= j1; j += 16) {
+      const v16f p = exp16(load16(sr + j) - mx);
+      store16(sr + j, p);
+      sum += p;
+    }
+    float tail = 0.f;
+    for (; j < j1; ++j) {
+      sr[j] = sr[j] == kNegInf ? 0.f : exp_nonpositive(sr[j] - mx);
+      tail += sr[j];
+    }
+    l[r] = l[r] * corr + hsum(sum) + tail;
+    float* o = acc + r * D;
+    for (int64_t i = 0; i < nv; ++i) store16(o + 16 * i, load16(o + 16 * i) * corr);
+  }
+  // acc += p V: each V row loaded once for all rows
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* vj = v + j * v_stride;
+    for (int64_t i = 0; i < nv; ++i) {
+      const v16f vv = load16(vj + 16 * i);
+      for (int64_t r = 0; r < R; ++r) {
+        float* o = acc + r * D + 16 * i;
+        store16(o, load16(o) + s[r * kBlockKeys + j] * vv);
+      }
+    }
+  }
+}
+
+// The same for any head dim, in plain scalar loops.
+void attend_block_any(const float* __restrict q, int64_t R, int64_t D, const float* __restrict k, int64_t k_stride,
+                      const float* __restrict v, int64_t v_stride, int64_t n, const int64_t* lo, const int64_t* hi,
+                      float* __restrict s, float* __restrict m, float* __restrict l, float* __restrict acc) {
   for (int64_t r = 0; r < R; ++r) {
     const int64_t a = std::max<int64_t>(lo[r], 0), b = std::min<int64_t>(hi[r], n);
     if (a >= b) continue;
-    const float* qr = q + r * D;
+    float* sr = s + r * kBlockKeys;
     float mx = m[r];
     for (int64_t j = a; j < b; ++j) {
-      s[j] = dot(qr, k + j * k_stride, D);
-      mx = std::max(mx, s[j]);
+      sr[j] = dot(q + r * D, k + j * k_stride, D);
+      mx = std::max(mx, sr[j]);
     }
     const float corr = m[r] == kNegInf ? 0.f : std::exp(m[r] - mx);
     m[r] = mx;
     float sum = 0.f;
     for (int64_t j = a; j < b; ++j) {
-      s[j] = exp_nonpositive(s[j] - mx);
-      sum += s[j];
+      sr[j] = exp_nonpositive(sr[j] - mx);
+      sum += sr[j];
     }
     l[r] = l[r] * corr + sum;
     float* o = acc + r * D;
     for (int64_t d = 0; d < D; ++d) o[d] *= corr;
-    for (int64_t j = a; j < b; ++j) {
-      const float p = s[j];
-      const float* vr = v + j * v_stride;
-      for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
-    }
+    for (int64_t j = a; j < b; ++j)
+      for (int64_t d = 0; d < D; ++d) o[d] += sr[j] * v[j * v_stride + d];
   }
 }
 
@@ -155,7 +268,8 @@ void decode_attention_cpu_impl(at::Tensor& out, at::Tensor& lse, const at::Tenso
   const T* kd = k_cache.data_ptr<T>();
   const T* vd = v_cache.data_ptr<T>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(R * D), kbuf(kBlockKeys * D), vbuf(kBlockKeys * D), s(kBlockKeys);
+    std::vector<float> qf(R * D), kbuf(kBlockKeys * D), vbuf(kBlockKeys * D), s(R * kBlockKeys);
+    const auto attend_block = D % 16 == 0 ? attend_block16 : attend_block_any;
     std::vector<int64_t> row_lo(R), row_hi(R), blk_lo(R), blk_hi(R);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % splits, h = (task / splits) % Hkv, b = task / (splits * Hkv);

@@ -5,7 +5,8 @@
 // Build and run (no CMakeLists.txt in this tree yet):
 //   nvcc -O3 -std=c++17 --use_fast_math -gencode=arch=compute_90a,code=sm_90a \
 //        -o bench_attention bench/cuda/bench_attention.cu && ./bench_attention [L ...]
-// Default lengths: 8192 32768 131072 524288. Prints one line per length.
+// Default lengths: 8192 32768 131072 524288. Prints one line per length. SPLITS=n overrides the
+// library's split count (to sweep it).
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -104,6 +105,7 @@ int main(int argc, char** argv) {
     p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.T = T, p.D = D, p.cap = L, p.window = 0;
     p.scale_log2 = chunkinfer::attention::kLog2e / 11.313708498984761f;
     p.splits = chunkinfer::attention::decode_attention_num_splits<bf16>(B, Hq, Hkv, T, D, L, sms);
+    if (const char* env = std::getenv("SPLITS")) p.splits = std::atoi(env);  // to sweep the split count
     const size_t part_rows = size_t(B) * Hq * T * p.splits;
     CHECK(cudaMalloc(&work, part_rows * (D + 1) * sizeof(float)));
     p.part_out = work;

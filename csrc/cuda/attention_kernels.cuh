@@ -70,11 +70,20 @@ struct Pack8 {
   uint4 raw[sizeof(T) == 4 ? 2 : 1];
 };
 
+// 16-byte asynchronous copies global -> shared (bypassing L1): loads in flight cost no registers
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
 template <typename T>
-__device__ __forceinline__ void load_pack(Pack8<T>& p, const T* src) {
-  const uint4* s = reinterpret_cast<const uint4*>(src);
+__device__ __forceinline__ void cp_async_pack(Pack8<T>* smem, const T* src) {
 #pragma unroll
-  for (int i = 0; i < int(sizeof(p.raw) / sizeof(uint4)); ++i) p.raw[i] = __ldg(s + i);
+  for (int i = 0; i < int(sizeof(Pack8<T>) / sizeof(uint4)); ++i)
+    cp_async16(reinterpret_cast<uint4*>(smem) + i, reinterpret_cast<const uint4*>(src) + i);
 }
 
 template <typename T>
@@ -140,6 +149,12 @@ struct DecodeConfig {
   static constexpr int kPassRows0 = (32 * 1024) / (kWarps * D * 4);
   static constexpr int kPassRows = kPassRows0 < ROWS ? kPassRows0 : ROWS;
   static constexpr int kMinBlocks = ROWS <= 4 ? 2 : 1;
+  // K, V pipeline: kStages steps of this thread's own 16-byte pieces in shared memory; a thread
+  // reads back only what it copied, so the pipeline needs no barrier
+  static constexpr int kStages = 3;
+  static constexpr int kPipeBytes = 2 * kStages * kUnroll * kDecodeThreads * int(sizeof(Pack8<T>));
+  static constexpr int kReduceBytes = (2 * kWarps * ROWS + kWarps * kPassRows * D) * 4;
+  static constexpr int kSmemBytes = kPipeBytes > kReduceBytes ? kPipeBytes : kReduceBytes;
   static_assert(D % (kVec * 1) == 0 && kThreadsPerRow <= 32, "head dim must be 64, 128 or 256");
 };
 
@@ -203,16 +218,39 @@ decode_attention_kernel(const DecodeParams p) {
   const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + sub * kVec;
   const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + sub * kVec;
 
-  for (int base = k0; base < k1; base += C::kKeysPerStep) {
+  extern __shared__ uint4 smem_raw[];
+  Pack8<T>* const kpipe = reinterpret_cast<Pack8<T>*>(smem_raw);  // [stages][U][threads]
+  Pack8<T>* const vpipe = kpipe + C::kStages * U * kDecodeThreads;
+  const int steps = k1 > k0 ? (k1 - k0 + C::kKeysPerStep - 1) / C::kKeysPerStep : 0;
+  auto issue = [&](int step) {  // one commit group per step, empty past the end
+    if (step < steps) {
+      const int slot = (step % C::kStages) * U;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int key = k0 + step * C::kKeysPerStep + u * GROUPS + group;
+        if (key < k1) {
+          cp_async_pack(kpipe + (slot + u) * kDecodeThreads + tid, kb + key * p.k_sp);
+          cp_async_pack(vpipe + (slot + u) * kDecodeThreads + tid, vb + key * p.v_sp);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int st = 0; st < C::kStages - 1; ++st) issue(st);
+
+  for (int step = 0; step < steps; ++step) {
+    issue(step + C::kStages - 1);
+    cp_async_wait<C::kStages - 1>();  // this step's group has landed
+    const int base = k0 + step * C::kKeysPerStep, slot = (step % C::kStages) * U;
     int key[U];
     Pack8<T> kr[U], vr[U];
-    // all loads first: U keys of K and V per thread in flight
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       key[u] = base + u * GROUPS + group;
       if (key[u] < k1) {
-        load_pack(kr[u], kb + key[u] * p.k_sp);
-        load_pack(vr[u], vb + key[u] * p.v_sp);
+        kr[u] = kpipe[(slot + u) * kDecodeThreads + tid];
+        vr[u] = vpipe[(slot + u) * kDecodeThreads + tid];
       } else {
         zero_pack(kr[u]);
         zero_pack(vr[u]);
@@ -293,9 +331,12 @@ decode_attention_kernel(const DecodeParams p) {
     }
   }
 
-  // merge the warps through shared memory, kPassRows rows at a time
-  __shared__ float sm_m[C::kWarps][ROWS], sm_l[C::kWarps][ROWS];
-  __shared__ float sm_acc[C::kWarps][C::kPassRows][D];
+  // merge the warps through shared memory (the pipeline's, now drained), kPassRows rows at a time
+  cp_async_wait<0>();
+  __syncthreads();
+  float(*sm_m)[ROWS] = reinterpret_cast<float(*)[ROWS]>(smem_raw);
+  float(*sm_l)[ROWS] = sm_m + C::kWarps;
+  float(*sm_acc)[C::kPassRows][D] = reinterpret_cast<float(*)[C::kPassRows][D]>(sm_l + C::kWarps);
   if (lane == 0) {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
@@ -418,8 +459,11 @@ int decode_attention_num_splits(int B, int Hq, int Hkv, int T_, int D, int cap, 
     using C = DecodeConfig<T, kD, kRows>;
     static int blocks_per_sm = [] {
       int n = 0;
-      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_attention_kernel<T, kD, kRows>,
-                                                        kDecodeThreads, 0) != cudaSuccess || n < 1) {
+      const auto kernel = decode_attention_kernel<T, kD, kRows>;
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes) !=
+              cudaSuccess ||
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kDecodeThreads, C::kSmemBytes) != cudaSuccess ||
+          n < 1) {
         cudaGetLastError();
         n = 1;
       }
@@ -445,10 +489,13 @@ bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
     constexpr int kD = decltype(d)::value, kRows = decltype(rows)::value;
     const int chunks = (rows_total + kRows - 1) / kRows;
     const dim3 grid(unsigned(chunks * p.splits), unsigned(p.Hkv), unsigned(p.B));
-    decode_attention_kernel<T, kD, kRows><<<grid, kDecodeThreads, 0, stream>>>(p);
-    const size_t smem = (size_t(p.splits) + 32) * sizeof(float);
+    constexpr int smem = DecodeConfig<T, kD, kRows>::kSmemBytes;
+    // per launch, not once: the attribute belongs to the current device
+    cudaFuncSetAttribute(decode_attention_kernel<T, kD, kRows>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    decode_attention_kernel<T, kD, kRows><<<grid, kDecodeThreads, smem, stream>>>(p);
+    const size_t combine_smem = (size_t(p.splits) + 32) * sizeof(float);
     const unsigned combine_rows = unsigned(int64_t(p.B) * p.Hq * p.T);
-    decode_attention_combine_kernel<T, kD><<<combine_rows, kD, smem, stream>>>(p);
+    decode_attention_combine_kernel<T, kD><<<combine_rows, kD, combine_smem, stream>>>(p);
   });
 }
 

@@ -183,15 +183,33 @@ void attend_block16(const float* __restrict q,  // [R, D], already times the sof
     float* o = acc + r * D;
     for (int64_t i = 0; i < nv; ++i) store16(o + 16 * i, load16(o + 16 * i) * corr);
   }
-  // acc += p V: each V row loaded once for all rows
-  for (int64_t j = j0; j < j1; ++j) {
-    const float* vj = v + j * v_stride;
-    for (int64_t i = 0; i < nv; ++i) {
-      const v16f vv = load16(vj + 16 * i);
-      for (int64_t r = 0; r < R; ++r) {
-        float* o = acc + r * D + 16 * i;
-        store16(o, load16(o) + s[r * kBlockKeys + j] * vv);
+  // acc += p V, a row at a time: 64 output columns stay in registers while the keys stream by
+  // (the V block is re-read from L1 for each row)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t a = std::max<int64_t>(lo[r], 0), b = std::min<int64_t>(hi[r], n);
+    const float* sr = s + r * kBlockKeys;
+    float* o = acc + r * D;
+    int64_t i = 0;
+    for (; i + 4 <= nv; i += 4) {
+      v16f o0 = load16(o + 16 * i), o1 = load16(o + 16 * i + 16);
+      v16f o2 = load16(o + 16 * i + 32), o3 = load16(o + 16 * i + 48);
+      for (int64_t j = a; j < b; ++j) {
+        const float* vj = v + j * v_stride + 16 * i;
+        const v16f p = splat16(sr[j]);
+        o0 += p * load16(vj);
+        o1 += p * load16(vj + 16);
+        o2 += p * load16(vj + 32);
+        o3 += p * load16(vj + 48);
       }
+      store16(o + 16 * i, o0);
+      store16(o + 16 * i + 16, o1);
+      store16(o + 16 * i + 32, o2);
+      store16(o + 16 * i + 48, o3);
+    }
+    for (; i < nv; ++i) {
+      v16f o0 = load16(o + 16 * i);
+      for (int64_t j = a; j < b; ++j) o0 += splat16(sr[j]) * load16(v + j * v_stride + 16 * i);
+      store16(o + 16 * i, o0);
     }
   }
 }

@@ -160,8 +160,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     of them when window > 0), causal among the new tokens; Hq must be a multiple of Hkv. Lengths
     are read on the device, so a CUDA graph captured once serves every later length up to the
     capacity. out [B, Hq, T, D] has q's dtype, lse [B, Hq, T] is fp32 (natural log, -inf where a
-    query saw no key, its out then 0). Pass both ``out`` and ``lse`` to write into them. CUDA: head
-    dim 64, 128 or 256, K, V 16-byte aligned; CPU: any head dim.
+    query saw no key, its out then 0). Pass both ``out`` and ``lse`` to write into them. The lengths
+    are not checked against the capacity (that would need a device sync): a seq_len beyond it is
+    read as the capacity, a start outside [0, seq_len] is clamped into it. CUDA: head dim 64, 128
+    or 256, K, V 16-byte aligned; CPU: any head dim.
     """
     if out is None and lse is None:
         return torch.ops.chunkinfer.decode_attention(q, k_cache, v_cache, seq_lens, starts, scale, window)

@@ -366,7 +366,7 @@ void decode_attention_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tensor
   if (a.B == 0 || a.Hq == 0 || a.T == 0) return;
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* st = starts.has_value() ? starts->data_ptr<int32_t>() : nullptr;
-  CHUNKINFER_DISPATCH_FLOATING(q.scalar_type(), "decode_attention", [&] {
+  CHUNKINFER_DISPATCH_FLOATING(q.scalar_type(), [&] {
     decode_attention_cpu_impl<scalar_t>(out, lse, q, k_cache, v_cache, lens, st, a);
   });
 }
@@ -418,7 +418,7 @@ void merge_attn_states_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tenso
                                const at::Tensor& out_b, const at::Tensor& lse_b) {
   const MergeRows r = check_merge_attn_states_args("merge_attn_states", out, lse, out_a, lse_a, out_b, lse_b);
   if (r.rows == 0) return;
-  CHUNKINFER_DISPATCH_FLOATING(out_a.scalar_type(), "merge_attn_states", [&] {
+  CHUNKINFER_DISPATCH_FLOATING(out_a.scalar_type(), [&] {
     merge_rows<scalar_t>(r, out.data_ptr<scalar_t>(), lse.data_ptr<float>(), out_a.data_ptr<scalar_t>(),
                          lse_a.data_ptr<float>(), out_b.data_ptr<scalar_t>(), lse_b.data_ptr<float>());
   });

@@ -57,7 +57,7 @@ void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tenso
   int num_sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q.device().index()));
 
-  CHUNKINFER_DISPATCH_FLOATING(q.scalar_type(), "decode_attention", [&] {
+  CHUNKINFER_DISPATCH_FLOATING(q.scalar_type(), [&] {
     using T = typename CudaType<scalar_t>::type;
     attention::DecodeParams p{};
     p.B = int(a.B);
@@ -106,7 +106,7 @@ void merge_attn_states_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tens
   if (r.rows == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(out_a.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  CHUNKINFER_DISPATCH_FLOATING(out_a.scalar_type(), "merge_attn_states", [&] {
+  CHUNKINFER_DISPATCH_FLOATING(out_a.scalar_type(), [&] {
     using T = typename CudaType<scalar_t>::type;
     attention::MergeParams p{};
     p.out_a = out_a.data_ptr();

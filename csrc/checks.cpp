@@ -11,6 +11,8 @@ bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
+}  // namespace
+
 void check_float_tensor(const char* op, const char* arg, const at::Tensor& t) {
   CHUNKINFER_CHECK(t.defined(), op, ": ", arg, " is undefined");
   CHUNKINFER_CHECK(supported_dtype(t.scalar_type()), op, ": ", arg,
@@ -25,8 +27,6 @@ void check_same(const char* op, const char* arg, const at::Tensor& t, const char
   CHUNKINFER_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " has dtype ", t.scalar_type(),
               " but ", ref_arg, " has dtype ", ref.scalar_type());
 }
-
-}  // namespace
 
 RowLayout row_layout(const char* op, const char* arg, const at::Tensor& t) {
   CHUNKINFER_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", arg,
@@ -54,6 +54,14 @@ RowLayout row_layout(const char* op, const char* arg, const at::Tensor& t) {
     prev = i;
   }
   return layout;
+}
+
+int64_t row_stride(const char* op, const char* arg, const at::Tensor& t) {
+  const RowLayout l = row_layout(op, arg, t);
+  const int64_t rows = t.size(-1) == 0 ? 0 : t.numel() / t.size(-1);
+  CHUNKINFER_CHECK(rows <= l.inner, op, ": ", arg, " of shape ", t.sizes(), " and strides ", t.strides(),
+                   " does not flatten to rows of one stride; call .contiguous() first");
+  return l.inner > 1 ? l.inner_stride : t.size(-1);
 }
 
 namespace {

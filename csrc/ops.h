@@ -7,6 +7,7 @@
 #include "row_layout.h"
 #include <optional>
 #include <string>
+#include <tuple>
 
 namespace chunkinfer {
 
@@ -40,5 +41,40 @@ NormRows check_fused_add_rms_norm_args(const char* op, const at::Tensor& x, cons
 // The rows of a tensor whose last dimension is contiguous and whose leading dimensions collapse into
 // at most two strided groups; or an error naming `arg`.
 RowLayout row_layout(const char* op, const char* arg, const at::Tensor& t);
+// The same for rows that must share one stride: that stride, or an error naming `arg`.
+int64_t row_stride(const char* op, const char* arg, const at::Tensor& t);
+
+// A float32/float16/bfloat16 tensor of at least one dimension, or an error naming op and arg.
+void check_float_tensor(const char* op, const char* arg, const at::Tensor& t);
+// t has ref's device and dtype, or an error naming both arguments.
+void check_same(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg, const at::Tensor& ref);
+
+// ---- attention (csrc/cpu/attention.cpp, csrc/cuda/attention.cu; checks in csrc/attention_checks.cpp) ----
+// decode_attention: q [B, Hq, T, D], k_cache/v_cache [B, Hkv, cap, D], seq_lens/starts [B] int32 on
+// q's device; out [B, Hq, T, D] (q's dtype), lse [B, Hq, T] fp32. Query t of batch b sits at position
+// seq_lens[b] - T + t and sees keys [max(starts[b], pos - window + 1), pos] (no window when <= 0).
+struct DecodeArgs {
+  int64_t B = 0, Hq = 0, Hkv = 0, T = 0, D = 0, cap = 0;
+  double scale = 0.0;  // the softmax scale, 1/sqrt(D) when not given
+  int64_t window = 0;  // <= 0: none
+};
+DecodeArgs check_decode_attention_args(const char* op, const at::Tensor& out, const at::Tensor& lse,
+                                       const at::Tensor& q, const at::Tensor& k_cache,
+                                       const at::Tensor& v_cache, const at::Tensor& seq_lens,
+                                       const std::optional<at::Tensor>& starts, std::optional<double> scale,
+                                       int64_t window);
+std::tuple<at::Tensor, at::Tensor> decode_attention_outputs(const at::Tensor& q);
+
+// merge_attn_states: out [..., D] with lse [...] (the shape of out without its last dim), e.g.
+// [B, H, T, D] and [B, H, T]. out may alias out_a or out_b, lse may alias lse_a or lse_b.
+struct MergeRows {
+  int64_t rows = 0, d = 0;
+  int64_t out_a_stride = 0, out_b_stride = 0, out_stride = 0;  // between rows of D elements
+  int64_t lse_a_stride = 0, lse_b_stride = 0, lse_stride = 0;  // between lse elements
+};
+MergeRows check_merge_attn_states_args(const char* op, const at::Tensor& out, const at::Tensor& lse,
+                                       const at::Tensor& out_a, const at::Tensor& lse_a,
+                                       const at::Tensor& out_b, const at::Tensor& lse_b);
+std::tuple<at::Tensor, at::Tensor> merge_attn_states_outputs(const at::Tensor& out_a);
 
 }  // namespace chunkinfer

@@ -21,6 +21,10 @@ SCHEMAS = {
     "rms_norm": "rms_norm(Tensor x, Tensor weight, float eps, bool gemma=False) -> Tensor",
     "rms_norm_out": "rms_norm_out(Tensor(a!) out, Tensor x, Tensor weight, float eps, bool gemma=False) -> ()",
     "fused_add_rms_norm": "fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, bool gemma=False) -> ()",
+    "decode_attention": "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0) -> (Tensor, Tensor)",
+    "decode_attention_out": "decode_attention_out(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0) -> ()",
+    "merge_attn_states": "merge_attn_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)",
+    "merge_attn_states_out": "merge_attn_states_out(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> ()",
 }
 
 try:
@@ -57,10 +61,22 @@ def _register_reference_ops() -> None:
         residual.copy_(new_residual)
         x.copy_(normed)
 
+    def decode_out(out, lse, q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0):
+        o, l = reference.decode_attention(q, k_cache, v_cache, seq_lens, starts, scale, window)
+        out.copy_(o)
+        lse.copy_(l)
+
+    def merge_out(out, lse, out_a, lse_a, out_b, lse_b):
+        o, l = reference.merge_attn_states(out_a, lse_a, out_b, lse_b)
+        out.copy_(o)
+        lse.copy_(l)
+
     impls = {
         "silu_and_mul": reference.silu_and_mul, "silu_and_mul_out": silu_out,
         "gelu_and_mul": reference.gelu_and_mul, "gelu_and_mul_out": gelu_out,
         "rms_norm": reference.rms_norm, "rms_norm_out": rms_out, "fused_add_rms_norm": fused,
+        "decode_attention": reference.decode_attention, "decode_attention_out": decode_out,
+        "merge_attn_states": reference.merge_attn_states, "merge_attn_states_out": merge_out,
     }
     for name, fn in impls.items():
         lib.impl(name, fn, "CompositeExplicitAutograd")
@@ -79,7 +95,16 @@ def _register_fakes() -> None:
     def _(x, weight, eps, gemma=False):
         return torch.empty_like(x)
 
-    for name in ("silu_and_mul_out", "gelu_and_mul_out", "rms_norm_out", "fused_add_rms_norm"):
+    @torch.library.register_fake("chunkinfer::decode_attention")
+    def _(q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+    @torch.library.register_fake("chunkinfer::merge_attn_states")
+    def _(out_a, lse_a, out_b, lse_b):
+        return out_a.new_empty(out_a.shape), out_a.new_empty(out_a.shape[:-1], dtype=torch.float32)
+
+    for name in ("silu_and_mul_out", "gelu_and_mul_out", "rms_norm_out", "fused_add_rms_norm",
+                 "decode_attention_out", "merge_attn_states_out"):
         torch.library.register_fake(f"chunkinfer::{name}")(lambda *args, **kwargs: None)
 
 
@@ -121,6 +146,48 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
                        gemma: bool = False) -> None:
     """In place: residual += x, then x = rms_norm(residual) * weight."""
     torch.ops.chunkinfer.fused_add_rms_norm(x, residual, weight, eps, gemma)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     starts: torch.Tensor | None = None, *, scale: float | None = None, window: int = 0,
+                     out: torch.Tensor | None = None,
+                     lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of T new tokens per sequence over a preallocated KV cache; returns (out, lse).
+
+    q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, capacity, D] (last dim contiguous, any other strides);
+    seq_lens, starts [B] int32 on q's device. The new tokens' K, V are already in the cache: query t
+    sits at position seq_lens[b] - T + t and sees keys [starts[b], pos] (only the last ``window``
+    of them when window > 0), causal among the new tokens; Hq must be a multiple of Hkv. Lengths
+    are read on the device, so a CUDA graph captured once serves every later length up to the
+    capacity. out [B, Hq, T, D] has q's dtype, lse [B, Hq, T] is fp32 (natural log, -inf where a
+    query saw no key, its out then 0). Pass both ``out`` and ``lse`` to write into them. The lengths
+    are not checked against the capacity (that would need a device sync): a seq_len beyond it is
+    read as the capacity, a start outside [0, seq_len] is clamped into it. CUDA: head dim 64, 128
+    or 256, K, V 16-byte aligned; CPU: any head dim.
+    """
+    if out is None and lse is None:
+        return torch.ops.chunkinfer.decode_attention(q, k_cache, v_cache, seq_lens, starts, scale, window)
+    if out is None or lse is None:
+        raise ValueError("decode_attention: pass both out and lse, or neither")
+    torch.ops.chunkinfer.decode_attention_out(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window)
+    return out, lse
+
+
+def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, *,
+                      out: torch.Tensor | None = None,
+                      lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two partial attentions over disjoint keys; returns (out, lse).
+
+    out_a, out_b [..., D] of one dtype (e.g. [B, H, T, D]); lse_a, lse_b [...] fp32 natural-log
+    log-sum-exps. A segment with lse -inf contributes nothing; both -inf give out 0, lse -inf.
+    ``out``/``lse`` may be out_a/lse_a (or out_b/lse_b) to merge in place.
+    """
+    if out is None and lse is None:
+        return torch.ops.chunkinfer.merge_attn_states(out_a, lse_a, out_b, lse_b)
+    if out is None or lse is None:
+        raise ValueError("merge_attn_states: pass both out and lse, or neither")
+    torch.ops.chunkinfer.merge_attn_states_out(out, lse, out_a, lse_a, out_b, lse_b)
+    return out, lse
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

@@ -51,3 +51,71 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     """Functional form: returns (normalised, new residual); the op writes them into x and residual."""
     new_residual = (residual.to(_compute_dtype(x)) + x.to(_compute_dtype(x))).to(x.dtype)
     return rms_norm(new_residual, weight, eps, gemma), new_residual
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     starts: torch.Tensor | None = None, scale: float | None = None,
+                     window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of T new tokens per sequence over a preallocated KV cache.
+
+    q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, cap, D]; seq_lens, starts [B] (int). Query t of
+    sequence b sits at position pos = seq_lens[b] - T + t and sees the keys j with
+    starts[b] <= j <= pos (and pos - window < j when window > 0); query head h reads kv head
+    h // (Hq // Hkv). Returns out [B, Hq, T, D] in q's dtype and the natural-log log-sum-exp
+    lse [B, Hq, T] (fp32, or float64 for float64 inputs); a query that sees no key gets out 0 and
+    lse -inf. Only cache positions [starts, seq_lens) are read, so the rest may hold anything.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, cap = k_cache.shape[1], k_cache.shape[2]
+    g = Hq // Hkv
+    ct = _compute_dtype(q)
+    scale = D ** -0.5 if scale is None else scale
+    out = torch.zeros(q.shape, dtype=ct, device=q.device)
+    lse = torch.full((B, Hq, T), float("-inf"), dtype=ct, device=q.device)
+    lens = seq_lens.tolist()
+    firsts = starts.tolist() if starts is not None else [0] * B
+    for b in range(B):
+        length = min(max(lens[b], 0), cap)
+        start = min(max(firsts[b], 0), length)
+        lo = max(start, length - T - window + 1) if window > 0 else start
+        if lo >= length:
+            continue
+        keys = torch.arange(lo, length, device=q.device)
+        pos = torch.arange(length - T, length, device=q.device)
+        allowed = (keys[None, :] >= start) & (keys[None, :] <= pos[:, None])  # [T, n]
+        if window > 0:
+            allowed &= keys[None, :] > pos[:, None] - window
+        k = k_cache[b, :, lo:length].to(ct).repeat_interleave(g, dim=0)  # [Hq, n, D]
+        v = v_cache[b, :, lo:length].to(ct).repeat_interleave(g, dim=0)
+        s = torch.einsum("htd,hnd->htn", q[b].to(ct), k) * scale
+        s = s.masked_fill(~allowed, float("-inf"))
+        row_lse = torch.logsumexp(s, dim=-1)  # [Hq, T]
+        seen = torch.isfinite(row_lse)
+        p = torch.exp(s - torch.where(seen, row_lse, 0)[..., None])
+        out[b] = torch.where(seen[..., None], p @ v, 0)
+        lse[b] = row_lse
+    return out.to(q.dtype), lse
+
+
+def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                      lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two partial attentions over disjoint key sets: out [..., D], lse [...].
+
+    A segment with lse -inf contributes nothing (its out is never used); both -inf gives out 0 and
+    lse -inf; +inf segments share the result evenly. Returns out in out_a's dtype and lse in fp32
+    (float64 for float64 inputs).
+    """
+    ct = torch.promote_types(_compute_dtype(out_a), lse_a.dtype)
+    la, lb = lse_a.to(ct), lse_b.to(ct)
+    mx = torch.maximum(la, lb)
+    ref = torch.where(torch.isfinite(mx), mx, 0)
+    ea, eb = torch.exp(la - ref), torch.exp(lb - ref)
+    inf = mx == float("inf")
+    ea = torch.where(inf, (la == float("inf")).to(ct), ea)
+    eb = torch.where(inf, (lb == float("inf")).to(ct), eb)
+    total = ea + eb
+    wa = torch.where(total > 0, ea / total, 0)[..., None]
+    wb = torch.where(total > 0, eb / total, 0)[..., None]
+    out = torch.where(wa != 0, wa * out_a.to(ct), 0) + torch.where(wb != 0, wb * out_b.to(ct), 0)
+    lse = torch.where(inf, mx, torch.where(total > 0, ref + torch.log(total), float("-inf")))
+    return out.to(out_a.dtype), lse

@@ -1,0 +1,442 @@
+// CPU kernels of the attention ops, for CPU tensors and for attending over KV that lives in host
+// memory. decode_attention runs at::parallel_for over (batch, kv head, split of the keys); a task
+// converts a block of K (and V) rows to fp32 in a small buffer of its own and updates an online
+// softmax for all g * T query rows of its kv head, so K and V stream from memory once. The hot
+// loops are plain loops over contiguous floats, compiled once per vector ISA (target_clones) and
+// picked at load time, because the extension itself is built for baseline x86-64.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../dispatch.h"
+#include "../ops.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CHUNKINFER_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CHUNKINFER_SIMD_CLONES
+#endif
+
+namespace chunkinfer {
+namespace {
+
+constexpr int64_t kBlockKeys = 64;      // keys converted and scored at a time (fits L1 with V)
+constexpr int64_t kMinSplitKeys = 1024;  // below this a task's fixed costs stop being small
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 0 as plain float arithmetic the compiler vectorises (std::exp does not):
+// 2^n * e^r with |r| <= ln2/2, degree-6 Taylor, relative error under 2e-7; underflows to ~1e-38.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const float t = x * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
+  int32_t ti;
+  std::memcpy(&ti, &t, 4);
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t pi;
+  std::memcpy(&pi, &p, 4);
+  pi += (ti - 0x4B400000) << 23;  // 0x4B400000 is the bit pattern of the shifter
+  std::memcpy(&p, &pi, 4);
+  return p;
+}
+
+// 16 floats as one value: GCC lowers it to one zmm (x86-64-v4 clone), two ymm (v3) or four xmm
+// (baseline), so the same source is explicit SIMD on every target. aligned(4): unaligned loads.
+typedef float v16f __attribute__((vector_size(64), aligned(4)));
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t v16u __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+__attribute__((always_inline)) inline v16f load16(const float* p) { return *reinterpret_cast<const v16f*>(p); }
+__attribute__((always_inline)) inline void store16(float* p, v16f x) { *reinterpret_cast<v16f*>(p) = x; }
+__attribute__((always_inline)) inline v16f splat16(float x) { return v16f{} + x; }
+
+__attribute__((always_inline)) inline float hsum(v16f x) {
+  const v8f a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// exp_nonpositive on 16 lanes, and exactly 0 below -87 (masked keys are -inf)
+__attribute__((always_inline)) inline v16f exp16(v16f x) {
+  const v16f lo = splat16(-87.0f);
+  const v16f xc = x < lo ? lo : x;
+  const v16f shifter = splat16(12582912.0f);
+  const v16f t = xc * 1.44269504088896341f + shifter;
+  const v16f n = t - shifter;
+  const v16f r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  v16f p = splat16(1.0f / 720);
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const v16i bits = reinterpret_cast<const v16i&>(p) + ((reinterpret_cast<const v16i&>(t) - 0x4B400000) << 23);
+  const v16f e = reinterpret_cast<const v16f&>(bits);
+  return x < lo ? v16f{} : e;
+}
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+CHUNKINFER_SIMD_CLONES
+void bf16_to_float(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16h h = *reinterpret_cast<const v16h*>(src + i);
+    const v16u w = __builtin_convertvector(h, v16u) << 16;
+    store16(dst + i, reinterpret_cast<const v16f&>(w));
+  }
+  for (; i < n; ++i) {
+    const uint32_t bits = uint32_t(src[i]) << 16;
+    std::memcpy(dst + i, &bits, 4);
+  }
+}
+
+// One block of n <= kBlockKeys keys for R query rows: row r sees block keys [lo[r], hi[r]).
+// Updates the online softmax state: m (running max), l (running sum), acc (unnormalised output).
+// For head dims that are a multiple of 16: every K and V row is loaded once for all R rows.
+CHUNKINFER_SIMD_CLONES
+void attend_block16(const float* __restrict q,  // [R, D], already times the softmax scale
+                    int64_t R, int64_t D,
+                    const float* __restrict k, int64_t k_stride,  // [n, k_stride]
+                    const float* __restrict v, int64_t v_stride,  // [n, v_stride]
+                    int64_t n, const int64_t* lo, const int64_t* hi,  // [R], block-relative
+                    float* __restrict s,                              // [R, kBlockKeys] scratch
+                    float* __restrict m, float* __restrict l,         // [R]
+                    float* __restrict acc) {                          // [R, D]
+  const int64_t nv = D / 16;
+  int64_t j0 = n, j1 = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    j0 = std::min(j0, std::max<int64_t>(lo[r], 0));
+    j1 = std::max(j1, std::min<int64_t>(hi[r], n));
+  }
+  if (j0 >= j1) return;
+  // scores, four rows at a time against each key row
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* kj = k + j * k_stride;
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) {
+      v16f a0{}, a1{}, a2{}, a3{};
+      for (int64_t i = 0; i < nv; ++i) {
+        const v16f kv = load16(kj + 16 * i);
+        a0 += load16(q + r * D + 16 * i) * kv;
+        a1 += load16(q + (r + 1) * D + 16 * i) * kv;
+        a2 += load16(q + (r + 2) * D + 16 * i) * kv;
+        a3 += load16(q + (r + 3) * D + 16 * i) * kv;
+      }
+      s[r * kBlockKeys + j] = hsum(a0);
+      s[(r + 1) * kBlockKeys + j] = hsum(a1);
+      s[(r + 2) * kBlockKeys + j] = hsum(a2);
+      s[(r + 3) * kBlockKeys + j] = hsum(a3);
+    }
+    for (; r < R; ++r) {
+      v16f a0{};
+      for (int64_t i = 0; i < nv; ++i) a0 += load16(q + r * D + 16 * i) * load16(kj + 16 * i);
+      s[r * kBlockKeys + j] = hsum(a0);
+    }
+  }
+  // softmax update per row; keys outside the row's range get probability 0
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * kBlockKeys;
+    const int64_t a = std::max<int64_t>(lo[r], 0), b = std::min<int64_t>(hi[r], n);
+    for (int64_t j = j0; j < j1; ++j)
+      if (j < a || j >= b) sr[j] = kNegInf;
+    if (a >= b) continue;
+    float mx = m[r];
+    for (int64_t j = a; j < b; ++j) mx = std::max(mx, sr[j]);
+    const float corr = m[r] == kNegInf ? 0.f : std::exp(m[r] - mx);
+    m[r] = mx;
+    v16f sum{};
+    int64_t j = j0;
+    for (; j + 16 <= j1; j += 16) {
+      const v16f p = exp16(load16(sr + j) - mx);
+      store16(sr + j, p);
+      sum += p;
+    }
+    float tail = 0.f;
+    for (; j < j1; ++j) {
+      sr[j] = sr[j] == kNegInf ? 0.f : exp_nonpositive(sr[j] - mx);
+      tail += sr[j];
+    }
+    l[r] = l[r] * corr + hsum(sum) + tail;
+    float* o = acc + r * D;
+    for (int64_t i = 0; i < nv; ++i) store16(o + 16 * i, load16(o + 16 * i) * corr);
+  }
+  // acc += p V, a row at a time: 64 output columns stay in registers while the keys stream by
+  // (the V block is re-read from L1 for each row)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t a = std::max<int64_t>(lo[r], 0), b = std::min<int64_t>(hi[r], n);
+    const float* sr = s + r * kBlockKeys;
+    float* o = acc + r * D;
+    int64_t i = 0;
+    for (; i + 4 <= nv; i += 4) {
+      v16f o0 = load16(o + 16 * i), o1 = load16(o + 16 * i + 16);
+      v16f o2 = load16(o + 16 * i + 32), o3 = load16(o + 16 * i + 48);
+      for (int64_t j = a; j < b; ++j) {
+        const float* vj = v + j * v_stride + 16 * i;
+        const v16f p = splat16(sr[j]);
+        o0 += p * load16(vj);
+        o1 += p * load16(vj + 16);
+        o2 += p * load16(vj + 32);
+        o3 += p * load16(vj + 48);
+      }
+      store16(o + 16 * i, o0);
+      store16(o + 16 * i + 16, o1);
+      store16(o + 16 * i + 32, o2);
+      store16(o + 16 * i + 48, o3);
+    }
+    for (; i < nv; ++i) {
+      v16f o0 = load16(o + 16 * i);
+      for (int64_t j = a; j < b; ++j) o0 += splat16(sr[j]) * load16(v + j * v_stride + 16 * i);
+      store16(o + 16 * i, o0);
+    }
+  }
+}
+
+// The same for any head dim, in plain scalar loops.
+void attend_block_any(const float* __restrict q, int64_t R, int64_t D, const float* __restrict k, int64_t k_stride,
+                      const float* __restrict v, int64_t v_stride, int64_t n, const int64_t* lo, const int64_t* hi,
+                      float* __restrict s, float* __restrict m, float* __restrict l, float* __restrict acc) {
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t a = std::max<int64_t>(lo[r], 0), b = std::min<int64_t>(hi[r], n);
+    if (a >= b) continue;
+    float* sr = s + r * kBlockKeys;
+    float mx = m[r];
+    for (int64_t j = a; j < b; ++j) {
+      sr[j] = dot(q + r * D, k + j * k_stride, D);
+      mx = std::max(mx, sr[j]);
+    }
+    const float corr = m[r] == kNegInf ? 0.f : std::exp(m[r] - mx);
+    m[r] = mx;
+    float sum = 0.f;
+    for (int64_t j = a; j < b; ++j) {
+      sr[j] = exp_nonpositive(sr[j] - mx);
+      sum += sr[j];
+    }
+    l[r] = l[r] * corr + sum;
+    float* o = acc + r * D;
+    for (int64_t d = 0; d < D; ++d) o[d] *= corr;
+    for (int64_t j = a; j < b; ++j)
+      for (int64_t d = 0; d < D; ++d) o[d] += sr[j] * v[j * v_stride + d];
+  }
+}
+
+// n rows of K or V as fp32: fp32 rows are used where they are, others converted into buf [n, D].
+template <typename T>
+const float* rows_as_float(const T* src, int64_t stride, int64_t n, int64_t D, float* buf, int64_t* out_stride) {
+  if constexpr (std::is_same_v<T, float>) {
+    *out_stride = stride;
+    return src;
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      if constexpr (std::is_same_v<T, at::BFloat16>)
+        bf16_to_float(reinterpret_cast<const uint16_t*>(src + j * stride), buf + j * D, D);
+      else
+        for (int64_t d = 0; d < D; ++d) buf[j * D + d] = static_cast<float>(src[j * stride + d]);
+    }
+    *out_stride = D;
+    return buf;
+  }
+}
+
+template <typename T>
+void decode_attention_cpu_impl(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const int32_t* seq_lens, const int32_t* starts,
+                               const DecodeArgs& a) {
+  const int64_t B = a.B, Hkv = a.Hkv, T_ = a.T, D = a.D, g = a.Hq / a.Hkv, R = g * a.T;
+  const float scale = static_cast<float>(a.scale);
+  // keys the queries of sequence b may see: [lo[b], len[b]); the first query's window starts earliest
+  std::vector<int64_t> len(B), start(B), lo(B);
+  int64_t max_keys = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    len[b] = std::clamp<int64_t>(seq_lens[b], 0, a.cap);
+    start[b] = starts ? std::clamp<int64_t>(starts[b], 0, len[b]) : 0;
+    lo[b] = a.window > 0 ? std::max(start[b], len[b] - T_ - a.window + 1) : start[b];
+    max_keys = std::max(max_keys, len[b] - lo[b]);
+  }
+  const int64_t threads = at::get_num_threads();
+  const int64_t want = (4 * threads + B * Hkv - 1) / (B * Hkv);
+  const int64_t splits = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, max_keys / kMinSplitKeys));
+  const int64_t tasks = B * Hkv * splits;
+  // per task: R rows of (m, l) and R x D unnormalised outputs
+  std::vector<float> part_ml(tasks * R * 2), part_acc(tasks * R * D);
+
+  const T* qd = q.data_ptr<T>();
+  const T* kd = k_cache.data_ptr<T>();
+  const T* vd = v_cache.data_ptr<T>();
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(R * D), kbuf(kBlockKeys * D), vbuf(kBlockKeys * D), s(R * kBlockKeys);
+    const auto attend_block = D % 16 == 0 ? attend_block16 : attend_block_any;
+    std::vector<int64_t> row_lo(R), row_hi(R), blk_lo(R), blk_hi(R);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t split = task % splits, h = (task / splits) % Hkv, b = task / (splits * Hkv);
+      float* m = part_ml.data() + task * R * 2;
+      float* l = m + R;
+      float* acc = part_acc.data() + task * R * D;
+      std::fill(m, m + R, kNegInf);
+      std::fill(l, l + R, 0.f);
+      std::fill(acc, acc + R * D, 0.f);
+      const int64_t n = len[b] - lo[b];
+      if (n <= 0) continue;
+      const int64_t per = (n + splits - 1) / splits;
+      const int64_t k0 = lo[b] + std::min(split * per, n), k1 = std::min(len[b], k0 + per);
+      if (k0 >= k1) continue;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t hq = h * g + r / T_, t = r % T_;
+        const int64_t pos = len[b] - T_ + t;
+        row_hi[r] = pos + 1;
+        row_lo[r] = a.window > 0 ? std::max(start[b], pos - a.window + 1) : start[b];
+        const T* qr = qd + b * q.stride(0) + hq * q.stride(1) + t * q.stride(2);
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(qr[d]) * scale;
+      }
+      const T* kb = kd + b * k_cache.stride(0) + h * k_cache.stride(1);
+      const T* vb = vd + b * v_cache.stride(0) + h * v_cache.stride(1);
+      const int64_t ks = k_cache.stride(2), vs = v_cache.stride(2);
+      for (int64_t j0 = k0; j0 < k1; j0 += kBlockKeys) {
+        const int64_t nb = std::min(kBlockKeys, k1 - j0);
+        int64_t kstr = 0, vstr = 0;
+        const float* kf = rows_as_float(kb + j0 * ks, ks, nb, D, kbuf.data(), &kstr);
+        const float* vf = rows_as_float(vb + j0 * vs, vs, nb, D, vbuf.data(), &vstr);
+        for (int64_t r = 0; r < R; ++r) {
+          blk_lo[r] = row_lo[r] - j0;
+          blk_hi[r] = row_hi[r] - j0;
+        }
+        attend_block(qf.data(), R, D, kf, kstr, vf, vstr, nb, blk_lo.data(), blk_hi.data(), s.data(), m, l, acc);
+      }
+    }
+  });
+
+  // merge the splits of each (batch, query row)
+  T* od = out.data_ptr<T>();
+  float* ld = lse.data_ptr<float>();
+  at::parallel_for(0, B * Hkv * R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(D);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t r = idx % R, h = (idx / R) % Hkv, b = idx / (R * Hkv);
+      const int64_t hq = h * g + r / T_, t = r % T_;
+      const int64_t task0 = (b * Hkv + h) * splits;
+      float mx = kNegInf;
+      for (int64_t sp = 0; sp < splits; ++sp) mx = std::max(mx, part_ml[(task0 + sp) * R * 2 + r]);
+      float total = 0.f;
+      std::fill(o.begin(), o.end(), 0.f);
+      if (mx != kNegInf) {
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const float* ml = part_ml.data() + (task0 + sp) * R * 2;
+          if (ml[R + r] == 0.f) continue;
+          const float c = std::exp(ml[r] - mx);
+          total += c * ml[R + r];
+          const float* ac = part_acc.data() + ((task0 + sp) * R + r) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += c * ac[d];
+        }
+      }
+      T* orow = od + b * out.stride(0) + hq * out.stride(1) + t * out.stride(2);
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(o[d] * inv);
+      ld[b * lse.stride(0) + hq * lse.stride(1) + t * lse.stride(2)] = total > 0.f ? mx + std::log(total) : kNegInf;
+    }
+  });
+}
+
+void decode_attention_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache, const at::Tensor& seq_lens,
+                              const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t window) {
+  const DecodeArgs a =
+      check_decode_attention_args("decode_attention", out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window);
+  if (a.B == 0 || a.Hq == 0 || a.T == 0) return;
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* st = starts.has_value() ? starts->data_ptr<int32_t>() : nullptr;
+  CHUNKINFER_DISPATCH_FLOATING(q.scalar_type(), [&] {
+    decode_attention_cpu_impl<scalar_t>(out, lse, q, k_cache, v_cache, lens, st, a);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                                        const at::Tensor& v_cache, const at::Tensor& seq_lens,
+                                                        const std::optional<at::Tensor>& starts,
+                                                        std::optional<double> scale, int64_t window) {
+  auto [out, lse] = decode_attention_outputs(q);
+  decode_attention_out_cpu(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window);
+  return {out, lse};
+}
+
+template <typename T>
+void merge_rows(const MergeRows& r, T* out, float* lse, const T* a, const float* la, const T* b, const float* lb) {
+  at::parallel_for(0, r.rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float xa = la[i * r.lse_a_stride], xb = lb[i * r.lse_b_stride];
+      const float mx = std::max(xa, xb);
+      float wa = 0.f, wb = 0.f, merged = kNegInf;
+      if (mx == std::numeric_limits<float>::infinity()) {  // infinite mass: shared by the infinite ones
+        wa = xa == mx ? 1.f : 0.f;
+        wb = xb == mx ? 1.f : 0.f;
+        const float n = wa + wb;
+        wa /= n;
+        wb /= n;
+        merged = mx;
+      } else if (mx != kNegInf) {
+        const float ea = std::exp(xa - mx), eb = std::exp(xb - mx);
+        wa = ea / (ea + eb);
+        wb = eb / (ea + eb);
+        merged = mx + std::log(ea + eb);
+      }
+      const T* ra = a + i * r.out_a_stride;
+      const T* rb = b + i * r.out_b_stride;
+      T* ro = out + i * r.out_stride;
+      for (int64_t d = 0; d < r.d; ++d) {
+        // a segment of zero weight contributes nothing, even where its output is not finite
+        const float va = wa != 0.f ? wa * static_cast<float>(ra[d]) : 0.f;
+        const float vb = wb != 0.f ? wb * static_cast<float>(rb[d]) : 0.f;
+        ro[d] = static_cast<T>(va + vb);
+      }
+      lse[i * r.lse_stride] = merged;  // after the reads: lse may alias lse_a or lse_b
+    }
+  });
+}
+
+void merge_attn_states_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tensor& out_a, const at::Tensor& lse_a,
+                               const at::Tensor& out_b, const at::Tensor& lse_b) {
+  const MergeRows r = check_merge_attn_states_args("merge_attn_states", out, lse, out_a, lse_a, out_b, lse_b);
+  if (r.rows == 0) return;
+  CHUNKINFER_DISPATCH_FLOATING(out_a.scalar_type(), [&] {
+    merge_rows<scalar_t>(r, out.data_ptr<scalar_t>(), lse.data_ptr<float>(), out_a.data_ptr<scalar_t>(),
+                         lse_a.data_ptr<float>(), out_b.data_ptr<scalar_t>(), lse_b.data_ptr<float>());
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_attn_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                                         const at::Tensor& out_b, const at::Tensor& lse_b) {
+  auto [out, lse] = merge_attn_states_outputs(out_a);
+  merge_attn_states_out_cpu(out, lse, out_a, lse_a, out_b, lse_b);
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace chunkinfer
+
+TORCH_LIBRARY_IMPL(chunkinfer, CPU, m) {
+  m.impl("decode_attention", &chunkinfer::decode_attention_cpu);
+  m.impl("decode_attention_out", &chunkinfer::decode_attention_out_cpu);
+  m.impl("merge_attn_states", &chunkinfer::merge_attn_states_cpu);
+  m.impl("merge_attn_states_out", &chunkinfer::merge_attn_states_out_cpu);
+}

@@ -1,0 +1,579 @@
+// Decode attention (flash-decoding) and the log-sum-exp merge of partial attentions, as plain
+// CUDA: no torch includes, so bench/cuda/bench_attention.cu builds against this header alone.
+// csrc/cuda/attention.cu wraps these launchers as torch ops.
+//
+// Layouts (strides in elements, last dimension contiguous):
+//   q        [B, Hq, T, D]      T new tokens; query t sits at position seq_len - T + t
+//   k, v     [B, Hkv, cap, D]   positions [start, seq_len) are valid; query head h reads kv head h / g
+//   out      [B, Hq, T, D]      q's dtype
+//   lse      [B, Hq, T]         fp32, natural log; -inf where a query saw no key (out is then 0)
+// Every block handles one (batch, kv head, split of the key range, chunk of its g*T query rows):
+// it loads each K, V row once for all the rows of its group. The key range is cut into `splits`
+// equal pieces at run time from seq_lens on the device, so one launch shape (fixed from the
+// capacity) serves every length and a captured CUDA graph stays valid while the cache grows.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace chunkinfer {
+namespace attention {
+
+struct DecodeParams {
+  const void* q;         // [B, Hq, T, D]
+  const void* k;         // [B, Hkv, cap, D]
+  const void* v;         // [B, Hkv, cap, D]
+  const int* seq_lens;   // [B] device int32: keys [start, seq_len) are valid
+  const int* starts;     // [B] device int32, or nullptr for 0
+  void* out;             // [B, Hq, T, D]
+  float* lse;            // [B, Hq, T]
+  float* part_out;       // [B, Hq, T, splits, D] workspace: each split's normalised output
+  float* part_lse;       // [B, Hq, T, splits] workspace: each split's lse (log2 units)
+  int64_t q_sb, q_sh, q_st;
+  int64_t k_sb, k_sh, k_sp;
+  int64_t v_sb, v_sh, v_sp;
+  int64_t o_sb, o_sh, o_st;
+  int64_t l_sb, l_sh, l_st;
+  int B, Hq, Hkv, T, D, cap;
+  int window;            // > 0: query at p sees keys (p - window, p]; <= 0: no window
+  int splits;
+  float scale_log2;      // softmax scale * log2(e): scores live in base 2 inside the kernels
+};
+
+struct MergeParams {
+  const void* out_a;     // [rows, D] (row strides below)
+  const float* lse_a;    // [rows]
+  const void* out_b;     // [rows, D]
+  const float* lse_b;    // [rows]
+  void* out;             // [rows, D]; may alias out_a or out_b
+  float* lse;            // [rows]; may alias lse_a or lse_b
+  int64_t sa, sb, so;    // row strides of out_a, out_b, out
+  int64_t la, lb, lo;    // element strides of lse_a, lse_b, lse
+  int64_t rows;
+  int D;
+};
+
+constexpr int kDecodeThreads = 256;
+constexpr int kVec = 8;  // head-dim elements a thread owns: one 16-byte load for 16-bit types
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---------------------------------------------------------------------------------------------
+// loads of 8 consecutive elements, converted to fp32
+
+template <typename T>
+struct Pack8 {
+  uint4 raw[sizeof(T) == 4 ? 2 : 1];
+};
+
+// 16-byte asynchronous copies global -> shared (bypassing L1): loads in flight cost no registers
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+template <typename T>
+__device__ __forceinline__ void cp_async_pack(Pack8<T>* smem, const T* src) {
+#pragma unroll
+  for (int i = 0; i < int(sizeof(Pack8<T>) / sizeof(uint4)); ++i)
+    cp_async16(reinterpret_cast<uint4*>(smem) + i, reinterpret_cast<const uint4*>(src) + i);
+}
+
+template <typename T>
+__device__ __forceinline__ void zero_pack(Pack8<T>& p) {
+#pragma unroll
+  for (int i = 0; i < int(sizeof(p.raw) / sizeof(uint4)); ++i) p.raw[i] = make_uint4(0, 0, 0, 0);
+}
+
+__device__ __forceinline__ void unpack(const Pack8<float>& p, float f[kVec]) {
+  const float* s = reinterpret_cast<const float*>(p.raw);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) f[i] = s[i];
+}
+
+__device__ __forceinline__ void unpack(const Pack8<__nv_bfloat16>& p, float f[kVec]) {
+  const __nv_bfloat162* s = reinterpret_cast<const __nv_bfloat162*>(p.raw);
+#pragma unroll
+  for (int i = 0; i < kVec / 2; ++i) {
+    float2 x = __bfloat1622float2(s[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+__device__ __forceinline__ void unpack(const Pack8<__half>& p, float f[kVec]) {
+  const __half2* s = reinterpret_cast<const __half2*>(p.raw);
+#pragma unroll
+  for (int i = 0; i < kVec / 2; ++i) {
+    float2 x = __half22float2(s[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x) { return static_cast<T>(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
+template <>
+__device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
+
+// exp2 of a difference whose reference may be -inf (nothing seen yet): 0 instead of NaN.
+__device__ __forceinline__ float safe_ref(float m) { return m == -INFINITY ? 0.f : m; }
+
+// ---------------------------------------------------------------------------------------------
+// pass 1: one block per (row chunk, split) x kv head x batch; partial (out, lse) per split
+
+template <typename T, int D, int ROWS>
+struct DecodeConfig {
+  static constexpr int kThreadsPerRow = D / kVec;                 // threads sharing one key
+  static constexpr int kGroups = kDecodeThreads / kThreadsPerRow; // keys in flight per load step
+  static constexpr int kUnroll = sizeof(T) == 4 ? 2 : 4;          // keys per group per step
+  static constexpr int kKeysPerStep = kGroups * kUnroll;
+  static constexpr int kWarps = kDecodeThreads / 32;
+  // rows of the cross-warp reduction buffer per pass, within 32 KiB of shared memory
+  static constexpr int kPassRows0 = (32 * 1024) / (kWarps * D * 4);
+  static constexpr int kPassRows = kPassRows0 < ROWS ? kPassRows0 : ROWS;
+  static constexpr int kMinBlocks = ROWS <= 4 ? 2 : 1;
+  // K, V pipeline: kStages steps of this thread's own 16-byte pieces in shared memory; a thread
+  // reads back only what it copied, so the pipeline needs no barrier
+  static constexpr int kStages = 3;
+  static constexpr int kPipeBytes = 2 * kStages * kUnroll * kDecodeThreads * int(sizeof(Pack8<T>));
+  static constexpr int kReduceBytes = (2 * kWarps * ROWS + kWarps * kPassRows * D) * 4;
+  static constexpr int kSmemBytes = kPipeBytes > kReduceBytes ? kPipeBytes : kReduceBytes;
+  static_assert(D % (kVec * 1) == 0 && kThreadsPerRow <= 32, "head dim must be 64, 128 or 256");
+};
+
+template <typename T, int D, int ROWS>
+__global__ void __launch_bounds__(kDecodeThreads, (DecodeConfig<T, D, ROWS>::kMinBlocks))
+decode_attention_kernel(const DecodeParams p) {
+  using C = DecodeConfig<T, D, ROWS>;
+  constexpr int TPR = C::kThreadsPerRow, GROUPS = C::kGroups, U = C::kUnroll;
+
+  const int g = p.Hq / p.Hkv;
+  const int rows_total = g * p.T;
+  const int n_chunks = (rows_total + ROWS - 1) / ROWS;
+  const int chunk = blockIdx.x % n_chunks;  // chunks of one split are neighbours: K,V reuse in L2
+  const int split = blockIdx.x / n_chunks;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int sub = tid % TPR, group = tid / TPR;
+
+  const int len = min(max(p.seq_lens[b], 0), p.cap);
+  const int start = p.starts ? min(max(p.starts[b], 0), len) : 0;
+  // keys any of the T queries may see: [lo, len); the first query's window starts earliest
+  const int lo = p.window > 0 ? max(start, len - p.T - p.window + 1) : start;
+  const int n = len - lo;
+  const int per_split =
+      n > 0 ? ((n + p.splits - 1) / p.splits + C::kKeysPerStep - 1) / C::kKeysPerStep * C::kKeysPerStep
+            : 0;
+  const int k0 = lo + min(split * per_split, max(n, 0));
+  const int k1 = min(len, k0 + per_split);
+
+  // this block's query rows: row = head_in_group * T + t
+  int row_lo[ROWS], row_hi[ROWS];
+  float q[ROWS][kVec];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int row = chunk * ROWS + r;
+    row_lo[r] = 0;
+    row_hi[r] = 0;  // an empty key range for padding rows
+    if (row < rows_total) {
+      const int hq = h * g + row / p.T, t = row % p.T;
+      const int pos = len - p.T + t;
+      row_hi[r] = pos + 1;
+      row_lo[r] = p.window > 0 ? max(start, pos - p.window + 1) : start;
+      const T* qp = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh + t * p.q_st + sub * kVec;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) q[r][i] = to_float(qp[i]) * p.scale_log2;
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) q[r][i] = 0.f;
+    }
+  }
+
+  float m[ROWS], l[ROWS], acc[ROWS][kVec];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) acc[r][i] = 0.f;
+  }
+
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + sub * kVec;
+  const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + sub * kVec;
+
+  extern __shared__ uint4 smem_raw[];
+  Pack8<T>* const kpipe = reinterpret_cast<Pack8<T>*>(smem_raw);  // [stages][U][threads]
+  Pack8<T>* const vpipe = kpipe + C::kStages * U * kDecodeThreads;
+  const int steps = k1 > k0 ? (k1 - k0 + C::kKeysPerStep - 1) / C::kKeysPerStep : 0;
+  auto issue = [&](int step) {  // one commit group per step, empty past the end
+    if (step < steps) {
+      const int slot = (step % C::kStages) * U;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int key = k0 + step * C::kKeysPerStep + u * GROUPS + group;
+        if (key < k1) {
+          cp_async_pack(kpipe + (slot + u) * kDecodeThreads + tid, kb + key * p.k_sp);
+          cp_async_pack(vpipe + (slot + u) * kDecodeThreads + tid, vb + key * p.v_sp);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int st = 0; st < C::kStages - 1; ++st) issue(st);
+
+  for (int step = 0; step < steps; ++step) {
+    issue(step + C::kStages - 1);
+    cp_async_wait<C::kStages - 1>();  // this step's group has landed
+    const int base = k0 + step * C::kKeysPerStep, slot = (step % C::kStages) * U;
+    int key[U];
+    Pack8<T> kr[U], vr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      key[u] = base + u * GROUPS + group;
+      if (key[u] < k1) {
+        kr[u] = kpipe[(slot + u) * kDecodeThreads + tid];
+        vr[u] = vpipe[(slot + u) * kDecodeThreads + tid];
+      } else {
+        zero_pack(kr[u]);
+        zero_pack(vr[u]);
+      }
+    }
+    float s[ROWS][U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[kVec];
+      unpack(kr[u], kf);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        float d = 0.f;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) d = fmaf(q[r][i], kf[i], d);
+        s[r][u] = d;
+      }
+    }
+#pragma unroll
+    for (int off = TPR / 2; off > 0; off >>= 1) {
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int u = 0; u < U; ++u) s[r][u] += __shfl_xor_sync(0xffffffffu, s[r][u], off);
+    }
+    // online softmax: one rescale per step, not per key
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const bool ok = key[u] >= row_lo[r] && key[u] < row_hi[r] && key[u] < k1;
+        s[r][u] = ok ? s[r][u] : -INFINITY;
+        mx = fmaxf(mx, s[r][u]);
+      }
+      const float m_new = fmaxf(m[r], mx);
+      const float ref = safe_ref(m_new);
+      const float corr = exp2f(m[r] - ref);
+      m[r] = m_new;
+      float lsum = l[r] * corr;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        s[r][u] = exp2f(s[r][u] - ref);
+        lsum += s[r][u];
+      }
+      l[r] = lsum;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[r][i] *= corr;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vf[kVec];
+      unpack(vr[u], vf);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[r][i] = fmaf(s[r][u], vf[i], acc[r][i]);
+    }
+  }
+
+  // merge the groups of a warp (butterfly: every lane ends with the warp's total)
+#pragma unroll
+  for (int off = TPR; off < 32; off <<= 1) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const float m_o = __shfl_xor_sync(0xffffffffu, m[r], off);
+      const float l_o = __shfl_xor_sync(0xffffffffu, l[r], off);
+      const float m_new = fmaxf(m[r], m_o);
+      const float ref = safe_ref(m_new);
+      const float c_s = exp2f(m[r] - ref), c_o = exp2f(m_o - ref);
+      m[r] = m_new;
+      l[r] = l[r] * c_s + l_o * c_o;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const float a_o = __shfl_xor_sync(0xffffffffu, acc[r][i], off);
+        acc[r][i] = acc[r][i] * c_s + a_o * c_o;
+      }
+    }
+  }
+
+  // merge the warps through shared memory (the pipeline's, now drained), kPassRows rows at a time
+  cp_async_wait<0>();
+  __syncthreads();
+  float(*sm_m)[ROWS] = reinterpret_cast<float(*)[ROWS]>(smem_raw);
+  float(*sm_l)[ROWS] = sm_m + C::kWarps;
+  float(*sm_acc)[C::kPassRows][D] = reinterpret_cast<float(*)[C::kPassRows][D]>(sm_l + C::kWarps);
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      sm_m[warp][r] = m[r];
+      sm_l[warp][r] = l[r];
+    }
+  }
+  const int64_t S = p.splits;
+#pragma unroll
+  for (int r0 = 0; r0 < ROWS; r0 += C::kPassRows) {
+    if (lane < TPR) {
+#pragma unroll
+      for (int r = 0; r < C::kPassRows; ++r)
+        if (r0 + r < ROWS)
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) sm_acc[warp][r][lane * kVec + i] = acc[r0 + r][i];
+    }
+    __syncthreads();
+    for (int idx = tid; idx < C::kPassRows * D; idx += kDecodeThreads) {
+      const int r = r0 + idx / D, d = idx % D;
+      const int row = chunk * ROWS + r;
+      if (r >= ROWS || row >= rows_total) continue;
+      float mt = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < C::kWarps; ++w) mt = fmaxf(mt, sm_m[w][r]);
+      const float ref = safe_ref(mt);
+      float lt = 0.f, o = 0.f;
+#pragma unroll
+      for (int w = 0; w < C::kWarps; ++w) {
+        const float c = exp2f(sm_m[w][r] - ref);
+        lt += c * sm_l[w][r];
+        o += c * sm_acc[w][r - r0][d];
+      }
+      const int hq = h * g + row / p.T, t = row % p.T;
+      const int64_t prow = ((int64_t(b) * p.Hq + hq) * p.T + t) * S + split;
+      p.part_out[prow * D + d] = lt > 0.f ? o / lt : 0.f;
+      if (d == 0) p.part_lse[prow] = lt > 0.f ? mt + __log2f(lt) : -INFINITY;
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// pass 2: one block of D threads per (b, hq, t) row merges its splits
+
+template <typename T, int D>
+__global__ void __launch_bounds__(D) decode_attention_combine_kernel(const DecodeParams p) {
+  extern __shared__ float w[];  // [splits] weights, then a small reduction buffer
+  float* red = w + p.splits;
+  const int64_t row = blockIdx.x;
+  const int t = row % p.T, hq = (row / p.T) % p.Hq, b = row / (int64_t(p.T) * p.Hq);
+  const int S = p.splits, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float* pl = p.part_lse + row * S;
+  const float* po = p.part_out + row * S * D;
+
+  float mx = -INFINITY;
+  for (int s = tid; s < S; s += D) mx = fmaxf(mx, pl[s]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  if (lane == 0) red[warp] = mx;
+  __syncthreads();
+  mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) mx = fmaxf(mx, red[i]);
+  const float ref = safe_ref(mx);
+  for (int s = tid; s < S; s += D) w[s] = exp2f(pl[s] - ref);  // 0 for empty splits
+  __syncthreads();
+
+  float sum = 0.f, o = 0.f;
+#pragma unroll 4
+  for (int s = 0; s < S; ++s) {
+    const float ws = w[s];
+    // an empty split's output was never written: never read it
+    const float x = ws != 0.f ? po[int64_t(s) * D + tid] : 0.f;
+    sum += ws;
+    o = fmaf(ws, x, o);
+  }
+  T* out = static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + t * p.o_st;
+  out[tid] = from_float<T>(sum > 0.f ? o / sum : 0.f);
+  if (tid == 0)
+    p.lse[b * p.l_sb + hq * p.l_sh + t * p.l_st] = sum > 0.f ? (mx + __log2f(sum)) * kLn2 : -INFINITY;
+}
+
+// ---------------------------------------------------------------------------------------------
+// host side
+
+// query rows a decode block holds in registers: g * T rounded up to 1, 2, 4 or 8
+inline int decode_block_rows(int rows_total) {
+  return rows_total <= 1 ? 1 : rows_total <= 2 ? 2 : rows_total <= 4 ? 4 : 8;
+}
+
+// Calls f(integral_constant<D>, integral_constant<ROWS>); false if D is not 64, 128 or 256.
+template <typename F>
+bool dispatch_decode_shape(int D, int rows_total, F&& f) {
+  const int rows = decode_block_rows(rows_total);
+  auto with_rows = [&](auto d) {
+    switch (rows) {
+      case 1: f(d, std::integral_constant<int, 1>{}); break;
+      case 2: f(d, std::integral_constant<int, 2>{}); break;
+      case 4: f(d, std::integral_constant<int, 4>{}); break;
+      default: f(d, std::integral_constant<int, 8>{}); break;
+    }
+  };
+  switch (D) {
+    case 64: with_rows(std::integral_constant<int, 64>{}); return true;
+    case 128: with_rows(std::integral_constant<int, 128>{}); return true;
+    case 256: with_rows(std::integral_constant<int, 256>{}); return true;
+    default: return false;
+  }
+}
+
+// Splits per (batch, kv head, row chunk): enough blocks for one full wave of the GPU, never
+// more than the capacity can fill with one load step each. Depends on shapes and capacity only,
+// never on seq_lens, so a captured graph's workspace stays the right size.
+template <typename T>
+int decode_attention_num_splits(int B, int Hq, int Hkv, int T_, int D, int cap, int num_sms) {
+  int splits = 1;
+  dispatch_decode_shape(D, (Hq / Hkv) * T_, [&](auto d, auto rows) {
+    constexpr int kD = decltype(d)::value, kRows = decltype(rows)::value;
+    using C = DecodeConfig<T, kD, kRows>;
+    static int blocks_per_sm = [] {
+      int n = 0;
+      const auto kernel = decode_attention_kernel<T, kD, kRows>;
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes) !=
+              cudaSuccess ||
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kDecodeThreads, C::kSmemBytes) != cudaSuccess ||
+          n < 1) {
+        cudaGetLastError();
+        n = 1;
+      }
+      return n;
+    }();
+    const int64_t chunks = ((Hq / Hkv) * T_ + kRows - 1) / kRows;
+    const int64_t base = int64_t(B) * Hkv * chunks;
+    const int64_t wave = int64_t(blocks_per_sm) * num_sms;
+    int64_t s = wave / base;
+    const int64_t fill = (int64_t(cap) + C::kKeysPerStep - 1) / C::kKeysPerStep;
+    s = s < fill ? s : fill;
+    splits = int(s < 1 ? 1 : s);
+  });
+  return splits;
+}
+
+// Both passes on `stream`; false if the head dim is not 64, 128 or 256. p.splits and the
+// workspace must come from decode_attention_num_splits. The caller checks for launch errors.
+template <typename T>
+bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
+  const int rows_total = (p.Hq / p.Hkv) * p.T;
+  return dispatch_decode_shape(p.D, rows_total, [&](auto d, auto rows) {
+    constexpr int kD = decltype(d)::value, kRows = decltype(rows)::value;
+    const int chunks = (rows_total + kRows - 1) / kRows;
+    const dim3 grid(unsigned(chunks * p.splits), unsigned(p.Hkv), unsigned(p.B));
+    constexpr int smem = DecodeConfig<T, kD, kRows>::kSmemBytes;
+    // per launch, not once: the attribute belongs to the current device
+    cudaFuncSetAttribute(decode_attention_kernel<T, kD, kRows>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    decode_attention_kernel<T, kD, kRows><<<grid, kDecodeThreads, smem, stream>>>(p);
+    const size_t combine_smem = (size_t(p.splits) + 32) * sizeof(float);
+    const unsigned combine_rows = unsigned(int64_t(p.B) * p.Hq * p.T);
+    decode_attention_combine_kernel<T, kD><<<combine_rows, kD, combine_smem, stream>>>(p);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// merge of two partial attentions: one warp per row
+
+constexpr int kMergeWarps = 8;
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kMergeWarps * 32) merge_attn_states_kernel(const MergeParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kMergeWarps + (threadIdx.x >> 5);
+  if (row >= p.rows) return;
+  const float la = p.lse_a[row * p.la], lb = p.lse_b[row * p.lb];
+  const float mx = fmaxf(la, lb);
+  float wa, wb, lse;
+  if (mx == -INFINITY) {  // neither segment saw a key
+    wa = wb = 0.f;
+    lse = -INFINITY;
+  } else if (mx == INFINITY) {  // infinite mass: the infinite segments share it
+    wa = la == INFINITY ? 1.f : 0.f;
+    wb = lb == INFINITY ? 1.f : 0.f;
+    const float n = wa + wb;
+    wa /= n;
+    wb /= n;
+    lse = INFINITY;
+  } else {
+    const float ea = __expf(la - mx), eb = __expf(lb - mx);
+    const float sum = ea + eb;
+    wa = ea / sum;
+    wb = eb / sum;
+    lse = mx + __logf(sum);
+  }
+  const T* a = static_cast<const T*>(p.out_a) + row * p.sa;
+  const T* bb = static_cast<const T*>(p.out_b) + row * p.sb;
+  T* o = static_cast<T*>(p.out) + row * p.so;
+  for (int d = lane * VEC; d < p.D; d += 32 * VEC) {
+    T xa[VEC], xb[VEC], xo[VEC];
+    if constexpr (VEC * sizeof(T) == 16) {
+      *reinterpret_cast<uint4*>(xa) = *reinterpret_cast<const uint4*>(a + d);
+      *reinterpret_cast<uint4*>(xb) = *reinterpret_cast<const uint4*>(bb + d);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        xa[i] = a[d + i];
+        xb[i] = bb[d + i];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      // a segment with zero weight contributes nothing, even where its output is not finite
+      const float va = wa != 0.f ? wa * to_float(xa[i]) : 0.f;
+      const float vb = wb != 0.f ? wb * to_float(xb[i]) : 0.f;
+      xo[i] = from_float<T>(va + vb);
+    }
+    if constexpr (VEC * sizeof(T) == 16) {
+      *reinterpret_cast<uint4*>(o + d) = *reinterpret_cast<const uint4*>(xo);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) o[d + i] = xo[i];
+    }
+  }
+  __syncwarp();  // every lane has read lse_a, lse_b before they may be overwritten
+  if (lane == 0) p.lse[row * p.lo] = lse;
+}
+
+// `vectorised`: D and the three row strides are multiples of 16 bytes and the pointers aligned.
+// The caller checks for launch errors.
+template <typename T>
+void launch_merge_attn_states(const MergeParams& p, bool vectorised, cudaStream_t stream) {
+  if (p.rows == 0) return;
+  const unsigned blocks = unsigned((p.rows + kMergeWarps - 1) / kMergeWarps);
+  constexpr int kVec16 = int(16 / sizeof(T));
+  if (vectorised)
+    merge_attn_states_kernel<T, kVec16><<<blocks, kMergeWarps * 32, 0, stream>>>(p);
+  else
+    merge_attn_states_kernel<T, 1><<<blocks, kMergeWarps * 32, 0, stream>>>(p);
+}
+
+}  // namespace attention
+}  // namespace chunkinfer

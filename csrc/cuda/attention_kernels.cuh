@@ -380,12 +380,19 @@ decode_attention_kernel(const DecodeParams p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// pass 2: one block of D threads per (b, hq, t) row merges its splits
+// pass 2: one block per (b, hq, t) row merges its splits. Pass 1 writes every split's partials
+// (zeros and -inf where a split saw no key), so all loads here are unconditional: the warps take
+// splits in turn and each thread loads float4s of its split's row, many in flight at once.
+
+constexpr int kCombineThreads = 256;
 
 template <typename T, int D>
-__global__ void __launch_bounds__(D) decode_attention_combine_kernel(const DecodeParams p) {
-  extern __shared__ float w[];  // [splits] weights, then a small reduction buffer
-  float* red = w + p.splits;
+__global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kernel(const DecodeParams p) {
+  constexpr int kLanes = D / 4;                          // threads per split row (float4 each)
+  constexpr int kGroups = kCombineThreads / kLanes;      // splits in flight per step
+  extern __shared__ float smem_f[];
+  float* w = smem_f;                                     // [splits] weights
+  float* red = w + p.splits;                             // [kGroups][D], then [32] for the max
   const int64_t row = blockIdx.x;
   const int t = row % p.T, hq = (row / p.T) % p.Hq, b = row / (int64_t(p.T) * p.Hq);
   const int S = p.splits, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -393,31 +400,42 @@ __global__ void __launch_bounds__(D) decode_attention_combine_kernel(const Decod
   const float* po = p.part_out + row * S * D;
 
   float mx = -INFINITY;
-  for (int s = tid; s < S; s += D) mx = fmaxf(mx, pl[s]);
+  for (int s = tid; s < S; s += kCombineThreads) mx = fmaxf(mx, pl[s]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-  if (lane == 0) red[warp] = mx;
+  float* red_max = red + kGroups * D;
+  if (lane == 0) red_max[warp] = mx;
   __syncthreads();
   mx = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < D / 32; ++i) mx = fmaxf(mx, red[i]);
+  for (int i = 0; i < kCombineThreads / 32; ++i) mx = fmaxf(mx, red_max[i]);
   const float ref = safe_ref(mx);
-  for (int s = tid; s < S; s += D) w[s] = exp2f(pl[s] - ref);  // 0 for empty splits
+  for (int s = tid; s < S; s += kCombineThreads) w[s] = exp2f(pl[s] - ref);  // 0 for empty splits
   __syncthreads();
 
-  float sum = 0.f, o = 0.f;
+  const int group = tid / kLanes, j = tid % kLanes;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 4
-  for (int s = 0; s < S; ++s) {
+  for (int s = group; s < S; s += kGroups) {
     const float ws = w[s];
-    // an empty split's output was never written: never read it
-    const float x = ws != 0.f ? po[int64_t(s) * D + tid] : 0.f;
-    sum += ws;
-    o = fmaf(ws, x, o);
+    const float4 x = *reinterpret_cast<const float4*>(po + int64_t(s) * D + 4 * j);
+    acc.x = fmaf(ws, x.x, acc.x);
+    acc.y = fmaf(ws, x.y, acc.y);
+    acc.z = fmaf(ws, x.z, acc.z);
+    acc.w = fmaf(ws, x.w, acc.w);
   }
-  T* out = static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + t * p.o_st;
-  out[tid] = from_float<T>(sum > 0.f ? o / sum : 0.f);
-  if (tid == 0)
-    p.lse[b * p.l_sb + hq * p.l_sh + t * p.l_st] = sum > 0.f ? (mx + __log2f(sum)) * kLn2 : -INFINITY;
+  *reinterpret_cast<float4*>(red + group * D + 4 * j) = acc;
+  __syncthreads();
+  if (tid < D) {
+    float o = 0.f, sum = 0.f;
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) o += red[g * D + tid];
+    for (int s = 0; s < S; ++s) sum += w[s];
+    T* out = static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + t * p.o_st;
+    out[tid] = from_float<T>(sum > 0.f ? o / sum : 0.f);
+    if (tid == 0)
+      p.lse[b * p.l_sb + hq * p.l_sh + t * p.l_st] = sum > 0.f ? (mx + __log2f(sum)) * kLn2 : -INFINITY;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -493,9 +511,9 @@ bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
     // per launch, not once: the attribute belongs to the current device
     cudaFuncSetAttribute(decode_attention_kernel<T, kD, kRows>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     decode_attention_kernel<T, kD, kRows><<<grid, kDecodeThreads, smem, stream>>>(p);
-    const size_t combine_smem = (size_t(p.splits) + 32) * sizeof(float);
+    const size_t combine_smem = (size_t(p.splits) + (kCombineThreads / (kD / 4)) * kD + 32) * sizeof(float);
     const unsigned combine_rows = unsigned(int64_t(p.B) * p.Hq * p.T);
-    decode_attention_combine_kernel<T, kD><<<combine_rows, kD, combine_smem, stream>>>(p);
+    decode_attention_combine_kernel<T, kD><<<combine_rows, kCombineThreads, combine_smem, stream>>>(p);
   });
 }
 

@@ -1,0 +1,121 @@
+"""Decode with positions and lengths on the device (the step a CUDA graph captures) against stock."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as T
+
+import chunkinfer
+from chunkinfer.decode_graph import _step_logits
+from chunkinfer.layer_loop import DeviceStep
+from conftest import left_padded_batch
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def model_hd64(arch: str, dtype, device, layers: int = 3):
+    """Head dim 64, one the CUDA decode kernel takes (the small test models use 16)."""
+    torch.manual_seed(0)
+    common = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, vocab_size=256, max_position_embeddings=8192,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        cfg, cls = T.LlamaConfig(**common), T.LlamaForCausalLM
+    else:
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        cfg = T.Gemma3TextConfig(**common, sliding_window=40, query_pre_attn_scalar=64,
+                                 final_logit_softcapping=30.0, layer_types=types)
+        cls = T.Gemma3ForCausalLM
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = cls(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def device_step(cache, past: int, starts, b: int, device) -> DeviceStep:
+    return DeviceStep(write_index=torch.tensor([past], device=device),
+                      seq_lens=torch.full((b,), past + 1, dtype=torch.int32, device=device),
+                      starts=None if starts is None else torch.tensor(starts, dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@torch.no_grad()
+def test_device_step_matches_stock_decode_on_cpu(arch):
+    """The captured step's launches, run eagerly on the CPU kernels: same logits as stock's decode."""
+    stock = model_hd64(arch, torch.float32, "cpu")
+    ours = chunkinfer.convert(copy.deepcopy(stock), chunk_size=32)
+    ids, mask = left_padded_batch(2, 70, [0, 9])
+    ref = stock(ids, attention_mask=mask, use_cache=True)
+    out = ours(ids, attention_mask=mask, use_cache=True)
+    ref_cache, cache = ref.past_key_values, out.past_key_values
+    nxt = ref.logits[:, -1:].argmax(-1)
+    past = ids.shape[1]
+    for _ in range(3):  # past the sliding window's edge too
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        pos = (mask.long().cumsum(-1) - 1)[:, -1:]  # what generate() passes
+        want = stock(nxt, attention_mask=mask, position_ids=pos, past_key_values=ref_cache).logits
+        mb = ours._chunkinfer.binding
+        for layer in cache.layers:
+            layer.reserve(2, layer.k_buf.shape[1], layer.k_buf.shape[3], torch.float32, "cpu", past + 1)
+        got = _step_logits(mb, cache, nxt, pos, device_step(cache, past, cache.key_starts, 2, "cpu"))
+        for layer in cache.layers:
+            layer.length = past + 1
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
+        nxt, past = want[:, -1:].argmax(-1), past + 1
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@torch.no_grad()
+def test_graph_decode_matches_eager_decode(arch):
+    """Replayed graphs (lengths growing every step, a recapture when the cache grows) give the eager
+    chunked loop's logits within bf16 rounding, for a left-padded batch."""
+    base = model_hd64(arch, torch.bfloat16, "cuda")
+    graphed = chunkinfer.convert(copy.deepcopy(base), chunk_size=64)
+    eager = chunkinfer.convert(copy.deepcopy(base), chunk_size=64, cuda_graphs=False)
+    ids, mask = left_padded_batch(2, 150, [0, 17])
+    ids, mask = ids.cuda(), mask.cuda()
+    out_g = graphed(ids, attention_mask=mask, use_cache=True)
+    out_e = eager(ids, attention_mask=mask, use_cache=True)
+    cache_g, cache_e = out_g.past_key_values, out_e.past_key_values
+    nxt = out_e.logits[:, -1:].argmax(-1)
+    captures = []
+    for step in range(60):
+        if step == 1:  # no spare capacity: the next step must grow the cache, so recapture
+            for layer in cache_g.layers:
+                layer.k_buf = layer.k_buf[:, :, : layer.length].clone()
+                layer.v_buf = layer.v_buf[:, :, : layer.length].clone()
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        pos = (mask.long().cumsum(-1) - 1)[:, -1:]
+        lg = graphed(nxt, attention_mask=mask, position_ids=pos, past_key_values=cache_g).logits
+        le = eager(nxt, attention_mask=mask, position_ids=pos, past_key_values=cache_e).logits
+        captures.append(graphed._chunkinfer.graphs._by_batch[2].graph)
+        err = ((lg.float() - le.float()).abs().max() / le.float().abs().max()).item()
+        assert err < 2e-2, f"step {step}: {err}"
+        nxt = le[:, -1:].argmax(-1)
+    assert cache_g.get_seq_length() == cache_e.get_seq_length() == 150 + 60
+    distinct = [g for i, g in enumerate(captures) if i == 0 or g is not captures[i - 1]]
+    assert len(distinct) == 2, "expected one capture, and one recapture when the cache grew at step 1"
+    assert captures[1] is not captures[0] and all(g is captures[1] for g in captures[1:])
+
+
+@CUDA
+@pytest.mark.cuda
+@torch.no_grad()
+def test_graph_generate_matches_eager_generate():
+    base = model_hd64("llama", torch.bfloat16, "cuda")
+    graphed = chunkinfer.convert(copy.deepcopy(base))
+    eager = chunkinfer.convert(copy.deepcopy(base), cuda_graphs=False)
+    ids = torch.randint(3, 256, (1, 300), device="cuda")
+    kw = dict(max_new_tokens=40, do_sample=False, attention_mask=torch.ones_like(ids))
+    g, e = graphed.generate(ids, **kw), eager.generate(ids, **kw)
+    # bf16 with different attention kernels: allow a late divergence on a near-tie, not an early one
+    same = (g == e).all(0).long().cumprod(0).sum().item()
+    assert same >= ids.shape[1] + 20, f"diverged after {same - ids.shape[1]} new tokens"

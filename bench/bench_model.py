@@ -86,17 +86,29 @@ def decode_ms(model, out, steps: int) -> float:
     return statistics.median(times)
 
 
-def generate_row(model, ids, label, new_tokens: int, prefill_seconds: float) -> dict:
-    """generate()'s decode rate: its time less the prefill measured just before, over the new tokens."""
+def generate_row(model, ids, label, new_tokens: int) -> dict:
+    """generate()'s decode rate: (time for new_tokens - time for 1) / (new_tokens - 1), so the prefill
+    and generate()'s set-up cancel out."""
+    def run(n):
+        return timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                            min_new_tokens=n, do_sample=False))[1]
+
     reset_memory()
     try:
-        _, sec = timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                              min_new_tokens=new_tokens, do_sample=False))
+        decode_s = run(new_tokens) - run(1)
     except torch.OutOfMemoryError as exc:
         reset_memory()
         return row(label, ids.shape[1], error=f"OOM: {str(exc).splitlines()[0]}")
-    decode_s = sec - prefill_seconds
-    return row(label, ids.shape[1], decode_s, tokens=new_tokens, ms_per_token=decode_s / new_tokens * 1e3)
+    return row(label, ids.shape[1], decode_s, tokens=new_tokens - 1, ms_per_token=decode_s / (new_tokens - 1) * 1e3)
+
+
+def warm_up(model) -> None:
+    """cuBLAS/cuDNN plans, allocator pools and graph captures, so the first timed length is not cold."""
+    ids = torch.randint(0, model.config.vocab_size, (1, 4096), device="cuda")
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    del out
+    reset_memory()
 
 
 @torch.inference_mode()
@@ -122,6 +134,7 @@ def main() -> None:
     command = "python bench/bench_model.py " + " ".join(sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = [row("weights", 0, peak_alloc=base_alloc, peak_reserved=base_reserved)]
+    warmed: set[str] = set()
     for length in args.lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
         for impl in ("stock", "chunkinfer"):
@@ -131,6 +144,9 @@ def main() -> None:
                 chunkinfer.convert(model, chunk_size=args.chunk_size)
             if impl == "stock" and chunkinfer.is_converted(model):
                 chunkinfer.revert(model)
+            if impl not in warmed:
+                warm_up(model)
+                warmed.add(impl)
             r, out = prefill(model, ids, f"{impl} prefill", base_alloc, base_reserved)
             rows.append(r)
             if args.decode and out is not None:
@@ -140,8 +156,7 @@ def main() -> None:
             reset_memory()
             gen_here = args.generate_lengths is None or length in args.generate_lengths
             if args.decode and gen_here and r["seconds"] is not None:
-                rows.append(generate_row(model, ids, f"{impl} generate {args.generate_tokens}", args.generate_tokens,
-                                         r["seconds"]))
+                rows.append(generate_row(model, ids, f"{impl} generate {args.generate_tokens}", args.generate_tokens))
             reset_memory()
             print(json.dumps(rows[-1]), flush=True)
         del ids

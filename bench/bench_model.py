@@ -61,15 +61,22 @@ def row(what, length, seconds=None, peak_alloc=None, peak_reserved=None, tokens=
             "device": torch.cuda.get_device_name()}
 
 
-def prefill(model, ids, label, base_alloc, base_reserved):
-    reset_memory()
+def prefill(model, ids, label, base_alloc, base_reserved, reps: int = 1):
+    """Median time of ``reps`` prefills (short ones vary run to run); the peak of the last one."""
+    times, out = [], None
     try:
-        out, sec = timed(lambda: model(ids, use_cache=True, logits_to_keep=1))
+        for _ in range(reps):
+            out = None
+            reset_memory()
+            out, sec = timed(lambda: model(ids, use_cache=True, logits_to_keep=1))
+            times.append(sec)
     except torch.OutOfMemoryError as exc:
+        out = None
         reset_memory()
         return row(label, ids.shape[1], error=f"OOM: {str(exc).splitlines()[0]}"), None
-    r = row(label, ids.shape[1], sec, torch.cuda.max_memory_allocated() - base_alloc,
+    r = row(label, ids.shape[1], statistics.median(times), torch.cuda.max_memory_allocated() - base_alloc,
             torch.cuda.max_memory_reserved() - base_reserved, tokens=ids.shape[1])
+    r["prefill_times"] = times
     return r, out
 
 
@@ -122,6 +129,7 @@ def main() -> None:
     p.add_argument("--generate-lengths", type=int, nargs="*", default=None,
                    help="lengths at which to time generate() (default: all, when --decode)")
     p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--prefill-reps", type=int, default=1, help="prefills per length (median reported)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--llama3-rope", action="store_true")
     p.add_argument("--out", type=Path, default=Path("bench/results/model_h200.json"))
@@ -147,7 +155,7 @@ def main() -> None:
             if impl not in warmed:
                 warm_up(model)
                 warmed.add(impl)
-            r, out = prefill(model, ids, f"{impl} prefill", base_alloc, base_reserved)
+            r, out = prefill(model, ids, f"{impl} prefill", base_alloc, base_reserved, args.prefill_reps)
             rows.append(r)
             if args.decode and out is not None:
                 ms = decode_ms(model, out, args.decode_steps)

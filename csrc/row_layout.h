@@ -18,7 +18,14 @@ struct RowLayout {
   int64_t inner_stride = 0;  // elements between consecutive rows of the inner group
   int64_t outer_stride = 0;  // elements between consecutive inner groups
 
+  // Kernels call this per row (per thread), so no 64-bit division where it can be avoided: rows of
+  // the first group (all rows of a one-group layout) need none, and 32-bit division is far cheaper.
   CHUNKINFER_HOST_DEVICE int64_t offset(int64_t row) const {
+    if (row < inner) return row * inner_stride;
+    if (row <= 0xffffffffLL && inner <= 0xffffffffLL) {
+      const uint32_t r = static_cast<uint32_t>(row), n = static_cast<uint32_t>(inner);
+      return static_cast<int64_t>(r / n) * outer_stride + static_cast<int64_t>(r % n) * inner_stride;
+    }
     return (row / inner) * outer_stride + (row % inner) * inner_stride;
   }
   bool strides_multiple_of(int64_t v) const { return inner_stride % v == 0 && outer_stride % v == 0; }

@@ -13,15 +13,8 @@
 #include <vector>
 
 #include "../../csrc/cuda/attention_kernels.cuh"
+#include "bench_util.cuh"
 
-#define CHECK(x)                                                                             \
-  do {                                                                                       \
-    cudaError_t e_ = (x);                                                                    \
-    if (e_ != cudaSuccess) {                                                                 \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                          \
-    }                                                                                        \
-  } while (0)
 
 using chunkinfer::attention::DecodeParams;
 using bf16 = __nv_bfloat16;
@@ -36,25 +29,6 @@ __global__ void fill_random(bf16* x, size_t n, unsigned seed) {
   }
 }
 
-template <typename F>
-float median_ms(F&& f, int iters) {
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  for (int i = 0; i < 5; ++i) f();
-  std::vector<float> t(iters);
-  for (int i = 0; i < iters; ++i) {
-    CHECK(cudaEventRecord(a));
-    f();
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
-    CHECK(cudaEventElapsedTime(&t[i], a, b));
-  }
-  std::sort(t.begin(), t.end());
-  CHECK(cudaEventDestroy(a));
-  CHECK(cudaEventDestroy(b));
-  return t[iters / 2];
-}
 
 int main(int argc, char** argv) {
   std::vector<int> lengths = {8192, 32768, 131072, 524288};
@@ -64,19 +38,19 @@ int main(int argc, char** argv) {
   }
   const int B = 1, Hq = 32, Hkv = 8, T = 1, D = 128;
   int dev = 0, sms = 0, l2 = 0;
-  CHECK(cudaGetDevice(&dev));
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+  CHECK_CUDA(cudaGetDevice(&dev));
+  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  CHECK_CUDA(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
 
   const size_t copy_bytes = size_t(1) << 30;
   void *src, *dst;
-  CHECK(cudaMalloc(&src, copy_bytes));
-  CHECK(cudaMalloc(&dst, copy_bytes));
-  CHECK(cudaMemset(src, 1, copy_bytes));
-  const float copy_ms = median_ms([&] { CHECK(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice)); }, 20);
+  CHECK_CUDA(cudaMalloc(&src, copy_bytes));
+  CHECK_CUDA(cudaMalloc(&dst, copy_bytes));
+  CHECK_CUDA(cudaMemset(src, 1, copy_bytes));
+  const float copy_ms = median_ms([&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice)); }, 20);
   const double copy_gbps = 2.0 * copy_bytes / (copy_ms * 1e6);
-  CHECK(cudaFree(src));
-  CHECK(cudaFree(dst));
+  CHECK_CUDA(cudaFree(src));
+  CHECK_CUDA(cudaFree(dst));
   std::printf("device-to-device copy: %.0f GB/s (read + written), %d SMs, L2 %d MB\n", copy_gbps, sms, l2 >> 20);
 
   for (const int L : lengths) {
@@ -86,20 +60,20 @@ int main(int argc, char** argv) {
     const int copies = int(std::max<size_t>(1, (4 * size_t(l2) + kv_bytes - 1) / kv_bytes));
     std::vector<bf16*> ks(copies), vs(copies);
     for (int c = 0; c < copies; ++c) {
-      CHECK(cudaMalloc(&ks[c], kv_elems * sizeof(bf16)));
-      CHECK(cudaMalloc(&vs[c], kv_elems * sizeof(bf16)));
+      CHECK_CUDA(cudaMalloc(&ks[c], kv_elems * sizeof(bf16)));
+      CHECK_CUDA(cudaMalloc(&vs[c], kv_elems * sizeof(bf16)));
       fill_random<<<1024, 256>>>(ks[c], kv_elems, 2 * c + 1);
       fill_random<<<1024, 256>>>(vs[c], kv_elems, 2 * c + 2);
     }
     bf16 *q, *out;
     float *lse, *work;
     int* lens;
-    CHECK(cudaMalloc(&q, size_t(B) * Hq * T * D * sizeof(bf16)));
-    CHECK(cudaMalloc(&out, size_t(B) * Hq * T * D * sizeof(bf16)));
-    CHECK(cudaMalloc(&lse, size_t(B) * Hq * T * sizeof(float)));
-    CHECK(cudaMalloc(&lens, B * sizeof(int)));
+    CHECK_CUDA(cudaMalloc(&q, size_t(B) * Hq * T * D * sizeof(bf16)));
+    CHECK_CUDA(cudaMalloc(&out, size_t(B) * Hq * T * D * sizeof(bf16)));
+    CHECK_CUDA(cudaMalloc(&lse, size_t(B) * Hq * T * sizeof(float)));
+    CHECK_CUDA(cudaMalloc(&lens, B * sizeof(int)));
     fill_random<<<32, 256>>>(q, size_t(B) * Hq * T * D, 99);
-    CHECK(cudaMemcpy(lens, &L, sizeof(int), cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(lens, &L, sizeof(int), cudaMemcpyHostToDevice));
 
     DecodeParams p{};
     p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.T = T, p.D = D, p.cap = L, p.window = 0;
@@ -107,7 +81,7 @@ int main(int argc, char** argv) {
     p.splits = chunkinfer::attention::decode_attention_num_splits<bf16>(B, Hq, Hkv, T, D, L, sms);
     if (const char* env = std::getenv("SPLITS")) p.splits = std::atoi(env);  // to sweep the split count
     const size_t part_rows = size_t(B) * Hq * T * p.splits;
-    CHECK(cudaMalloc(&work, part_rows * (D + 1) * sizeof(float)));
+    CHECK_CUDA(cudaMalloc(&work, part_rows * (D + 1) * sizeof(float)));
     p.part_out = work;
     p.part_lse = work + part_rows * D;
     p.q = q, p.out = out, p.lse = lse, p.seq_lens = lens, p.starts = nullptr;
@@ -123,21 +97,21 @@ int main(int argc, char** argv) {
           p.v = vs[next];
           next = (next + 1) % copies;
           chunkinfer::attention::launch_decode_attention<bf16>(p, 0);
-          CHECK(cudaGetLastError());
+          CHECK_CUDA(cudaGetLastError());
         },
         200);
     const double gbps = kv_bytes / (ms * 1e6);
     std::printf("L=%7d splits=%3d caches=%2d: %.4f ms, %.0f GB/s of K,V = %.1f%% of copy\n", L, p.splits, copies, ms,
                 gbps, 100.0 * gbps / copy_gbps);
     for (int c = 0; c < copies; ++c) {
-      CHECK(cudaFree(ks[c]));
-      CHECK(cudaFree(vs[c]));
+      CHECK_CUDA(cudaFree(ks[c]));
+      CHECK_CUDA(cudaFree(vs[c]));
     }
-    CHECK(cudaFree(q));
-    CHECK(cudaFree(out));
-    CHECK(cudaFree(lse));
-    CHECK(cudaFree(lens));
-    CHECK(cudaFree(work));
+    CHECK_CUDA(cudaFree(q));
+    CHECK_CUDA(cudaFree(out));
+    CHECK_CUDA(cudaFree(lse));
+    CHECK_CUDA(cudaFree(lens));
+    CHECK_CUDA(cudaFree(work));
   }
   return 0;
 }

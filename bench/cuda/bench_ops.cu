@@ -10,18 +10,11 @@
 
 #include "cuda/activation_kernels.cuh"
 #include "cuda/layernorm_kernels.cuh"
+#include "bench_util.cuh"
 
 using bf16 = __nv_bfloat16;
 using namespace chunkinfer::cuda;
 
-#define CHECK_CUDA(call)                                                                  \
-  do {                                                                                    \
-    cudaError_t err_ = (call);                                                            \
-    if (err_ != cudaSuccess) {                                                            \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
 
 __global__ void fill_random(bf16* p, int64_t n, uint32_t seed) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
@@ -31,25 +24,6 @@ __global__ void fill_random(bf16* p, int64_t n, uint32_t seed) {
   }
 }
 
-// Median milliseconds of `reps` timed runs of f after 3 warm-ups.
-template <typename F>
-float median_ms(F&& f, int reps = 20) {
-  cudaEvent_t a, b;
-  CHECK_CUDA(cudaEventCreate(&a));
-  CHECK_CUDA(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) f();
-  std::vector<float> ms(reps);
-  for (int i = 0; i < reps; ++i) {
-    CHECK_CUDA(cudaEventRecord(a));
-    f();
-    CHECK_CUDA(cudaEventRecord(b));
-    CHECK_CUDA(cudaEventSynchronize(b));
-    CHECK_CUDA(cudaGetLastError());
-    CHECK_CUDA(cudaEventElapsedTime(&ms[i], a, b));
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[reps / 2];
-}
 
 bf16* alloc_random(int64_t n, uint32_t seed) {
   bf16* p;

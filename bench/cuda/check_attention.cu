@@ -12,15 +12,8 @@
 #include <vector>
 
 #include "../../csrc/cuda/attention_kernels.cuh"
+#include "bench_util.cuh"
 
-#define CHECK(x)                                                                              \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
 
 using namespace chunkinfer::attention;
 
@@ -55,7 +48,7 @@ void run(const Case& c, const char* name, double tol, bool graph = false) {
   }
   const float scale = 1.0f / std::sqrt(float(c.D));
   int sms = 0;
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   DecodeParams p{};
   p.B = c.B, p.Hq = c.Hq, p.Hkv = c.Hkv, p.T = c.T, p.D = c.D, p.cap = c.cap, p.window = c.window;
   p.scale_log2 = scale * kLog2e;
@@ -64,20 +57,20 @@ void run(const Case& c, const char* name, double tol, bool graph = false) {
   float *dlse, *work;
   int *dlens, *dstarts;
   const size_t part_rows = size_t(c.B) * c.Hq * c.T * p.splits;
-  CHECK(cudaMalloc(&dq, nq * sizeof(T)));
-  CHECK(cudaMalloc(&dk, nkv * sizeof(T)));
-  CHECK(cudaMalloc(&dv, nkv * sizeof(T)));
-  CHECK(cudaMalloc(&dout, nq * sizeof(T)));
-  CHECK(cudaMalloc(&dlse, nq / c.D * sizeof(float)));
-  CHECK(cudaMalloc(&work, part_rows * (c.D + 1) * sizeof(float)));
-  CHECK(cudaMalloc(&dlens, c.B * sizeof(int)));
-  CHECK(cudaMalloc(&dstarts, c.B * sizeof(int)));
-  CHECK(cudaMemcpy(dq, q.data(), nq * sizeof(T), cudaMemcpyHostToDevice));
-  CHECK(cudaMemcpy(dk, k.data(), nkv * sizeof(T), cudaMemcpyHostToDevice));
-  CHECK(cudaMemcpy(dv, v.data(), nkv * sizeof(T), cudaMemcpyHostToDevice));
-  CHECK(cudaMemcpy(dstarts, c.starts.data(), c.B * sizeof(int), cudaMemcpyHostToDevice));
-  CHECK(cudaMemset(dout, 0xff, nq * sizeof(T)));  // NaN in every dtype
-  CHECK(cudaMemset(dlse, 0xff, nq / c.D * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&dq, nq * sizeof(T)));
+  CHECK_CUDA(cudaMalloc(&dk, nkv * sizeof(T)));
+  CHECK_CUDA(cudaMalloc(&dv, nkv * sizeof(T)));
+  CHECK_CUDA(cudaMalloc(&dout, nq * sizeof(T)));
+  CHECK_CUDA(cudaMalloc(&dlse, nq / c.D * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&work, part_rows * (c.D + 1) * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&dlens, c.B * sizeof(int)));
+  CHECK_CUDA(cudaMalloc(&dstarts, c.B * sizeof(int)));
+  CHECK_CUDA(cudaMemcpy(dq, q.data(), nq * sizeof(T), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(dk, k.data(), nkv * sizeof(T), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(dv, v.data(), nkv * sizeof(T), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(dstarts, c.starts.data(), c.B * sizeof(int), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemset(dout, 0xff, nq * sizeof(T)));  // NaN in every dtype
+  CHECK_CUDA(cudaMemset(dlse, 0xff, nq / c.D * sizeof(float)));
   p.q = dq, p.k = dk, p.v = dv, p.out = dout, p.lse = dlse, p.seq_lens = dlens, p.starts = dstarts;
   p.part_out = work, p.part_lse = work + part_rows * c.D;
   p.q_sb = int64_t(c.Hq) * c.T * c.D, p.q_sh = int64_t(c.T) * c.D, p.q_st = c.D;
@@ -86,30 +79,30 @@ void run(const Case& c, const char* name, double tol, bool graph = false) {
   p.l_sb = int64_t(c.Hq) * c.T, p.l_sh = c.T, p.l_st = 1;
   if (graph) {  // capture at length 1, then grow to the real lengths and replay
     std::vector<int> ones(c.B, 1);
-    CHECK(cudaMemcpy(dlens, ones.data(), c.B * sizeof(int), cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(dlens, ones.data(), c.B * sizeof(int), cudaMemcpyHostToDevice));
     cudaStream_t s;
-    CHECK(cudaStreamCreate(&s));
+    CHECK_CUDA(cudaStreamCreate(&s));
     cudaGraph_t g;
     cudaGraphExec_t ge;
-    CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    CHECK_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
     launch_decode_attention<T>(p, s);
-    CHECK(cudaStreamEndCapture(s, &g));
-    CHECK(cudaGraphInstantiate(&ge, g, 0));
-    CHECK(cudaGraphLaunch(ge, s));
-    CHECK(cudaMemcpyAsync(dlens, c.lens.data(), c.B * sizeof(int), cudaMemcpyHostToDevice, s));
-    CHECK(cudaMemsetAsync(dout, 0xff, nq * sizeof(T), s));
-    CHECK(cudaGraphLaunch(ge, s));
-    CHECK(cudaStreamSynchronize(s));
+    CHECK_CUDA(cudaStreamEndCapture(s, &g));
+    CHECK_CUDA(cudaGraphInstantiate(&ge, g, 0));
+    CHECK_CUDA(cudaGraphLaunch(ge, s));
+    CHECK_CUDA(cudaMemcpyAsync(dlens, c.lens.data(), c.B * sizeof(int), cudaMemcpyHostToDevice, s));
+    CHECK_CUDA(cudaMemsetAsync(dout, 0xff, nq * sizeof(T), s));
+    CHECK_CUDA(cudaGraphLaunch(ge, s));
+    CHECK_CUDA(cudaStreamSynchronize(s));
   } else {
-    CHECK(cudaMemcpy(dlens, c.lens.data(), c.B * sizeof(int), cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(dlens, c.lens.data(), c.B * sizeof(int), cudaMemcpyHostToDevice));
     launch_decode_attention<T>(p, 0);
   }
-  CHECK(cudaGetLastError());
-  CHECK(cudaDeviceSynchronize());
+  CHECK_CUDA(cudaGetLastError());
+  CHECK_CUDA(cudaDeviceSynchronize());
   std::vector<T> out(nq);
   std::vector<float> lse(nq / c.D);
-  CHECK(cudaMemcpy(out.data(), dout, nq * sizeof(T), cudaMemcpyDeviceToHost));
-  CHECK(cudaMemcpy(lse.data(), dlse, lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(out.data(), dout, nq * sizeof(T), cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(lse.data(), dlse, lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
 
   double num = 0, den = 0, lse_err = 0;
   int bad = 0;
@@ -153,7 +146,7 @@ void run(const Case& c, const char* name, double tol, bool graph = false) {
   std::printf("%-4s %-34s splits=%3d rel=%.2e lse_err=%.1e nan=%d%s\n", ok ? "ok" : "FAIL", name, p.splits, rel,
               lse_err, bad, graph ? " (graph replay)" : "");
   for (void* ptr : {(void*)dq, (void*)dk, (void*)dv, (void*)dout, (void*)dlse, (void*)work, (void*)dlens, (void*)dstarts})
-    CHECK(cudaFree(ptr));
+    CHECK_CUDA(cudaFree(ptr));
 }
 
 int main() {

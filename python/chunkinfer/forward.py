@@ -15,14 +15,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .adapters import ModelBinding
 from .cache import ChunkKVCache
 from .decode_graph import DecodeGraphs, graph_decode_supported
-from .head import final_norm, iter_logits, logits_of
+from .head import final_norm, head_chunk_rows, iter_logits, logits_of
 from .layer_loop import LoopInputs, run_layers
 from .loss import ChunkedCrossEntropy, shifted_targets
 
 _HANDLED_KWARGS = {"output_hidden_states", "output_attentions", "num_items_in_batch", "shift_labels",
                    "return_dict"}
 _DECODE_MAX_TOKENS = 64  # calls at most this long on a non-empty cache reuse the recorded padding
-_HEAD_ELEMENTS = 1 << 27  # max logits elements per LM-head chunk (rows = this // vocab)
 
 
 @dataclass
@@ -224,7 +223,7 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
     cache.key_starts, cache.key_starts_known = key_starts, mask is not None
     run_layers(mb, cache, inp)
 
-    head_chunk = max(16, min(state.chunk_size, _HEAD_ELEMENTS // max(1, model.config.vocab_size)))
+    head_chunk = head_chunk_rows(state.chunk_size, model.config.vocab_size)
     hidden_states = None
     normed = False
     if want_hidden:

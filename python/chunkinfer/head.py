@@ -9,6 +9,14 @@ from . import ops
 from .adapters import ModelBinding
 
 
+_HEAD_ELEMENTS = 1 << 27  # max logits elements per LM-head chunk, so [S, vocab] is never allocated
+
+
+def head_chunk_rows(chunk_size: int, vocab_size: int) -> int:
+    """Rows of the residual stream per LM-head chunk: the loop's chunk, capped by the logits' size."""
+    return max(16, min(chunk_size, _HEAD_ELEMENTS // max(1, vocab_size)))
+
+
 def final_norm(mb: ModelBinding, x: torch.Tensor) -> torch.Tensor:
     return ops.rms_norm(x, mb.final_norm.weight, mb.norm_eps, gemma=mb.adapter.gemma_norms)
 

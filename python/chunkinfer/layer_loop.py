@@ -169,6 +169,11 @@ class _Layer:
         return _linear(act, lb.down)
 
 
+def _act_buffer(mb: ModelBinding, hidden: torch.Tensor, rows: int) -> torch.Tensor:
+    """The MLP activation buffer every chunk and layer reuses: rows x the widest intermediate size."""
+    return hidden.new_empty(rows * max(lb.down.weight.shape[1] for lb in mb.layers))
+
+
 @dataclass
 class DeviceStep:
     """A decode step's varying numbers as device tensors (their values change, their storage does not)."""
@@ -182,8 +187,7 @@ def run_decode_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs, st
     """Every layer on one new token per sequence (inp.hidden [B, 1, H]) with device-side positions;
     the cache layers must already have capacity for the write."""
     rope = _Rope(mb, inp)
-    inter = max(lb.down.weight.shape[1] for lb in mb.layers)
-    act_buf = inp.hidden.new_empty(inp.hidden.shape[0] * inter)
+    act_buf = _act_buffer(mb, inp.hidden, inp.hidden.shape[0])
     for li, lb in enumerate(mb.layers):
         _Layer(mb, lb, cache.layers[li], inp, rope, act_buf).decode_block(step)
 
@@ -195,8 +199,7 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
     b, s, _ = hidden.shape
     chunk = inp.chunk
     rope = _Rope(mb, inp)
-    inter = max(lb.down.weight.shape[1] for lb in mb.layers)
-    act_buf = hidden.new_empty(b * min(chunk, s) * inter)
+    act_buf = _act_buffer(mb, hidden, b * min(chunk, s))
     end = inp.start + s
     headroom = _PREFILL_HEADROOM if s > 1 else 0
     last = len(mb.layers) - 1

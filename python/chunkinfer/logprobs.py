@@ -6,7 +6,7 @@ import torch
 from .cache import ChunkKVCache
 from .convert import build_state, is_converted
 from .forward import _check_inputs, _key_starts
-from .head import iter_logits
+from .head import head_chunk_rows, iter_logits
 from .layer_loop import LoopInputs, run_layers
 
 
@@ -34,7 +34,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     run_layers(mb, cache, inp)
     del cache
     out = torch.empty(b, s - 1, dtype=torch.float32, device=hidden.device)
-    head_chunk = max(16, min(state.chunk_size, (1 << 27) // model.config.vocab_size))
+    head_chunk = head_chunk_rows(state.chunk_size, model.config.vocab_size)
     for r0, r1, logits in iter_logits(mb, hidden, 0, s - 1, head_chunk):
         lp = torch.log_softmax(logits.float(), dim=-1)
         out[:, r0:r1] = lp.gather(-1, input_ids[:, r0 + 1:r1 + 1, None].to(lp.device)).squeeze(-1)

@@ -12,32 +12,36 @@ warnings.filterwarnings("ignore", message=".*compiled ops unavailable.*")
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"]
 
 
-def make_model(arch: str, *, layers: int = 3, dtype=torch.float32, device="cpu", seed: int = 0):
+def make_model(arch: str, *, layers: int = 3, dtype=torch.float32, device="cpu", seed: int = 0,
+               random_norms: bool | None = None, **overrides):
+    """A small random model of ``arch``; ``overrides`` replace config fields (e.g. head_dim=64 for
+    the CUDA decode kernel). Norm weights are randomised for Gemma-3 by default (zero-initialised
+    (1 + w) norms would hide its rounding path), for any arch with ``random_norms=True``."""
     torch.manual_seed(seed)
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=8192, pad_token_id=0,
                   bos_token_id=1, eos_token_id=2)
     if arch == "llama":
-        cfg, cls = T.LlamaConfig(**common), T.LlamaForCausalLM
+        cls, extra = T.LlamaForCausalLM, {}
     elif arch == "mistral":
-        cfg, cls = T.MistralConfig(**common, sliding_window=48), T.MistralForCausalLM
+        cls, extra = T.MistralForCausalLM, dict(sliding_window=48)
     elif arch == "qwen2":
-        cfg, cls = T.Qwen2Config(**common), T.Qwen2ForCausalLM
+        cls, extra = T.Qwen2ForCausalLM, {}
     elif arch == "qwen3":
-        cfg, cls = T.Qwen3Config(**common, head_dim=16), T.Qwen3ForCausalLM
+        cls, extra = T.Qwen3ForCausalLM, dict(head_dim=16)
     elif arch == "phi3":
-        cfg, cls = T.Phi3Config(**common), T.Phi3ForCausalLM
+        cls, extra = T.Phi3ForCausalLM, {}
     elif arch == "gemma3":
         types = ["sliding_attention" if (i % 2 == 0) else "full_attention" for i in range(layers)]
-        cfg = T.Gemma3TextConfig(**common, head_dim=16, sliding_window=40, query_pre_attn_scalar=24,
-                                 final_logit_softcapping=30.0, layer_types=types)
-        cls = T.Gemma3ForCausalLM
+        cls, extra = T.Gemma3ForCausalLM, dict(head_dim=16, sliding_window=40, query_pre_attn_scalar=24,
+                                               final_logit_softcapping=30.0, layer_types=types)
     else:
         raise ValueError(arch)
+    cfg = cls.config_class(**{**common, **extra, **overrides})
     cfg._attn_implementation = "sdpa"
     with torch.device(device):
         model = cls(cfg).to(dtype).eval()
-    if arch == "gemma3":  # zero-initialised (1 + w) norms would hide the gemma rounding path
+    if random_norms if random_norms is not None else arch == "gemma3":
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name:

@@ -5,37 +5,20 @@ import copy
 
 import pytest
 import torch
-import transformers as T
 
 import chunkinfer
 from chunkinfer.decode_graph import _step_logits
 from chunkinfer.layer_loop import DeviceStep
-from conftest import left_padded_batch
+from conftest import left_padded_batch, make_model
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def model_hd64(arch: str, dtype, device, layers: int = 3):
-    """Head dim 64, one the CUDA decode kernel takes (the small test models use 16)."""
-    torch.manual_seed(0)
-    common = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, vocab_size=256, max_position_embeddings=8192,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if arch == "llama":
-        cfg, cls = T.LlamaConfig(**common), T.LlamaForCausalLM
-    else:
-        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
-        cfg = T.Gemma3TextConfig(**common, sliding_window=40, query_pre_attn_scalar=64,
-                                 final_logit_softcapping=30.0, layer_types=types)
-        cls = T.Gemma3ForCausalLM
-    cfg._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = cls(cfg).to(dtype).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0, 0.3)
-    return model
+def model_hd64(arch: str, dtype, device):
+    """Head dim 64, one the CUDA decode kernel takes (the default test models use 16)."""
+    extra = dict(query_pre_attn_scalar=64) if arch == "gemma3" else {}
+    return make_model(arch, dtype=dtype, device=device, random_norms=True, hidden_size=128,
+                      intermediate_size=256, head_dim=64, **extra)
 
 
 def device_step(cache, past: int, starts, b: int, device) -> DeviceStep:

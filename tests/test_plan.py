@@ -98,29 +98,28 @@ def test_decode_ms_within_20_percent(row):
 
 # ---- (c) placement ----------------------------------------------------------------------------------------
 def test_4m_tokens_do_not_fit_and_the_reason_names_bytes():
-    p = H200(4_194_304)
+    p = H200(4_194_304, allow_offload=False)
     assert not p.fits and p.chunk_size is None
     assert f"needs {p.device_bytes:,} bytes" in p.reason and f"{139 * GiB:,} bytes" in p.reason, p.reason
     assert "fits: no" in p.table() and "GiB" in p.table()
     # offloaded, the device would hold a few layers, but the host cannot take the rest (512 GiB of KV)
-    q = H200(4_194_304, allow_offload=True)
+    q = H200(4_194_304)
     assert not q.fits and q.host_layers
     assert f"needs {q.host_bytes:,} bytes" in q.reason and f"{int(120 * GiB * 0.9):,} bytes" in q.reason, q.reason
 
 
 def test_1m_on_80gib_needs_offload():
-    p = plan(llama8b(), 1_048_576, device_memory="80GiB", host_memory="120GiB")
+    p = plan(llama8b(), 1_048_576, device_memory="80GiB", host_memory="120GiB", allow_offload=False)
     assert not p.fits and p.host_layers == [] and len(p.resident_layers) == 32
-    assert f"{80 * GiB:,}" in p.reason and "allow_offload" in p.reason
-    assert p.offload_available is False
+    assert f"{80 * GiB:,}" in p.reason and "allow_offload" in p.reason and "it fits" in p.reason
+    assert p.offload_available
 
-    q = plan(llama8b(), 1_048_576, device_memory="80GiB", host_memory="120GiB", allow_offload=True)
-    assert q.offload_available is False
+    q = plan(llama8b(), 1_048_576, device_memory="80GiB", host_memory="120GiB")
     assert q.host_layers and q.resident_layers
     assert sorted(q.resident_layers + q.host_layers) == list(range(32))
     assert q.device_bytes <= 80 * GiB
     assert q.host_breakdown["KV on host"] == len(q.host_layers) * q.kv_capacity * 2 * 8 * 128 * 2
-    assert q.fits and any("not built" in n for n in q.notes)
+    assert q.fits and any("pinned host memory" in n for n in q.notes)
     # one more resident layer would not fit the device
     layer = q.host_breakdown["KV on host"] // len(q.host_layers)
     assert q.device_bytes + layer > 80 * GiB
@@ -252,7 +251,9 @@ def test_cli(tmp_path):
     ok = run_cli("plan", "--config", cfg, "--seq", "131072", "--gpu", "139GiB", "--host", "120GiB")
     assert ok.returncode == 0, ok.stderr
     assert "KV resident" in ok.stdout and "fits: yes" in ok.stdout and "16.12" in ok.stdout
-    no = run_cli("plan", "--config", cfg, "--seq", "1572864", "--gpu", "139GiB", "--host", "120GiB")
+    big = run_cli("plan", "--config", cfg, "--seq", "1572864", "--gpu", "139GiB", "--host", "120GiB")
+    assert big.returncode == 0 and "fits: yes" in big.stdout and "on host" in big.stdout, big.stdout
+    no = run_cli("plan", "--config", cfg, "--seq", "1572864", "--gpu", "139GiB", "--host", "120GiB", "--no-offload")
     assert no.returncode == 1 and "fits: no" in no.stdout and "bytes" in no.stdout
 
 
@@ -263,10 +264,11 @@ def test_cli_in_process(tmp_path, capsys):
     llama8b().to_json_file(tmp_path / "config.json")
     cfg = str(tmp_path / "config.json")
     assert main(["plan", "--config", cfg, "--seq", "1048576", "--gpu", "80GiB", "--host", "120GiB",
-                 "--allow-offload", "--batch", "1", "--dtype", "bfloat16"]) == 0
+                 "--batch", "1", "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
-    assert "on host 21" in out and "not built" in out
-    assert main(["plan", "--config", cfg, "--seq", "1048576", "--gpu", "80GiB", "--host", "120GiB"]) == 1
+    assert "on host 21" in out and "pinned host memory" in out
+    assert main(["plan", "--config", cfg, "--seq", "1048576", "--gpu", "80GiB", "--host", "120GiB",
+                 "--no-offload"]) == 1
     assert "allow_offload" in capsys.readouterr().out
     assert main(["plan", "--config", cfg, "--seq", "1024", "--gpu", "12XB", "--host", "120GiB"]) == 2
     assert "12XB" in capsys.readouterr().err

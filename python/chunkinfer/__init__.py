@@ -7,8 +7,9 @@ from .cache import ChunkKVCache
 from .convert import convert, is_converted, revert
 from .logprobs import token_logprobs
 from .ops import build_info
+from .placement import InsufficientMemoryError
 from .plan import Plan, plan
 
 __all__ = ["ops", "build_info", "convert", "revert", "is_converted", "token_logprobs", "ChunkKVCache",
-           "supported_architectures", "plan", "Plan"]
+           "supported_architectures", "plan", "Plan", "InsufficientMemoryError"]
 __version__ = "0.1.0"

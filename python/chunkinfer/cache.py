@@ -1,8 +1,8 @@
 """The KV cache the layer loop writes into: per layer, preallocated K, V buffers and a length.
 
-It is a transformers ``Cache`` so generate() carries it between steps, and its layers implement
-``update`` too, so a stock forward (the fallback paths) can run on it. The loop only uses
-``layer.reserve`` / ``layer.write`` / ``layer.view``, the seam a host-offloading cache will implement.
+It is a transformers ``Cache`` so generate() carries it between steps, and its resident layers
+implement ``update`` too, so a stock forward (the fallback paths) can run on it. With KV offload some
+layers are host-resident instead (kv_offload.py): ``place`` decides which, the layer loop streams them.
 """
 from __future__ import annotations
 
@@ -17,36 +17,33 @@ def _round_up(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-class ChunkKVLayer(CacheLayerMixin):
-    """One layer's K, V: buffers [B, Hkv, capacity, D] of which the first ``length`` positions are valid."""
+def round_up_positions(n: int) -> int:
+    return _round_up(n)
 
-    is_sliding = False  # keeps every position; the loop applies sliding windows itself
-    is_compileable = False
-    is_croppable = True
 
-    def __init__(self) -> None:  # no super().__init__: keys/values are views, not attributes
+class KVBuffers:
+    """K, V buffers [B, Hkv, capacity, D] and the in-place writes the layer loop makes into them."""
+
+    def __init__(self) -> None:
         self.k_buf: torch.Tensor | None = None
         self.v_buf: torch.Tensor | None = None
-        self.length = 0
-        self.is_initialized = False
 
-    # ---- what the layer loop uses ----
     def reserve(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                needed: int, headroom: int = 0) -> None:
-        """Make room for ``needed`` positions; reallocates (keeping the valid part) only when short."""
+                needed: int, headroom: int = 0, keep: int = 0) -> bool:
+        """Make room for ``needed`` positions; reallocates (copying the first ``keep``) only when short.
+        Returns whether the buffers were reallocated."""
         if self.k_buf is not None and self.k_buf.shape[2] >= needed:
-            return
+            return False
         cap = _round_up(needed + headroom)
         if self.k_buf is not None:
             cap = max(cap, _round_up(int(self.k_buf.shape[2] * _GROWTH)))
         k = torch.empty(batch, n_kv, cap, head_dim, dtype=dtype, device=device)
         v = torch.empty_like(k)
-        if self.length:
-            k[:, :, : self.length].copy_(self.k_buf[:, :, : self.length])
-            v[:, :, : self.length].copy_(self.v_buf[:, :, : self.length])
+        if keep:
+            k[:, :, :keep].copy_(self.k_buf[:, :, :keep])
+            v[:, :, :keep].copy_(self.v_buf[:, :, :keep])
         self.k_buf, self.v_buf = k, v
-        self.dtype, self.device = dtype, device
-        self.is_initialized = True
+        return True
 
     def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Write k, v [B, Hkv, n, D] at positions [start, start + n) (capacity must be reserved)."""
@@ -63,6 +60,29 @@ class ChunkKVLayer(CacheLayerMixin):
     def view(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of positions [0, end), as views of the buffers."""
         return self.k_buf[:, :, :end], self.v_buf[:, :, :end]
+
+    def nbytes(self) -> int:
+        return 0 if self.k_buf is None else 2 * self.k_buf.numel() * self.k_buf.element_size()
+
+
+class ChunkKVLayer(KVBuffers, CacheLayerMixin):
+    """One layer's K, V resident on the model's device: the first ``length`` positions are valid."""
+
+    is_sliding = False  # keeps every position; the loop applies sliding windows itself
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self) -> None:  # no CacheLayerMixin.__init__: keys/values are views, not attributes
+        KVBuffers.__init__(self)
+        self.length = 0
+        self.is_initialized = False
+
+    def reserve(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                needed: int, headroom: int = 0) -> None:
+        """Make room for ``needed`` positions, keeping the valid ones."""
+        KVBuffers.reserve(self, batch, n_kv, head_dim, dtype, device, needed, headroom, keep=self.length)
+        self.dtype, self.device = dtype, device
+        self.is_initialized = True
 
     # ---- transformers' CacheLayerMixin ----
     @property
@@ -120,11 +140,6 @@ class ChunkKVLayer(CacheLayerMixin):
     def batch_size(self) -> int:
         return self.k_buf.shape[0] if self.k_buf is not None else -1
 
-    def offload(self):  # host offload is a later issue
-        raise NotImplementedError("ChunkKVCache does not offload yet")
-
-    prefetch = offload
-
 
 class ChunkKVCache(Cache):
     """A transformers Cache of ChunkKVLayer, one per decoder layer.
@@ -134,10 +149,38 @@ class ChunkKVCache(Cache):
     the mask on the host (see convert.py for the assumption this makes).
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, host=None) -> None:
         super().__init__(layers=[ChunkKVLayer() for _ in range(num_layers)])
         self.key_starts: list[int] | None = None
         self.key_starts_known = False
+        self.host = host          # kv_offload.HostKV when this cache may offload layers
+        self.staging = None       # kv_offload.Staging once a layer is host-resident
+
+    def streamed_layers(self) -> list[int]:
+        """Indices of the layers whose K, V live in host memory."""
+        return [i for i, layer in enumerate(self.layers) if not isinstance(layer, ChunkKVLayer)]
+
+    def place(self, n_resident: int) -> None:
+        """Keep layers [0, n_resident) on the device and move the rest to pinned host memory (a layer
+        already on the host stays there). Moving a filled layer copies it and waits for the copy."""
+        from .kv_offload import HostKVLayer, Staging
+
+        if self.host is None:
+            raise RuntimeError("this cache was not created for KV offload (convert(model, kv_offload=True))")
+        for i in range(n_resident, len(self.layers)):
+            old = self.layers[i]
+            if isinstance(old, ChunkKVLayer):
+                new = HostKVLayer(self.host)
+                if old.length:
+                    b, h, _, d = old.k_buf.shape
+                    new.k_buf, new.v_buf = new.new_region(b, h, d, old.k_buf.dtype, old.length, 0)
+                    self.host.engine.offload(old.k_buf, new.k_buf, 0, old.length)
+                    self.host.engine.offload(old.v_buf, new.v_buf, 0, old.length)
+                    self.host.engine.synchronize()
+                    new.length, new.is_initialized = old.length, True
+                self.layers[i] = new
+        if self.staging is None and n_resident < len(self.layers):
+            self.staging = Staging()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].length if layer_idx < len(self.layers) else 0

@@ -10,7 +10,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     p = plan(args.config, args.seq, batch=args.batch, dtype=args.dtype, device_memory=args.gpu,
              host_memory=args.host, decode_tokens=args.decode_tokens, chunk_size=args.chunk_size,
-             allow_offload=args.allow_offload)
+             allow_offload=not args.no_offload)
     print(p.table())
     return 0 if p.fits else 1
 
@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
     p.add_argument("--decode-tokens", type=int, default=0, help="tokens to generate after the prompt")
     p.add_argument("--chunk-size", type=int, default=None, help="fix the chunk size instead of choosing it")
-    p.add_argument("--allow-offload", action="store_true",
-                   help="report the KV placement a host-offload cache would need (the offload engine is not built yet)")
+    p.add_argument("--no-offload", action="store_true",
+                   help="every layer's KV on the device (default: offload layers to pinned host memory when needed)")
     p.set_defaults(func=_plan)
     return parser
 

@@ -9,6 +9,8 @@ from torch import nn
 
 from .adapters import bind
 from .forward import ConvertedState, converted_forward
+from .placement import OffloadSettings
+from .plan import parse_memory
 
 DEFAULT_CHUNK_SIZE = {"cuda": 8192}
 DEFAULT_CHUNK_SIZE_OTHER = 1024
@@ -27,33 +29,73 @@ def check_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def build_state(model: nn.Module, chunk_size: int | None = None, cuda_graphs: bool = True) -> ConvertedState:
+def _offload_settings(kv_offload, memory_budget, resident_layers, n_layers: int) -> OffloadSettings | None:
+    if not isinstance(kv_offload, bool):
+        raise TypeError(f"kv_offload must be a bool, got {type(kv_offload).__name__}")
+    budget = None
+    if not (memory_budget is None or (isinstance(memory_budget, str) and memory_budget == "auto")):
+        budget = parse_memory(memory_budget, "memory_budget")
+    if resident_layers is not None:
+        if isinstance(resident_layers, bool) or not isinstance(resident_layers, int):
+            raise TypeError(f"resident_layers must be an int, got {type(resident_layers).__name__}")
+        if not 0 <= resident_layers <= n_layers:
+            raise ValueError(f"resident_layers must be in [0, {n_layers}] (the model's layers), got {resident_layers}")
+    if not kv_offload:
+        if budget is not None or resident_layers is not None:
+            raise ValueError("memory_budget and resident_layers place KV for offload: pass kv_offload=True too")
+        return None
+    from . import transfer
+
+    transfer.require()
+    return OffloadSettings(memory_budget=budget, resident_layers=resident_layers)
+
+
+def build_state(model: nn.Module, chunk_size: int | None = None, cuda_graphs: bool = True, kv_offload: bool = False,
+                memory_budget="auto", resident_layers: int | None = None, progress=None) -> ConvertedState:
     """Validate a model and resolve everything the loop needs, without changing the model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"chunkinfer.convert expects a transformers model, got {type(model).__name__}")
     check_chunk_size(chunk_size)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable (done, total) or None, got {type(progress).__name__}")
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
     binding = bind(model)
+    offload = _offload_settings(kv_offload, memory_budget, resident_layers, len(binding.layers))
+    device = binding.embed.weight.device
     if chunk_size is None:
-        chunk_size = default_chunk_size(binding.embed.weight.device)
-    return ConvertedState(binding=binding, chunk_size=chunk_size, cuda_graphs=cuda_graphs,
-                          signature=inspect.signature(type(model).forward))
+        chunk_size = default_chunk_size(device)
+    host = None
+    if offload is not None:
+        from .kv_offload import HostKV
+
+        host = HostKV(device)
+    return ConvertedState(binding=binding, chunk_size=chunk_size, cuda_graphs=cuda_graphs, offload=offload,
+                          host=host, progress=progress, signature=inspect.signature(type(model).forward))
 
 
 def is_converted(model: nn.Module) -> bool:
     return isinstance(getattr(model, "_chunkinfer", None), ConvertedState)
 
 
-def convert(model: nn.Module, *, chunk_size: int | None = None, cuda_graphs: bool = True) -> nn.Module:
+def convert(model: nn.Module, *, chunk_size: int | None = None, cuda_graphs: bool = True, kv_offload: bool = False,
+            memory_budget="auto", resident_layers: int | None = None, progress=None) -> nn.Module:
     """Make ``model(...)`` and ``model.generate(...)`` run chunkinfer's layer loop; returns the model.
 
     Everything is validated first; on any error the model is left untouched. Converting a converted
     model again re-binds it (e.g. to change ``chunk_size``). Default chunk size: 8192 tokens on CUDA,
     1024 elsewhere. ``cuda_graphs``: on CUDA (fp16/bf16), one-token decode steps replay a captured
     CUDA graph per batch size instead of launching every kernel from Python.
+
+    ``kv_offload=True``: before each prompt the planner places the KV: the leading layers stay on the
+    device as far as ``memory_budget`` allows ("auto": the device's memory; or bytes / "80GiB"), the
+    rest live in pinned host memory and are streamed through the device, overlapped with compute.
+    ``resident_layers`` fixes how many leading layers stay on the device instead. A prompt that cannot
+    fit raises ``chunkinfer.InsufficientMemoryError`` before any work, naming the bytes.
+    ``progress``: called as ``progress(done, total)`` after each chunk of a prompt (layers x chunks),
+    e.g. to drive a progress bar over a long prefill.
     """
-    state = build_state(model, chunk_size, cuda_graphs)
+    state = build_state(model, chunk_size, cuda_graphs, kv_offload, memory_budget, resident_layers, progress)
     original = type(model).forward
 
     def forward(self, *args, **kwargs):

@@ -17,6 +17,7 @@ from .cache import ChunkKVCache
 from .decode_graph import DecodeGraphs, graph_decode_supported
 from .head import final_norm, head_chunk_rows, iter_logits, logits_of
 from .layer_loop import LoopInputs, run_layers
+from .placement import OffloadSettings, place_for_call
 from .loss import ChunkedCrossEntropy, shifted_targets
 
 _HANDLED_KWARGS = {"output_hidden_states", "output_attentions", "num_items_in_batch", "shift_labels",
@@ -32,6 +33,9 @@ class ConvertedState:
     chunk_size: int
     signature: inspect.Signature
     cuda_graphs: bool = True
+    offload: OffloadSettings | None = None   # kv_offload=True: placement settings
+    progress: object | None = None           # callable(chunks done, chunks in all) for prompts
+    host: object | None = None               # kv_offload.HostKV: pinned arena + transfer engine
     graphs: DecodeGraphs = field(default_factory=DecodeGraphs)
     warned: set = field(default_factory=set)
 
@@ -126,17 +130,20 @@ def _past_length(pkv) -> int:
     return (linked or pkv).get_seq_length()
 
 
-def _select_cache(pkv, n_layers: int) -> ChunkKVCache:
+def _select_cache(pkv, n_layers: int, host) -> ChunkKVCache:
     """The ChunkKVCache this call continues. A stock DynamicCache is linked to the ChunkKVCache that
     replaces it, so passing the same DynamicCache again continues where it left off."""
     if pkv is None:
-        return ChunkKVCache(n_layers)
+        return ChunkKVCache(n_layers, host)
     if isinstance(pkv, ChunkKVCache):
+        if pkv.host is None:
+            pkv.host = host
         return pkv
     linked = _linked(pkv)
     if linked is not None:
         return linked
-    cache = ChunkKVCache(n_layers) if pkv.get_seq_length() == 0 else ChunkKVCache.adopt(pkv, n_layers)
+    cache = ChunkKVCache(n_layers, host) if pkv.get_seq_length() == 0 else ChunkKVCache.adopt(pkv, n_layers)
+    cache.host = host
     pkv._chunkinfer_cache, pkv._chunkinfer_linked_len = cache, pkv.get_seq_length()
     return cache
 
@@ -178,9 +185,13 @@ def converted_forward(model, *args, **kwargs):
         except _Fallback as exc:
             reason = str(exc)
     if reason is not None:
+        pkv = a.get("past_key_values")
+        if isinstance(pkv, ChunkKVCache) and pkv.streamed_layers():
+            raise ValueError(f"chunkinfer: {reason} needs the stock transformers forward, which cannot run on a "
+                             "cache with host-resident (offloaded) layers")
         _warn_once(state, reason)
-        if isinstance(a.get("past_key_values"), ChunkKVCache):
-            a["past_key_values"].key_starts_known = False
+        if isinstance(pkv, ChunkKVCache):
+            pkv.key_starts_known = False
         return type(model).forward(model, *args, **kwargs)
     return out if return_dict else out.to_tuple()
 
@@ -191,11 +202,14 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
     pkv = a.get("past_key_values")
     past = _past_length(pkv)
     b, s = _check_inputs(model, a, past)
-    cache = _select_cache(pkv, len(mb.layers))
+    cache = _select_cache(pkv, len(mb.layers), state.host)
     if cache.get_seq_length() and cache.layers[0].batch_size != b:
         raise ValueError(f"past_key_values holds batch {cache.layers[0].batch_size}, input has batch {b}")
     mask = a.get("attention_mask")
     key_starts = _key_starts(mask, cache, past, s)
+    weight = mb.embed.weight
+    if state.offload is not None and (s > 1 or past == 0):
+        place_for_call(model, state.offload, cache, b, past + s, state.chunk_size, weight.dtype, weight.device)
 
     use_cache = a.get("use_cache")
     use_cache = config_use_cache(model) if use_cache is None else use_cache
@@ -208,7 +222,7 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
     if pos is None:
         pos = torch.arange(past, past + s, device=mb.embed.weight.device)[None]
     if (state.cuda_graphs and s == 1 and past > 0 and emb is None and labels is None and not want_hidden
-            and isinstance(ltk, int)
+            and isinstance(ltk, int) and not cache.streamed_layers()
             and graph_decode_supported(mb, mb.embed.weight.device, mb.embed.weight.dtype)):
         return _graph_decode(state, cache, a["input_ids"], pos, past, key_starts, mask is not None,
                              use_cache or pkv is not None)
@@ -219,7 +233,7 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
 
     inp = LoopInputs(hidden=hidden, position_ids=pos, start=past, key_starts=key_starts,
                      chunk=state.chunk_size, last_rows_from=last_rows_from,
-                     hidden_states=[] if want_hidden else None)
+                     hidden_states=[] if want_hidden else None, progress=state.progress if s > 1 else None)
     cache.key_starts, cache.key_starts_known = key_starts, mask is not None
     run_layers(mb, cache, inp)
 

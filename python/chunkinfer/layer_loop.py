@@ -5,6 +5,7 @@ size of one chunk, and the MLP activation goes into one buffer reused by every c
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from . import ops
 from .adapters import LayerBinding, ModelBinding
 from .attention import block_attention
-from .cache import ChunkKVCache, ChunkKVLayer
+from .cache import ChunkKVCache, KVBuffers
+from .kv_offload import LayerStreamer
 
 _PREFILL_HEADROOM = 1024  # spare cache positions after a prefill, so the first decode steps do not grow it
 
@@ -27,6 +29,7 @@ class LoopInputs:
     chunk: int
     last_rows_from: int = 0         # the last layer computes outputs only for rows >= this
     hidden_states: list | None = None  # collects the input of every layer when not None
+    progress: Callable[[int, int], None] | None = None  # (chunks done, chunks in all) after each chunk
 
 
 class _Rope:
@@ -76,7 +79,7 @@ def _linear(x: torch.Tensor, m) -> torch.Tensor:
 class _Layer:
     """One layer's computations on a block of rows (bound per call to keep the inner loop flat)."""
 
-    def __init__(self, mb: ModelBinding, lb: LayerBinding, cache_layer: ChunkKVLayer, inp: LoopInputs,
+    def __init__(self, mb: ModelBinding, lb: LayerBinding, cache_layer: KVBuffers, inp: LoopInputs,
                  rope: _Rope, act_buf: torch.Tensor):
         self.mb, self.lb, self.cache, self.inp, self.rope, self.act_buf = mb, lb, cache_layer, inp, rope, act_buf
         self.gemma = mb.adapter.gemma_norms
@@ -194,7 +197,8 @@ def run_decode_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs, st
 
 def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
     """Run every decoder layer over inp.hidden in place; afterwards each cache layer holds start + S
-    positions. Rows of the last layer before ``last_rows_from`` are left stale (only their K, V count)."""
+    positions. Rows of the last layer before ``last_rows_from`` are left stale (only their K, V count).
+    If anything raises, the cache keeps its previous length (positions written past it are ignored)."""
     hidden = inp.hidden
     b, s, _ = hidden.shape
     chunk = inp.chunk
@@ -203,15 +207,39 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
     end = inp.start + s
     headroom = _PREFILL_HEADROOM if s > 1 else 0
     last = len(mb.layers) - 1
-    for li, lb in enumerate(mb.layers):
-        if inp.hidden_states is not None:
-            inp.hidden_states.append(hidden.clone())
-        cache_layer = cache.layers[li]
-        cache_layer.reserve(b, lb.n_kv, lb.head_dim, hidden.dtype, hidden.device, end, headroom)
-        layer = _Layer(mb, lb, cache_layer, inp, rope, act_buf)
-        first = inp.last_rows_from if li == last else 0
-        for r0 in range(0, first, chunk):
-            layer.kv_only(r0, min(r0 + chunk, first))
-        for r0 in range(first, s, chunk):
-            layer.block(r0, min(r0 + chunk, s))
-        cache_layer.length = end
+
+    def shape_of(li: int):
+        return b, mb.layers[li].n_kv, mb.layers[li].head_dim, hidden.dtype
+
+    streamer = LayerStreamer.for_call(cache, shape_of, inp.start, end, headroom)
+    lf = inp.last_rows_from
+    total = (len(mb.layers) - 1) * -(-s // chunk) + -(-lf // chunk) + -(-(s - lf) // chunk)
+    done = 0
+    failed = True
+    try:
+        for li, lb in enumerate(mb.layers):
+            if inp.hidden_states is not None:
+                inp.hidden_states.append(hidden.clone())
+            streamed = streamer is not None and streamer.is_streamed(li)
+            if streamed:
+                kv = streamer.begin(li)
+            else:
+                kv = cache.layers[li]
+                kv.reserve(b, lb.n_kv, lb.head_dim, hidden.dtype, hidden.device, end, headroom)
+            layer = _Layer(mb, lb, kv, inp, rope, act_buf)
+            first = lf if li == last else 0
+            steps = [(layer.kv_only, r0, min(r0 + chunk, first)) for r0 in range(0, first, chunk)]
+            steps += [(layer.block, r0, min(r0 + chunk, s)) for r0 in range(first, s, chunk)]
+            for fn, r0, r1 in steps:
+                fn(r0, r1)
+                if inp.progress is not None:
+                    done += 1
+                    inp.progress(done, total)
+            if streamed:
+                streamer.finish(li)
+        failed = False
+    finally:
+        if streamer is not None:
+            streamer.close(failed)
+    for layer in cache.layers:
+        layer.length = end

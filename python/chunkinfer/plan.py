@@ -36,6 +36,8 @@ H200_ATTENTION_FLOPS = 6.408e14       # effective FLOP/s of causal attention (QK
 # decode ms/token = bytes read (weights + KV at that length) / H200_DECODE_BYTES_PER_S + H200_DECODE_STEP_MS
 H200_DECODE_BYTES_PER_S = 3.795e12
 H200_DECODE_STEP_MS = 2.353
+# host KV crosses PCIe once per decode step (or is attended where it lives): pinned host->device copy rate
+H200_H2D_BYTES_PER_S = 55.4e9         # ../shared/ANCHORS.md, 2 GiB pinned copies
 RATES_FROM = "H200 measurements, bench/results/model_h200.jsonl"
 
 # ---- Allocation constants -----------------------------------------------------------------------------
@@ -322,8 +324,8 @@ class Plan:
     decode_seconds: float
     fits: bool
     reason: str
-    offload_available: bool = False        # the host-offload engine is not built yet
-    allow_offload: bool = False
+    offload_available: bool = True         # the host-offload engine is built into this install
+    allow_offload: bool = True
     rates_from: str = RATES_FROM
     notes: list[str] = field(default_factory=list)
 
@@ -348,8 +350,7 @@ class Plan:
         lines = [f"chunkinfer plan: {self.model_type}, {self.seq_len:,} tokens x batch {self.batch}, {self.dtype}",
                  (f"chunk size {self.chunk_size}" if self.chunk_size else
                   f"no chunk size fits (shown: chunk {self.breakdown_chunk})") + f", KV capacity {self.kv_capacity:,} "
-                 f"positions/layer, KV layers resident {len(self.resident_layers)}, on host {len(self.host_layers)}"
-                 f"{' (host offload not built yet)' if self.host_layers else ''}",
+                 f"positions/layer, KV layers resident {len(self.resident_layers)}, on host {len(self.host_layers)}",
                  "",
                  f"{'device (peak)':<34}{'GiB':>10}"]
         lines += [f"  {k:<32}{g(v)}" for k, v in self.device_breakdown.items()]
@@ -365,6 +366,14 @@ class Plan:
                   f"fits: {'yes' if self.fits else 'no'}" + ("" if self.fits else f": {self.reason}")]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _offload_available() -> bool:
+    try:
+        from . import _C
+    except ImportError:
+        return False
+    return hasattr(_C, "KVTransferEngine")
 
 
 def _default_device_memory() -> int:
@@ -396,9 +405,14 @@ def _slack(beyond_weights: int) -> int:
 
 
 def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_memory=None, host_memory=None,
-         decode_tokens: int = 0, chunk_size: int | None = None, allow_offload: bool = False) -> Plan:
+         decode_tokens: int = 0, chunk_size: int | None = None, allow_offload: bool = True,
+         resident_layers: int | None = None) -> Plan:
     """Predict device / host memory, chunk size and times of a prefill of ``seq_len`` tokens (plus
-    ``decode_tokens`` generated ones) with chunkinfer. Memories: bytes or strings like "139GiB"."""
+    ``decode_tokens`` generated ones) with chunkinfer. Memories: bytes or strings like "139GiB".
+
+    KV placement: every layer resident when that fits; else, with ``allow_offload``, the first layers
+    resident and the rest in pinned host memory, as many resident as fit. ``resident_layers`` fixes
+    that count instead (the chunk must then fit with it)."""
     seq_len = _positive_int(seq_len, "seq_len")
     batch = _positive_int(batch, "batch")
     decode_tokens = _positive_int(decode_tokens, "decode_tokens", minimum=0)
@@ -406,6 +420,8 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         chunk_size = _positive_int(chunk_size, "chunk_size")
     if not isinstance(allow_offload, bool):
         raise TypeError(f"allow_offload must be a bool, got {type(allow_offload).__name__}")
+    offload_available = _offload_available()
+    allow_offload = allow_offload and offload_available
     dt = parse_dtype(dtype)
     elt = torch.empty((), dtype=dt).element_size()
     config = load_config(config)
@@ -448,8 +464,15 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         if total(device_parts(rows_of(c), L)) <= dev:
             chosen = c
             break
-    offload_needed = chosen is None
-    if offload_needed and allow_offload:
+    if resident_layers is not None:
+        n_resident = _positive_int(resident_layers, "resident_layers", minimum=0)
+        if n_resident > L:
+            raise ValueError(f"resident_layers must be <= the model's {L} layers, got {n_resident}")
+        if n_resident < L and not offload_available:
+            raise ValueError("resident_layers < layers needs the KV offload engine, which this build lacks")
+        cands = candidates if n_resident == L else ([c for c in candidates if c <= _OFFLOAD_CHUNK_CAP] or candidates[-1:])
+        chosen = next((c for c in cands if total(device_parts(rows_of(c), n_resident)) <= dev), None)
+    elif chosen is None and allow_offload:
         off = [c for c in candidates if c <= _OFFLOAD_CHUNK_CAP] or candidates[-1:]
         for c in off:
             if total(device_parts(rows_of(c), 0)) <= dev:
@@ -463,26 +486,30 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
     parts = device_parts(rows_of(report_chunk), n_resident)
     n_host = L - n_resident
     host_kv = n_host * layer_kv
-    # pinned staging slabs for chunk-wise device<->host copies (double-buffered), only when offloading
-    arena = 2 * batch * rows_of(report_chunk) * shape.kv_bytes_per_token_layer(elt) if n_host else 0
-    host_parts = {"KV on host": host_kv, "pinned arena": arena}
+    # the arena hands out exact regions from 1 GiB slabs: at most one slab's tail is unused
+    host_parts = {"KV on host": host_kv, "pinned arena slab tail": GiB if n_host else 0}
     host_usable = int(host * _HOST_USABLE)
 
     need_dev = total(parts)
     reason = ""
     if chosen is None:
         what = f"chunk {candidates[0]}" if chunk_size is not None else f"the smallest chunk ({candidates[-1]})"
-        if allow_offload:
+        if resident_layers is not None:
+            reason = (f"device needs {need_dev:,} bytes ({need_dev / GiB:.2f} GiB) with {what} and {n_resident} "
+                      f"layers' KV resident, but only {dev:,} bytes ({dev / GiB:.2f} GiB) are available")
+        elif allow_offload:
             reason = (f"device needs {need_dev:,} bytes ({need_dev / GiB:.2f} GiB) with {what} even with every "
                       f"layer's KV on the host, but only {dev:,} bytes ({dev / GiB:.2f} GiB) are available")
         else:
             reason = (f"device needs {need_dev:,} bytes ({need_dev / GiB:.2f} GiB) with {what} and every layer's "
                       f"KV resident, but only {dev:,} bytes ({dev / GiB:.2f} GiB) are available")
             alt = plan(config, seq_len, batch=batch, dtype=dt, device_memory=dev, host_memory=host,
-                       decode_tokens=decode_tokens, chunk_size=chunk_size, allow_offload=True)
-            if alt.fits:
+                       decode_tokens=decode_tokens, chunk_size=chunk_size) if offload_available else None
+            if alt is None:
+                reason += "; this build has no KV offload engine"
+            elif alt.fits:
                 reason += (f"; with KV offload (allow_offload=True) {len(alt.host_layers)} of {L} layers' KV would "
-                           "go to pinned host memory, but the offload engine is not built yet")
+                           "go to pinned host memory and it fits")
             else:
                 reason += "; KV offload would not fit either"
     elif n_host and total(host_parts) > host_usable:
@@ -493,9 +520,8 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
                   "are usable")
     fits = not reason
     if fits and n_host:
-        notes.append(f"{n_host} of {L} layers' KV must live in pinned host memory: this needs the host-offload "
-                     "engine, which is not built yet (offload_available=False)")
-        notes.append("times assume device-resident KV; reading host KV over the interconnect is not modeled")
+        notes.append(f"layers {n_resident}..{L - 1} keep their KV in pinned host memory (kv_offload=True); "
+                     "each decode step streams it to the device once")
     if dt != torch.bfloat16:
         notes.append("times are bf16 measurements; other dtypes are not calibrated")
     if any(shape.windows):
@@ -508,9 +534,12 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         per_tok = decode_bytes(shape, int(mean_len), batch, elt) * 1e3 / H200_DECODE_BYTES_PER_S + H200_DECODE_STEP_MS
     else:
         per_tok = decode_bytes(shape, seq_len, batch, elt) * 1e3 / H200_DECODE_BYTES_PER_S + H200_DECODE_STEP_MS
+    # the host part crosses PCIe each step, overlapped with the resident part's reads
+    mean = seq_len + decode_tokens // 2
+    per_tok += n_host * batch * mean * shape.kv_bytes_per_token_layer(elt) * 1e3 / H200_H2D_BYTES_PER_S
     return Plan(model_type=shape.model_type, seq_len=seq_len, batch=batch, dtype=_dtype_name(dt),
                 chunk_size=chosen, breakdown_chunk=report_chunk, kv_capacity=cap, resident_layers=list(range(n_resident)),
                 host_layers=list(range(n_resident, L)), device_breakdown=parts, host_breakdown=host_parts,
                 device_memory=dev, host_memory=host, prefill_seconds=prefill_s, decode_ms_per_token=per_tok,
                 decode_seconds=per_tok * decode_tokens / 1e3, fits=fits, reason=reason,
-                allow_offload=allow_offload, notes=notes)
+                allow_offload=allow_offload, offload_available=offload_available, notes=notes)

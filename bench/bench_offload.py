@@ -1,0 +1,115 @@
+"""KV offload on the Llama-3.1-8B shape (bf16, batch 1): prefill with every layer's KV streamed to the
+host vs all resident, decode with host KV, and stock transformers' offloaded cache, in one process.
+
+    cd bench && python bench_offload.py --lengths 262144 --out results/offload_h200.jsonl
+
+Each row carries the planner's prediction next to the measurement (peak beyond weights, seconds,
+decode ms/token). Run from bench/ so bench_model's helpers import.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+import chunkinfer
+from bench_model import build_model, reset_memory, row, timed
+from common import write_rows
+
+GiB = 1 << 30
+
+
+def _prefill(model, ids, label, base, **kw):
+    reset_memory()
+    try:
+        out, sec = timed(lambda: model(ids, use_cache=True, logits_to_keep=1, **kw))
+    except torch.OutOfMemoryError as exc:
+        reset_memory()
+        return row(label, ids.shape[1], error=f"OOM: {str(exc).splitlines()[0]}"), None
+    return row(label, ids.shape[1], sec, torch.cuda.max_memory_allocated() - base,
+               torch.cuda.max_memory_reserved() - base, tokens=ids.shape[1]), out
+
+
+def _decode(model, out, steps: int) -> float:
+    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    times = []
+    for i in range(steps + 2):
+        _, sec = timed(lambda: model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1))
+        if i >= 2:
+            times.append(sec * 1e3)
+        cache.crop(-1)
+    return statistics.median(times)
+
+
+def _plan(model, length: int, resident: int | None) -> dict:
+    p = chunkinfer.plan(model.config, length, device_memory=torch.cuda.mem_get_info()[1], host_memory="120GiB",
+                        chunk_size=8192, resident_layers=resident, decode_tokens=1)
+    return {"pred_peak_alloc_beyond_weights": p.peak_alloc_beyond_weights, "pred_seconds": p.prefill_seconds,
+            "pred_ms_per_token": p.decode_ms_per_token, "pred_resident_layers": len(p.resident_layers)}
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[262144])
+    ap.add_argument("--decode-steps", type=int, default=5)
+    ap.add_argument("--skip-stock-above", type=int, default=262144)
+    ap.add_argument("--out", type=Path, default=Path("results/offload_h200.jsonl"))
+    args = ap.parse_args()
+    command = "cd bench && python bench_offload.py " + " ".join(sys.argv[1:])
+
+    model = build_model(32, llama3_rope=False)
+    reset_memory()
+    base = torch.cuda.memory_allocated()
+    rows = []
+    warm = torch.randint(0, model.config.vocab_size, (1, 4096), device="cuda")
+    for length in args.lengths:
+        ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
+        if length <= args.skip_stock_above:  # stock's offloaded cache: every layer's KV moved to the host
+            model(warm, use_cache=True, logits_to_keep=1, past_key_values=DynamicCache(config=model.config, offloading=True))
+            r, out = _prefill(model, ids, "stock offloaded prefill", base,
+                              past_key_values=DynamicCache(config=model.config, offloading=True))
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            del out
+        for label, kw in [("chunkinfer resident prefill", dict()),
+                          ("chunkinfer all-streamed prefill", dict(kv_offload=True, resident_layers=0))]:
+            chunkinfer.convert(model, chunk_size=8192, **kw)
+            model(warm, use_cache=True, logits_to_keep=1)
+            r, out = _prefill(model, ids, label, base)
+            r.update(_plan(model, length, kw.get("resident_layers")))
+            if out is not None and "streamed" in label:
+                r["host_pinned_bytes"] = model._chunkinfer.host.arena.bytes_reserved
+                d = row("chunkinfer all-streamed decode", length, ms_per_token=_decode(model, out, args.decode_steps))
+                d["pred_ms_per_token"] = r["pred_ms_per_token"]
+                d["pcie_only_floor_ms"] = 32 * length * 8 * 128 * 2 * 2 / 55.4e9 * 1e3
+                rows += [r, d]
+            else:
+                rows.append(r)
+            print(json.dumps(rows[-1]), flush=True)
+            del out
+            reset_memory()
+            chunkinfer.revert(model)
+        res = next(r for r in rows if r["what"] == "chunkinfer resident prefill" and r["length"] == length)
+        st = next(r for r in rows if r["what"] == "chunkinfer all-streamed prefill" and r["length"] == length)
+        if res["seconds"] and st["seconds"]:
+            st["tokens_per_s_vs_resident"] = res["seconds"] / st["seconds"]
+    write_rows(args.out, rows, command)
+    print("\n| what | length | s | tok/s | vs resident | ms/token | peak alloc GiB (pred) | error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f = lambda v, s: "" if v is None else s.format(v)  # noqa: E731
+        peak = r.get("peak_alloc_beyond_weights")
+        pred = r.get("pred_peak_alloc_beyond_weights")
+        print(f"| {r['what']} | {r['length']} | {f(r['seconds'], '{:.1f}')} | {f(r['tokens_per_s'], '{:.0f}')} | "
+              f"{f(r.get('tokens_per_s_vs_resident'), '{:.3f}')} | {f(r['ms_per_token'], '{:.1f}')} | "
+              f"{f(peak and peak / GiB, '{:.2f}')} ({f(pred and pred / GiB, '{:.2f}')}) | {r['error'] or ''} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Host-resident KV: layers whose K, V live in pinned host memory and are streamed through GPU staging.
+
+A streamed layer's K, V are whole-sequence on the GPU only while that layer computes, in one of two
+staging slots used in turn: the slot is filled from the host (the cached prefix), the layer writes its
+new K, V into it, and the new positions go back to the host. Every copy runs on the transfer engine's
+own streams, ordered against compute by CUDA events only: the host never waits for the GPU here.
+
+  slot reuse      compute waits for the offload of the slot's previous layer (engine.wait)
+  prefix fill     prefetch of the next streamed layer is issued when the current one starts, so it
+                  overlaps the current layer's compute (decode steps, continued prompts)
+  host growth     a larger pinned region is allocated and the whole layer [0, end) is offloaded into
+                  it from the slot; the old region is freed once the prefetch that read it is done
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .cache import KVBuffers, round_up_positions
+
+_HOST_GROWTH_MIN = 4096  # positions added at least when a host layer grows (decode past the headroom)
+
+
+class HostKV:
+    """What a converted model keeps across calls for offloading: the pinned arena and the engine."""
+
+    def __init__(self, device: torch.device):
+        from .transfer import KVTransferEngine, PinnedArena
+
+        cuda = device.type == "cuda"
+        index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else -1
+        self.device = device
+        self.arena = PinnedArena(slab_bytes=1 << 30, pinned=cuda, device=max(index, 0))
+        self.engine = KVTransferEngine(index)
+        self.retired: list = []  # (host tensors, ticket): regions freed once the copy reading them is done
+
+    def retire(self, tensors: tuple, ticket: int) -> None:
+        self.retired.append((tensors, ticket))
+
+    def collect(self) -> None:
+        """Free retired regions whose last copy has finished (never waits)."""
+        self.retired = [(t, ticket) for t, ticket in self.retired if not self.engine.done(ticket)]
+
+
+class HostKVLayer(CacheLayerMixin):
+    """One streamed layer's K, V in pinned host memory: [B, Hkv, capacity, D], ``length`` valid."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, host: HostKV) -> None:
+        self.host = host
+        self.k_buf: torch.Tensor | None = None
+        self.v_buf: torch.Tensor | None = None
+        self.length = 0
+        self.is_initialized = False
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k_buf is None else self.k_buf.shape[2]
+
+    def new_region(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, needed: int,
+                   headroom: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cap = round_up_positions(needed + headroom)
+        if self.k_buf is not None:
+            cap = max(cap, round_up_positions(self.capacity + _HOST_GROWTH_MIN))
+        shape = [batch, n_kv, cap, head_dim]
+        return self.host.arena.allocate(shape, dtype), self.host.arena.allocate(shape, dtype)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self.k_buf is None else self.k_buf[:, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.v_buf is None else self.v_buf[:, :, : self.length]
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        raise NotImplementedError("a host-resident KV layer is only written by chunkinfer's layer loop")
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError(
+            "a host-resident KV layer is only written by chunkinfer's layer loop; the stock transformers "
+            "forward cannot run on a cache with offloaded layers")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.length = max(0, self.length + tokens_to_remove) if tokens_to_remove < 0 else min(self.length, tokens_to_remove)
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("beam search / batch reordering is not supported on host-resident KV")
+
+    reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+
+    @property
+    def batch_size(self) -> int:
+        return self.k_buf.shape[0] if self.k_buf is not None else -1
+
+
+@dataclass
+class _Slot:
+    kv: KVBuffers = field(default_factory=KVBuffers)
+    offload_ticket: int = -1   # the last offload that reads this slot
+
+
+@dataclass
+class Staging:
+    """The two GPU slots streamed layers use in turn, kept with the cache between calls."""
+
+    slots: list = field(default_factory=lambda: [_Slot(), _Slot()])
+
+    def nbytes(self) -> int:
+        return sum(s.kv.nbytes() for s in self.slots)
+
+    def release(self) -> None:
+        self.slots = [_Slot(), _Slot()]
+
+
+class LayerStreamer:
+    """Streams the host-resident layers of one forward call through the staging slots.
+
+    ``begin(li)`` returns the K, V buffers layer ``li`` computes with (prefix already there, or in
+    flight and waited for on the compute stream); ``finish(li)`` sends positions [start, end) back.
+    """
+
+    def __init__(self, host: HostKV, staging: Staging, layers: list, streamed: list[int], start: int,
+                 end: int, headroom: int, shape_of):
+        self.host, self.engine, self.staging = host, host.engine, staging
+        self.layers, self.streamed, self.start, self.end, self.headroom = layers, streamed, start, end, headroom
+        self.shape_of = shape_of            # li -> (batch, n_kv, head_dim, dtype)
+        self.turn = {li: i % 2 for i, li in enumerate(streamed)}
+        self.prefetched: dict[int, int] = {}  # li -> ticket of its prefix prefetch, issued ahead
+
+    @classmethod
+    def for_call(cls, cache, shape_of, start: int, end: int, headroom: int) -> "LayerStreamer | None":
+        """The streamer of one call over ``cache``, or None when every layer is resident. Starts
+        pinning the host memory the call will need on the arena's thread, overlapped with compute."""
+        streamed = cache.streamed_layers()
+        if not streamed:
+            return None
+        host = cache.host
+        host.collect()
+        need = 0
+        for li in streamed:
+            layer = cache.layers[li]
+            if layer.capacity < end:
+                b, h, d, dtype = shape_of(li)
+                elt = torch.empty((), dtype=dtype).element_size()
+                cap = max(round_up_positions(end + headroom), round_up_positions(layer.capacity + _HOST_GROWTH_MIN)
+                          if layer.k_buf is not None else 0)
+                need += 2 * b * h * cap * d * elt
+        if need:
+            host.arena.grow_async(host.arena.bytes_used + need)
+        return cls(host, cache.staging, cache.layers, streamed, start, end, headroom, shape_of)
+
+    def _wait(self, ticket: int) -> None:
+        if ticket >= 0:
+            self.engine.wait(ticket)
+
+    def is_streamed(self, li: int) -> bool:
+        return li in self.turn
+
+    def _slot(self, li: int) -> _Slot:
+        slot = self.staging.slots[self.turn[li]]
+        b, h, d, dtype = self.shape_of(li)
+        if slot.kv.k_buf is not None and slot.kv.k_buf.shape[2] < self.end:
+            self._wait(slot.offload_ticket)  # the old slot may still be draining to the host
+        slot.kv.reserve(b, h, d, dtype, self.host.device, self.end, self.headroom)
+        return slot
+
+    def _prefetch(self, li: int) -> None:
+        layer = self.layers[li]
+        n = min(self.start, layer.length)
+        if n == 0:
+            return
+        slot = self._slot(li)
+        self._wait(slot.offload_ticket)  # positions the last offload reads may be overwritten
+        self.engine.prefetch(layer.k_buf, slot.kv.k_buf, 0, n)
+        self.prefetched[li] = self.engine.prefetch(layer.v_buf, slot.kv.v_buf, 0, n)
+
+    def begin(self, li: int) -> KVBuffers:
+        if li not in self.prefetched:
+            self._prefetch(li)
+        slot = self._slot(li)
+        ticket = self.prefetched.pop(li, None)
+        if ticket is None:
+            self._wait(slot.offload_ticket)
+        else:
+            self._wait(ticket)
+        nxt = self.streamed.index(li) + 1
+        if nxt < len(self.streamed):
+            self._prefetch(self.streamed[nxt])  # overlaps this layer's compute
+        return slot.kv
+
+    def finish(self, li: int) -> None:
+        layer: HostKVLayer = self.layers[li]
+        slot = self.staging.slots[self.turn[li]]
+        lo = self.start
+        old = None
+        if layer.capacity < self.end:
+            b, h, d, dtype = self.shape_of(li)
+            old = (layer.k_buf, layer.v_buf) if layer.k_buf is not None else None
+            layer.k_buf, layer.v_buf = layer.new_region(b, h, d, dtype, self.end, self.headroom)
+            layer.is_initialized = True
+            lo = 0  # the whole layer goes to the new region (its prefix came from the old one)
+        if self.end > lo:
+            self.engine.offload(slot.kv.k_buf, layer.k_buf, lo, self.end)
+            slot.offload_ticket = self.engine.offload(slot.kv.v_buf, layer.v_buf, lo, self.end)
+        if old is not None:
+            # the prefetch that read the old region finished before this layer computed, and the
+            # offload above is ordered after that compute
+            self.host.retire(old, slot.offload_ticket)
+
+    def close(self, failed: bool) -> None:
+        """After the loop. On failure, wait for every copy so nothing in flight outlives the call."""
+        if failed:
+            self.engine.synchronize()
+        self.prefetched.clear()
+        self.host.collect()

@@ -39,3 +39,6 @@ std::string message(const Args&... args) {
 
 // TORCH_CHECK with a message built by chunkinfer::message.
 #define CHUNKINFER_CHECK(cond, ...) TORCH_CHECK((cond), ::chunkinfer::message(__VA_ARGS__))
+
+// The same for a bad argument: raised in Python as ValueError rather than RuntimeError.
+#define CHUNKINFER_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE((cond), ::chunkinfer::message(__VA_ARGS__))

@@ -1,0 +1,64 @@
+#include "host_memory.h"
+
+#include <cstdlib>
+
+#include "../message.h"
+#include "cuda_check.h"
+
+#ifdef CHUNKINFER_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace chunkinfer::offload {
+
+void check_pinned_supported(int device) {
+#ifdef CHUNKINFER_WITH_CUDA
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // a missing driver or device is not an error later calls should see
+    count = 0;
+  }
+  CHUNKINFER_CHECK(count > 0, "PinnedArena: pinned=True needs a CUDA device and none is usable (",
+                   err == cudaSuccess ? "0 devices" : cudaGetErrorString(err),
+                   "); pass pinned=False for plain host memory");
+  CHUNKINFER_CHECK(device >= 0 && device < count, "PinnedArena: device ", device,
+                   " does not exist (", count, " CUDA devices visible)");
+#else
+  (void)device;
+  CHUNKINFER_CHECK(false, "PinnedArena: pinned=True needs the CUDA build of chunkinfer, this is a "
+                   "CPU-only build; pass pinned=False for plain host memory");
+#endif
+}
+
+void* alloc_host_slab(int64_t bytes, bool pinned, int device) {
+  void* p = nullptr;
+  if (pinned) {
+#ifdef CHUNKINFER_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    CHUNKINFER_CUDA_CHECK(cudaHostAlloc(&p, static_cast<size_t>(bytes), cudaHostAllocDefault),
+                          "PinnedArena: cudaHostAlloc of ", bytes, " bytes failed");
+#else
+    (void)device;
+    CHUNKINFER_CHECK(false, "PinnedArena: pinned memory needs the CUDA build");
+#endif
+    return p;
+  }
+  p = std::aligned_alloc(static_cast<size_t>(kSlabAlign), static_cast<size_t>(bytes));
+  CHUNKINFER_CHECK(p != nullptr, "PinnedArena: allocating ", bytes, " bytes of host memory failed");
+  return p;
+}
+
+void free_host_slab(void* p, bool pinned) noexcept {
+  if (p == nullptr) return;
+  if (pinned) {
+#ifdef CHUNKINFER_WITH_CUDA
+    // At interpreter exit the runtime may already be unloaded; nothing useful to do about an error.
+    if (cudaFreeHost(p) != cudaSuccess) (void)cudaGetLastError();
+#endif
+    return;
+  }
+  std::free(p);
+}
+
+}  // namespace chunkinfer::offload

@@ -69,9 +69,11 @@ numel * itemsize bytes (rounded up to 256). Zero elements: an ordinary empty ten
 the background grower has finished; while growth is in flight and no slab can serve the request,
 it waits for the grower rather than pinning a slab of its own. ValueError for a negative size.
 )doc")
-      .def("grow_async", &PinnedArena::grow_async, py::arg("total_bytes"), release_gil(), R"doc(
-Starts (or extends) a background thread that allocates/pins normal slabs until bytes_reserved
+      .def("grow_async", &PinnedArena::grow_async, py::arg("total_bytes"), py::arg("slab_bytes") = 0, release_gil(), R"doc(
+Starts (or extends) a background thread that allocates/pins slabs until bytes_reserved
 >= total_bytes, so that pinning (slow: ~2.6 GiB/s) overlaps GPU work. Returns at once.
+slab_bytes: the size of the slabs it pins (0: the arena's normal size); pass the size of the
+regions about to be allocated when they are bigger than a normal slab, so each grown slab holds one.
 )doc")
       .def("wait_grown", &PinnedArena::wait_grown, release_gil(), R"doc(
 Blocks until the background growth has ended; raises RuntimeError with what it failed on (bytes

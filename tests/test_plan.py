@@ -137,7 +137,7 @@ def test_chunk_choice():
     assert mid.fits and mid.chunk_size == 8192 and mid.device_bytes <= (c8 + c16) // 2
     # below what the floor needs: does not fit, and says so
     c1 = H200(524288, chunk_size=1024).device_bytes
-    tiny = H200(524288, device_memory=c1 - 1)
+    tiny = H200(524288, device_memory=c1 - 1, allow_offload=False)
     assert not tiny.fits and tiny.chunk_size is None and "smallest chunk (1024)" in tiny.reason
     assert f"needs {c1:,} bytes" in tiny.reason and f"only {c1 - 1:,} bytes" in tiny.reason
 

@@ -52,7 +52,7 @@ std::string error_text(const std::exception& e) {
   return e.what();
 }
 
-// The background grower: pins normal-size slabs until the target is reached, stop is set, or an
+// The background grower: pins slabs of grow_slab bytes until the target is reached, stop is set, or an
 // allocation fails (kept for wait_grown to raise).
 void grow_loop(std::shared_ptr<ArenaState> s) {
   std::string error;
@@ -65,7 +65,7 @@ void grow_loop(std::shared_ptr<ArenaState> s) {
 #endif
   std::unique_lock<std::mutex> lk(s->mu);
   while (error.empty() && !s->stop && s->reserved < s->grow_target) {
-    const int64_t bytes = s->slab_bytes;
+    const int64_t bytes = s->grow_slab;
     lk.unlock();
     void* p = nullptr;
     try {
@@ -130,8 +130,8 @@ at::Tensor PinnedArena::allocate(const std::vector<int64_t>& shape, at::ScalarTy
     std::unique_lock<std::mutex> lk(s.mu);
     for (;;) {
       region = first_fit(s, bytes);
-      // Growth adds normal slabs: worth waiting for only if one of them can hold this request.
-      if (region || !(s.growing && bytes <= s.slab_bytes)) break;
+      // Growth adds slabs of grow_slab bytes: worth waiting for only if one of them can hold this request.
+      if (region || !(s.growing && bytes <= s.grow_slab)) break;
       s.cv.wait(lk);
     }
     if (region) s.used += bytes;
@@ -155,15 +155,19 @@ at::Tensor PinnedArena::allocate(const std::vector<int64_t>& shape, at::ScalarTy
   return at::from_blob(region->slab->base + region->offset, shape, std::move(deleter), options);
 }
 
-void PinnedArena::grow_async(int64_t total_bytes) {
+void PinnedArena::grow_async(int64_t total_bytes, int64_t slab_bytes) {
   CHUNKINFER_CHECK_VALUE(total_bytes >= 0, "PinnedArena.grow_async: total_bytes must be >= 0, got ",
                          total_bytes);
+  CHUNKINFER_CHECK_VALUE(slab_bytes >= 0, "PinnedArena.grow_async: slab_bytes must be >= 0, got ", slab_bytes);
   ArenaState& s = *state_;
   const std::lock_guard<std::mutex> tl(thread_mu_);
   {
     const std::lock_guard<std::mutex> lk(s.mu);
     // A running grower sees a raised target; a new one starts from this target alone.
     s.grow_target = s.growing ? std::max(s.grow_target, total_bytes) : total_bytes;
+    // Regions bigger than a normal slab each get a slab of their own: grow in slabs that fit them.
+    const int64_t slab = slab_bytes > 0 ? round_up(slab_bytes, kSlabAlign) : s.slab_bytes;
+    s.grow_slab = s.growing ? std::max(s.grow_slab, slab) : slab;
     if (s.growing || s.reserved >= s.grow_target) return;
     s.growing = true;
   }

@@ -44,6 +44,7 @@ struct ArenaState {
   int64_t reserved = 0, used = 0;
   // Background growth: pin slabs until `reserved` reaches `grow_target`.
   int64_t grow_target = 0;
+  int64_t grow_slab = 0;  // size of the slabs the grower pins (a multiple of 2 MiB)
   bool growing = false, stop = false;
   std::string grow_error;  // the background thread's failure, raised by wait_grown
 
@@ -61,7 +62,7 @@ class __attribute__((visibility("hidden"))) PinnedArena {
   // A contiguous CPU tensor over a fresh region of exactly numel * itemsize bytes (uninitialised).
   at::Tensor allocate(const std::vector<int64_t>& shape, at::ScalarType dtype);
   // Pins slabs on a background thread until bytes_reserved >= total_bytes.
-  void grow_async(int64_t total_bytes);
+  void grow_async(int64_t total_bytes, int64_t slab_bytes = 0);
   // Blocks until the background growth has ended; raises what it failed on, if anything.
   void wait_grown();
   // Frees every slab with no live region; returns the bytes freed.

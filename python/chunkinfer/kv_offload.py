@@ -9,7 +9,8 @@ own streams, ordered against compute by CUDA events only: the host never waits f
   prefix fill     prefetch of the next streamed layer is issued when the current one starts, so it
                   overlaps the current layer's compute (decode steps, continued prompts)
   host growth     a larger pinned region is allocated and the whole layer [0, end) is offloaded into
-                  it from the slot; the old region is freed once the prefetch that read it is done
+                  it from the slot; the old region goes back to the arena once the prefetch that read
+                  it is done (the engine holds the tensors of a copy until it completes)
 """
 from __future__ import annotations
 
@@ -33,15 +34,7 @@ class HostKV:
         index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else -1
         self.device = device
         self.arena = PinnedArena(slab_bytes=1 << 30, pinned=cuda, device=max(index, 0))
-        self.engine = KVTransferEngine(index)
-        self.retired: list = []  # (host tensors, ticket): regions freed once the copy reading them is done
-
-    def retire(self, tensors: tuple, ticket: int) -> None:
-        self.retired.append((tensors, ticket))
-
-    def collect(self) -> None:
-        """Free retired regions whose last copy has finished (never waits)."""
-        self.retired = [(t, ticket) for t, ticket in self.retired if not self.engine.done(ticket)]
+        self.engine = KVTransferEngine(index)  # holds both ends of a copy until it is done
 
 
 class HostKVLayer(CacheLayerMixin):
@@ -156,8 +149,7 @@ class LayerStreamer:
         if not streamed:
             return None
         host = cache.host
-        host.collect()
-        need = 0
+        need, region = 0, 0
         for li in streamed:
             layer = cache.layers[li]
             if layer.capacity < end:
@@ -166,8 +158,9 @@ class LayerStreamer:
                 cap = max(round_up_positions(end + headroom), round_up_positions(layer.capacity + _HOST_GROWTH_MIN)
                           if layer.k_buf is not None else 0)
                 need += 2 * b * h * cap * d * elt
-        if need:
-            host.arena.grow_async(host.arena.bytes_used + need)
+                region = max(region, b * h * cap * d * elt)
+        if need:  # pinning is slow (~2.6 GiB/s): start it now, on the arena's thread
+            host.arena.grow_async(host.arena.bytes_used + need, region if region > host.arena.slab_bytes else 0)
         return cls(host, cache.staging, cache.layers, streamed, start, end, headroom, shape_of)
 
     def _wait(self, ticket: int) -> None:
@@ -213,24 +206,17 @@ class LayerStreamer:
         layer: HostKVLayer = self.layers[li]
         slot = self.staging.slots[self.turn[li]]
         lo = self.start
-        old = None
         if layer.capacity < self.end:
             b, h, d, dtype = self.shape_of(li)
-            old = (layer.k_buf, layer.v_buf) if layer.k_buf is not None else None
             layer.k_buf, layer.v_buf = layer.new_region(b, h, d, dtype, self.end, self.headroom)
             layer.is_initialized = True
             lo = 0  # the whole layer goes to the new region (its prefix came from the old one)
         if self.end > lo:
             self.engine.offload(slot.kv.k_buf, layer.k_buf, lo, self.end)
             slot.offload_ticket = self.engine.offload(slot.kv.v_buf, layer.v_buf, lo, self.end)
-        if old is not None:
-            # the prefetch that read the old region finished before this layer computed, and the
-            # offload above is ordered after that compute
-            self.host.retire(old, slot.offload_ticket)
 
     def close(self, failed: bool) -> None:
         """After the loop. On failure, wait for every copy so nothing in flight outlives the call."""
         if failed:
             self.engine.synchronize()
         self.prefetched.clear()
-        self.host.collect()

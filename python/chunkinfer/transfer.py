@@ -18,7 +18,7 @@ import torch
 
 from . import ops
 
-__all__ = ["PinnedArena", "KVTransferEngine"]
+__all__ = ["PinnedArena", "KVTransferEngine", "available", "require"]
 
 if TYPE_CHECKING:
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
         def __init__(self, slab_bytes: int = 1 << 30, pinned: bool = True, device: int = 0) -> None: ...
         def allocate(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor: ...
-        def grow_async(self, total_bytes: int) -> None: ...
+        def grow_async(self, total_bytes: int, slab_bytes: int = 0) -> None: ...
         def wait_grown(self) -> None: ...
         def trim(self) -> int: ...
         @property
@@ -84,3 +84,14 @@ else:
         _stale = "was built without it (a build older than csrc/offload): rebuild"
         PinnedArena = getattr(ops._C, "PinnedArena", None) or _unavailable("PinnedArena", _stale)
         KVTransferEngine = getattr(ops._C, "KVTransferEngine", None) or _unavailable("KVTransferEngine", _stale)
+
+
+def available() -> bool:
+    """Whether this install has the compiled offload classes."""
+    return ops._C is not None and hasattr(ops._C, "KVTransferEngine")
+
+
+def require() -> None:
+    """Raise RuntimeError naming the reason when the offload classes are not built."""
+    if not available():
+        KVTransferEngine(-1)  # raises with the reason

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import chunkinfer
+import chunkinfer.transfer
 from chunkinfer.cache import ChunkKVLayer
 from chunkinfer.kv_offload import HostKVLayer
 from conftest import left_padded_batch, make_model
 
-pytestmark = pytest.mark.skipif(not chunkinfer.build_info().get("offload", False),
+pytestmark = pytest.mark.skipif(not chunkinfer.transfer.available(),
                                 reason="the compiled extension has no KV offload engine")
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda,
@@ -128,8 +129,16 @@ def test_failure_midway_keeps_the_cache_usable(monkeypatch):
     a = resident(ids, use_cache=True)
     b = offloaded(ids, use_cache=True)
     more = _ids(1, 1300, "cpu", 6)  # grows the host regions
-    layer3 = offloaded.model.layers[3].mlp.down_proj
-    monkeypatch.setattr(layer3, "forward", lambda x: (_ for _ in ()).throw(RuntimeError("boom")))
+    from chunkinfer import layer_loop
+
+    layer3, linear = offloaded.model.layers[3].mlp.down_proj, layer_loop._linear
+
+    def failing(x, m):
+        if m is layer3:
+            raise RuntimeError("boom")
+        return linear(x, m)
+
+    monkeypatch.setattr(layer_loop, "_linear", failing)
     with pytest.raises(RuntimeError, match="boom"):
         offloaded(more, past_key_values=b.past_key_values, use_cache=True)
     monkeypatch.undo()

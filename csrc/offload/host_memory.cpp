@@ -1,6 +1,9 @@
 #include "host_memory.h"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
+#include <cstring>
 
 #include "../message.h"
 #include "cuda_check.h"
@@ -10,6 +13,18 @@
 #endif
 
 namespace chunkinfer::offload {
+
+namespace {
+// How slabs are pinned: cudaHostAlloc, or pages faulted in by the kernel (mmap MAP_POPULATE, no CUDA
+// lock held) and then registered with cudaHostRegister. Chosen by CHUNKINFER_PIN=alloc|register.
+bool pin_by_register() {
+  static const bool value = [] {
+    const char* v = std::getenv("CHUNKINFER_PIN");
+    return v != nullptr && std::strcmp(v, "register") == 0;
+  }();
+  return value;
+}
+}  // namespace
 
 void check_pinned_supported(int device) {
 #ifdef CHUNKINFER_WITH_CUDA
@@ -36,6 +51,15 @@ void* alloc_host_slab(int64_t bytes, bool pinned, int device) {
   if (pinned) {
 #ifdef CHUNKINFER_WITH_CUDA
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    if (pin_by_register()) {
+      p = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE,
+               MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+      CHUNKINFER_CHECK(p != MAP_FAILED, "PinnedArena: mmap of ", bytes, " bytes failed");
+      const cudaError_t err = cudaHostRegister(p, static_cast<size_t>(bytes), cudaHostRegisterDefault);
+      if (err != cudaSuccess) munmap(p, static_cast<size_t>(bytes));
+      CHUNKINFER_CUDA_CHECK(err, "PinnedArena: cudaHostRegister of ", bytes, " bytes failed");
+      return p;
+    }
     CHUNKINFER_CUDA_CHECK(cudaHostAlloc(&p, static_cast<size_t>(bytes), cudaHostAllocDefault),
                           "PinnedArena: cudaHostAlloc of ", bytes, " bytes failed");
 #else
@@ -49,12 +73,19 @@ void* alloc_host_slab(int64_t bytes, bool pinned, int device) {
   return p;
 }
 
-void free_host_slab(void* p, bool pinned) noexcept {
+void free_host_slab(void* p, int64_t bytes, bool pinned) noexcept {
   if (p == nullptr) return;
   if (pinned) {
 #ifdef CHUNKINFER_WITH_CUDA
     // At interpreter exit the runtime may already be unloaded; nothing useful to do about an error.
+    if (pin_by_register()) {
+      if (cudaHostUnregister(p) != cudaSuccess) (void)cudaGetLastError();
+      munmap(p, static_cast<size_t>(bytes));
+      return;
+    }
     if (cudaFreeHost(p) != cudaSuccess) (void)cudaGetLastError();
+#else
+    (void)bytes;
 #endif
     return;
   }

@@ -18,6 +18,6 @@ void check_pinned_supported(int device);
 // For pinned slabs the calling thread's current device is set to `device` for the call.
 void* alloc_host_slab(int64_t bytes, bool pinned, int device);
 // Never throws (it runs in destructors, possibly at interpreter exit).
-void free_host_slab(void* p, bool pinned) noexcept;
+void free_host_slab(void* p, int64_t bytes, bool pinned) noexcept;
 
 }  // namespace chunkinfer::offload

@@ -90,7 +90,7 @@ void grow_loop(std::shared_ptr<ArenaState> s) {
 }  // namespace
 
 ArenaState::~ArenaState() {
-  for (auto& slab : slabs) free_host_slab(slab->base, pinned);
+  for (auto& slab : slabs) free_host_slab(slab->base, slab->size, pinned);
 }
 
 void ArenaState::release(Slab* slab, int64_t offset, int64_t bytes) {
@@ -210,7 +210,7 @@ int64_t PinnedArena::trim() {
     s.slabs.erase(keep, s.slabs.end());
     s.reserved -= freed;
   }
-  for (auto& slab : unused) free_host_slab(slab->base, s.pinned);  // outside the lock: it is slow
+  for (auto& slab : unused) free_host_slab(slab->base, slab->size, s.pinned);  // outside the lock: it is slow
   return freed;
 }
 

@@ -22,8 +22,9 @@ constexpr int64_t kRegionAlign = 256;
 
 struct Slab {
   char* base = nullptr;
+  int64_t size = 0;
   FreeList free;
-  explicit Slab(char* b, int64_t size) : base(b), free(size) {}
+  explicit Slab(char* b, int64_t bytes) : base(b), size(bytes), free(bytes) {}
 };
 
 // Everything a live region needs: shared by the arena and by every tensor it handed out, so a

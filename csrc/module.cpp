@@ -53,13 +53,13 @@ own (their size rounded up to 2 MiB); others go first-fit into the slabs' free r
 coalesced when regions are freed. A region returns to the arena when its tensor is freed, also
 after the arena object itself is gone. Thread-safe.
 
-Errors: ValueError for bad arguments; RuntimeError when memory cannot be had (cudaHostAlloc or the
+Errors: ValueError for bad arguments; RuntimeError when memory cannot be had (mmap / cudaHostRegister or the
 host allocator failed, pinned=True without the CUDA build or a CUDA device).
 )doc")
       .def(py::init<int64_t, bool, int>(), py::arg("slab_bytes") = int64_t{1} << 30, py::arg("pinned") = true,
            py::arg("device") = 0, R"doc(
 slab_bytes: size of a normal slab, rounded up to a multiple of 2 MiB (ValueError if <= 0).
-pinned: True = page-locked memory from cudaHostAlloc (RuntimeError in a CPU-only build or without
+pinned: True = page-locked memory (mmap + cudaHostRegister) (RuntimeError in a CPU-only build or without
   a CUDA device: pass pinned=False); False = plain 2 MiB-aligned host memory.
 device: the CUDA device the background grower pins for (ignored when pinned=False).
 )doc")

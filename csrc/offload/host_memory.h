@@ -1,4 +1,4 @@
-// Raw host slabs: page-locked through cudaHostAlloc, or plain 2 MiB-aligned memory (which lets the
+// Raw host slabs: page-locked (mmap'd, then cudaHostRegister), or plain 2 MiB-aligned memory (which lets the
 // arena's bookkeeping run and be tested on machines without a GPU).
 #pragma once
 

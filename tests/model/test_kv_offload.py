@@ -163,10 +163,16 @@ def test_memory_budget_places_layers_and_refuses_what_cannot_fit():
     per_layer = full.device_breakdown["KV resident"] // 6
     budget = full.device_bytes - 3 * per_layer
     chunkinfer.convert(model, chunk_size=1024, kv_offload=True, memory_budget=budget)
+    from chunkinfer.cache import ChunkKVCache
+    from chunkinfer.placement import plan_call
+
+    state = model._chunkinfer
+    p = plan_call(model, state.offload, ChunkKVCache(6, state.host), 1, 4096, 1024, torch.bfloat16,
+                  torch.device("cuda", torch.cuda.current_device()))
     out = model(ids, use_cache=True)
     layers = out.past_key_values.layers
     n_res = sum(isinstance(layer, ChunkKVLayer) for layer in layers)
-    assert 0 < n_res < 6 and all(isinstance(layer, HostKVLayer) for layer in layers[n_res:])
+    assert 0 < n_res < 6 and all(isinstance(layer, HostKVLayer) for layer in layers[n_res:]), (budget, p.table())
 
     chunkinfer.convert(model, chunk_size=1024, kv_offload=True, memory_budget=weights + (1 << 20))
     before = torch.cuda.memory_allocated()

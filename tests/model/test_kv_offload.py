@@ -156,12 +156,12 @@ def test_memory_budget_places_layers_and_refuses_what_cannot_fit():
                        intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = _ids(1, 4096, "cuda", 8)
-        # the budget of every layer resident, less half a layer: the planner must stream the last ones
+    # the budget of every layer resident, less half a layer: the planner must stream the last ones
     from chunkinfer.plan import plan
 
     full = plan(model.config, 4096, device_memory="1TiB", host_memory="1TiB", chunk_size=1024)
     per_layer = full.device_breakdown["KV resident"] // 6
-        budget = full.device_bytes - per_layer // 2
+    budget = full.device_bytes - per_layer // 2
     chunkinfer.convert(model, chunk_size=1024, kv_offload=True, memory_budget=budget)
     from chunkinfer.cache import ChunkKVCache
     from chunkinfer.placement import plan_call

@@ -240,8 +240,8 @@ def test_table_format():
 
 # ---- (f) command line -------------------------------------------------------------------------------------------
 def run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "chunkinfer", *args], capture_output=True, text=True, env=env,
+    # the chunkinfer this interpreter imports (the installed one, with its compiled offload engine)
+    return subprocess.run([sys.executable, "-m", "chunkinfer", *args], capture_output=True, text=True,
                           timeout=120)
 
 

@@ -65,26 +65,20 @@ class KVBuffers:
         return 0 if self.k_buf is None else 2 * self.k_buf.numel() * self.k_buf.element_size()
 
 
-class ChunkKVLayer(KVBuffers, CacheLayerMixin):
-    """One layer's K, V resident on the model's device: the first ``length`` positions are valid."""
+class CachedPositions(CacheLayerMixin):
+    """What transformers asks of a cache layer, for K, V buffers [B, Hkv, capacity, D] of which the
+    first ``length`` positions are valid, wherever the buffers live."""
 
     is_sliding = False  # keeps every position; the loop applies sliding windows itself
     is_compileable = False
     is_croppable = True
 
     def __init__(self) -> None:  # no CacheLayerMixin.__init__: keys/values are views, not attributes
-        KVBuffers.__init__(self)
+        self.k_buf: torch.Tensor | None = None
+        self.v_buf: torch.Tensor | None = None
         self.length = 0
         self.is_initialized = False
 
-    def reserve(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                needed: int, headroom: int = 0) -> None:
-        """Make room for ``needed`` positions, keeping the valid ones."""
-        KVBuffers.reserve(self, batch, n_kv, head_dim, dtype, device, needed, headroom, keep=self.length)
-        self.dtype, self.device = dtype, device
-        self.is_initialized = True
-
-    # ---- transformers' CacheLayerMixin ----
     @property
     def keys(self) -> torch.Tensor | None:
         return None if self.k_buf is None else self.k_buf[:, :, : self.length]
@@ -92,17 +86,6 @@ class ChunkKVLayer(KVBuffers, CacheLayerMixin):
     @property
     def values(self) -> torch.Tensor | None:
         return None if self.v_buf is None else self.v_buf[:, :, : self.length]
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        self.reserve(b, h, d, key_states.dtype, key_states.device, 0)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        b, h, n, d = key_states.shape
-        self.reserve(b, h, d, key_states.dtype, key_states.device, self.length + n)
-        self.write(key_states, value_states, self.length)
-        self.length += n
-        return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -123,6 +106,36 @@ class ChunkKVLayer(KVBuffers, CacheLayerMixin):
         # negative: remove that many; positive (transformers' legacy meaning): keep that many
         self.length = max(0, self.length + tokens_to_remove) if tokens_to_remove < 0 else min(self.length, tokens_to_remove)
 
+    @property
+    def batch_size(self) -> int:
+        return self.k_buf.shape[0] if self.k_buf is not None else -1
+
+
+class ChunkKVLayer(KVBuffers, CachedPositions):
+    """One layer's K, V resident on the model's device: the first ``length`` positions are valid."""
+
+    def __init__(self) -> None:
+        CachedPositions.__init__(self)
+
+    def reserve(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                needed: int, headroom: int = 0) -> None:
+        """Make room for ``needed`` positions, keeping the valid ones."""
+        KVBuffers.reserve(self, batch, n_kv, head_dim, dtype, device, needed, headroom, keep=self.length)
+        self.dtype, self.device = dtype, device
+        self.is_initialized = True
+
+    # ---- transformers' CacheLayerMixin ----
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.reserve(b, h, d, key_states.dtype, key_states.device, 0)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        b, h, n, d = key_states.shape
+        self.reserve(b, h, d, key_states.dtype, key_states.device, self.length + n)
+        self.write(key_states, value_states, self.length)
+        self.length += n
+        return self.keys, self.values
+
     def _map_batch(self, fn) -> None:
         if self.k_buf is not None:
             self.k_buf, self.v_buf = fn(self.k_buf), fn(self.v_buf)
@@ -135,10 +148,6 @@ class ChunkKVLayer(KVBuffers, CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices])
-
-    @property
-    def batch_size(self) -> int:
-        return self.k_buf.shape[0] if self.k_buf is not None else -1
 
 
 class ChunkKVCache(Cache):

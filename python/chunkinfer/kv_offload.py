@@ -17,9 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
-
-from .cache import KVBuffers, round_up_positions
+from .cache import CachedPositions, KVBuffers, round_up_positions
 
 _HOST_GROWTH_MIN = 4096  # positions added at least when a host layer grows (decode past the headroom)
 
@@ -37,39 +35,28 @@ class HostKV:
         self.engine = KVTransferEngine(index)  # holds both ends of a copy until it is done
 
 
-class HostKVLayer(CacheLayerMixin):
+class HostKVLayer(CachedPositions):
     """One streamed layer's K, V in pinned host memory: [B, Hkv, capacity, D], ``length`` valid."""
 
-    is_sliding = False
-    is_compileable = False
-    is_croppable = True
-
     def __init__(self, host: HostKV) -> None:
+        super().__init__()
         self.host = host
-        self.k_buf: torch.Tensor | None = None
-        self.v_buf: torch.Tensor | None = None
-        self.length = 0
-        self.is_initialized = False
 
     @property
     def capacity(self) -> int:
         return 0 if self.k_buf is None else self.k_buf.shape[2]
 
-    def new_region(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, needed: int,
-                   headroom: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def capacity_for(self, needed: int, headroom: int) -> int:
+        """Positions of the region that replaces this one when ``needed`` exceeds its capacity."""
         cap = round_up_positions(needed + headroom)
         if self.k_buf is not None:
             cap = max(cap, round_up_positions(self.capacity + _HOST_GROWTH_MIN))
-        shape = [batch, n_kv, cap, head_dim]
+        return cap
+
+    def new_region(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, needed: int,
+                   headroom: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = [batch, n_kv, self.capacity_for(needed, headroom), head_dim]
         return self.host.arena.allocate(shape, dtype), self.host.arena.allocate(shape, dtype)
-
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return None if self.k_buf is None else self.k_buf[:, :, : self.length]
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return None if self.v_buf is None else self.v_buf[:, :, : self.length]
 
     def lazy_initialization(self, key_states, value_states) -> None:
         raise NotImplementedError("a host-resident KV layer is only written by chunkinfer's layer loop")
@@ -79,32 +66,10 @@ class HostKVLayer(CacheLayerMixin):
             "a host-resident KV layer is only written by chunkinfer's layer loop; the stock transformers "
             "forward cannot run on a cache with offloaded layers")
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        self.length = max(0, self.length + tokens_to_remove) if tokens_to_remove < 0 else min(self.length, tokens_to_remove)
-
     def _unsupported(self, *args, **kwargs):
         raise NotImplementedError("beam search / batch reordering is not supported on host-resident KV")
 
     reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
-
-    @property
-    def batch_size(self) -> int:
-        return self.k_buf.shape[0] if self.k_buf is not None else -1
 
 
 @dataclass
@@ -121,9 +86,6 @@ class Staging:
 
     def nbytes(self) -> int:
         return sum(s.kv.nbytes() for s in self.slots)
-
-    def release(self) -> None:
-        self.slots = [_Slot(), _Slot()]
 
 
 class LayerStreamer:
@@ -155,8 +117,7 @@ class LayerStreamer:
             if layer.capacity < end:
                 b, h, d, dtype = shape_of(li)
                 elt = torch.empty((), dtype=dtype).element_size()
-                cap = max(round_up_positions(end + headroom), round_up_positions(layer.capacity + _HOST_GROWTH_MIN)
-                          if layer.k_buf is not None else 0)
+                cap = layer.capacity_for(end, headroom)
                 need += 2 * b * h * cap * d * elt
                 region = max(region, b * h * cap * d * elt)
         if need:  # pinning is slow (~2.6 GiB/s): start it now, on the arena's thread
@@ -219,4 +180,3 @@ class LayerStreamer:
         """After the loop. On failure, wait for every copy so nothing in flight outlives the call."""
         if failed:
             self.engine.synchronize()
-        self.prefetched.clear()

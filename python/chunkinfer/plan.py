@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .transfer import available as offload_engine_available
+
 GiB = 1 << 30
 
 # ---- Measured device rates: NVIDIA H200, bf16, chunk 8192 --------------------------------------------
@@ -368,14 +370,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def _offload_available() -> bool:
-    try:
-        from . import _C
-    except ImportError:
-        return False
-    return hasattr(_C, "KVTransferEngine")
-
-
 def _default_device_memory() -> int:
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA device to read the memory size from; pass device_memory "
@@ -420,7 +414,7 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         chunk_size = _positive_int(chunk_size, "chunk_size")
     if not isinstance(allow_offload, bool):
         raise TypeError(f"allow_offload must be a bool, got {type(allow_offload).__name__}")
-    offload_available = _offload_available()
+    offload_available = offload_engine_available()
     allow_offload = allow_offload and offload_available
     dt = parse_dtype(dtype)
     elt = torch.empty((), dtype=dt).element_size()

@@ -61,14 +61,15 @@ def row(what, length, seconds=None, peak_alloc=None, peak_reserved=None, tokens=
             "device": torch.cuda.get_device_name()}
 
 
-def prefill(model, ids, label, base_alloc, base_reserved, reps: int = 1):
-    """Median time of ``reps`` prefills (short ones vary run to run); the peak of the last one."""
+def prefill(model, ids, label, base_alloc, base_reserved, reps: int = 1, **forward_kw):
+    """Median time of ``reps`` prefills (short ones vary run to run); the peak of the last one.
+    ``forward_kw`` go to the model call (e.g. a stock offloaded cache as past_key_values)."""
     times, out = [], None
     try:
         for _ in range(reps):
             out = None
             reset_memory()
-            out, sec = timed(lambda: model(ids, use_cache=True, logits_to_keep=1))
+            out, sec = timed(lambda: model(ids, use_cache=True, logits_to_keep=1, **forward_kw))
             times.append(sec)
     except torch.OutOfMemoryError as exc:
         out = None
@@ -80,13 +81,13 @@ def prefill(model, ids, label, base_alloc, base_reserved, reps: int = 1):
     return r, out
 
 
-def decode_ms(model, out, steps: int) -> float:
+def decode_ms(model, out, steps: int, warmup: int = 5) -> float:
     cache = out.past_key_values
     nxt = out.logits[:, -1:].argmax(-1)
     times = []
-    for i in range(steps + 5):
+    for i in range(steps + warmup):
         _, sec = timed(lambda: model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1))
-        if i >= 5:
+        if i >= warmup:
             times.append(sec * 1e3)
         if hasattr(cache, "crop"):
             cache.crop(-1)  # keep the cached length fixed

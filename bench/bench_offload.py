@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -18,32 +17,10 @@ import torch
 from transformers import DynamicCache
 
 import chunkinfer
-from bench_model import build_model, reset_memory, row, timed
+from bench_model import build_model, decode_ms, prefill, reset_memory, row
 from common import write_rows
 
 GiB = 1 << 30
-
-
-def _prefill(model, ids, label, base, **kw):
-    reset_memory()
-    try:
-        out, sec = timed(lambda: model(ids, use_cache=True, logits_to_keep=1, **kw))
-    except torch.OutOfMemoryError as exc:
-        reset_memory()
-        return row(label, ids.shape[1], error=f"OOM: {str(exc).splitlines()[0]}"), None
-    return row(label, ids.shape[1], sec, torch.cuda.max_memory_allocated() - base,
-               torch.cuda.max_memory_reserved() - base, tokens=ids.shape[1]), out
-
-
-def _decode(model, out, steps: int) -> float:
-    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    times = []
-    for i in range(steps + 2):
-        _, sec = timed(lambda: model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1))
-        if i >= 2:
-            times.append(sec * 1e3)
-        cache.crop(-1)
-    return statistics.median(times)
 
 
 def _plan(model, length: int, resident: int | None) -> dict:
@@ -72,8 +49,8 @@ def main() -> None:
         ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
         if length <= args.skip_stock_above:  # stock's offloaded cache: every layer's KV moved to the host
             model(warm, use_cache=True, logits_to_keep=1, past_key_values=DynamicCache(config=model.config, offloading=True))
-            r, out = _prefill(model, ids, "stock offloaded prefill", base,
-                              past_key_values=DynamicCache(config=model.config, offloading=True))
+            r, out = prefill(model, ids, "stock offloaded prefill", base, base,
+                             past_key_values=DynamicCache(config=model.config, offloading=True))
             rows.append(r)
             print(json.dumps(r), flush=True)
             del out
@@ -84,17 +61,17 @@ def main() -> None:
                           ("chunkinfer all-streamed prefill", dict(kv_offload=True, resident_layers=0))]:
             chunkinfer.convert(model, chunk_size=8192, **kw)
             model(warm, use_cache=True, logits_to_keep=1)
-            r, out = _prefill(model, ids, label, base)
+            r, out = prefill(model, ids, label, base, base)
             r.update(_plan(model, length, kw.get("resident_layers")))
             if out is not None and "streamed" in label:
                 r["host_pinned_bytes"] = model._chunkinfer.host.arena.bytes_reserved
                 # again with the arena's slabs already pinned (the first call pinned them during the prefill)
                 cache = out.past_key_values
                 del out, cache
-                r2, out = _prefill(model, ids, label + " (arena warm)", base)
+                r2, out = prefill(model, ids, label + " (arena warm)", base, base)
                 rows.append(r2)
                 print(json.dumps(r2), flush=True)
-                d = row("chunkinfer all-streamed decode", length, ms_per_token=_decode(model, out, args.decode_steps))
+                d = row("chunkinfer all-streamed decode", length, ms_per_token=decode_ms(model, out, args.decode_steps, warmup=2))
                 d["pred_ms_per_token"] = r["pred_ms_per_token"]
                 d["pcie_only_floor_ms"] = 32 * length * 8 * 128 * 2 * 2 / 55.4e9 * 1e3
                 rows += [r, d]

@@ -77,4 +77,20 @@ MergeRows check_merge_attn_states_args(const char* op, const at::Tensor& out, co
                                        const at::Tensor& out_b, const at::Tensor& lse_b);
 std::tuple<at::Tensor, at::Tensor> merge_attn_states_outputs(const at::Tensor& out_a);
 
+// ---- rotary embedding + KV cache write (csrc/cpu/rotary.cpp, csrc/cuda/rotary.cu; checks in
+// csrc/rotary_checks.cpp) ----
+// q [B, T, Hq, D] (optional, rotated in place), k, v [B, T, Hkv, D], cos, sin [1 or B, T, R] (R even,
+// R <= D; sin with its first half negated, so x' = x * cos + roll(x, R/2) * sin on the first R dims),
+// k_cache, v_cache [B, Hkv, cap, D], index [T] int64: token t's rotated K and its V go to position
+// index[t] (positions outside [0, cap) are skipped). fp32 math, one rounding.
+struct RotaryArgs {
+  int64_t B = 0, T = 0, Hq = 0, Hkv = 0, D = 0, R = 0, cap = 0;
+  bool has_q = false;
+  bool cos_per_batch = false;  // cos/sin have B rows, else one row shared by the batch
+};
+RotaryArgs check_rotary_kv_write_args(const char* op, const std::optional<at::Tensor>& q, const at::Tensor& k,
+                                      const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
+                                      const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const at::Tensor& index);
+
 }  // namespace chunkinfer

@@ -22,5 +22,9 @@ TORCH_LIBRARY(chunkinfer, m) {
   // exact merge of two partial attentions over disjoint keys: out [..., D], lse [...] (fp32)
   m.def("merge_attn_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
   m.def("merge_attn_states_out(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> ()");
+  // rotary embedding of the new tokens' q (in place) and k, and k, v written into the cache at index[t]:
+  // q [B, T, Hq, D] or None, k, v [B, T, Hkv, D], cos/sin [1 or B, T, R] (sin's first half negated),
+  // k_cache/v_cache [B, Hkv, cap, D], index [T] int64 on the device (one CUDA graph serves every step)
+  m.def("rotary_kv_write(Tensor(a!)? q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor index) -> ()");
 }
 

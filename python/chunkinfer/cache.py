@@ -51,12 +51,6 @@ class KVBuffers:
         self.k_buf[:, :, start:start + n].copy_(k)
         self.v_buf[:, :, start:start + n].copy_(v)
 
-    def write_at(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
-        """Write k, v [B, Hkv, n, D] at the positions held in ``index`` [n] (int64, on the device):
-        no host-side position, so a CUDA graph can replay it at every step."""
-        self.k_buf.index_copy_(2, index, k)
-        self.v_buf.index_copy_(2, index, v)
-
     def view(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of positions [0, end), as views of the buffers."""
         return self.k_buf[:, :, :end], self.v_buf[:, :, :end]

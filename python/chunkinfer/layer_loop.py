@@ -29,6 +29,7 @@ class LoopInputs:
     chunk: int
     last_rows_from: int = 0         # the last layer computes outputs only for rows >= this
     hidden_states: list | None = None  # collects the input of every layer when not None
+    write_index: torch.Tensor | None = None  # [S] int64 cache positions of the rows (start + arange(S))
     progress: Callable[[int, int], None] | None = None  # (chunks done, chunks in all) after each chunk
 
 
@@ -58,18 +59,10 @@ class _Rope:
             cos, sin = cos[:, :-1], sin[:, :-1]
         half = sin.shape[-1] // 2
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        res = (cos.unsqueeze(1), sin.unsqueeze(1))  # [B, 1, c, rot_dim]
+        res = (cos, sin)  # [B, c, rot_dim]
         if self.single_chunk:
             self.memo[memo_key] = res
         return res
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    rd = cos.shape[-1]
-    if rd == x.shape[-1]:
-        return x * cos + x.roll(rd // 2, -1) * sin
-    xr = x[..., :rd]  # partial rotary (Phi-3 partial_rotary_factor)
-    return torch.cat([xr * cos + xr.roll(rd // 2, -1) * sin, x[..., rd:]], dim=-1)
 
 
 def _linear(x: torch.Tensor, m) -> torch.Tensor:
@@ -99,34 +92,36 @@ class _Layer:
             q = _linear(h, lb.qkv[0]) if want_q else None
             k, v = _linear(h, lb.qkv[1]), _linear(h, lb.qkv[2])
         k = k.view(b, c, lb.n_kv, lb.head_dim)
-        v = v.view(b, c, lb.n_kv, lb.head_dim).transpose(1, 2)
+        v = v.view(b, c, lb.n_kv, lb.head_dim)
         if lb.k_norm is not None:
             k = self._norm(k, lb.k_norm)
         if want_q:
             q = q.view(b, c, lb.n_q, lb.head_dim)
             if lb.q_norm is not None:
                 q = self._norm(q, lb.q_norm)
-            q = q.transpose(1, 2)
-        return q, k.transpose(1, 2), v
+        return q, k, v  # [B, c, heads, D]
+
+    def _rotate_and_write(self, q, k, v, r0: int, r1: int, index: torch.Tensor) -> None:
+        """Rotary on q (in place) and k; k, v into the cache at ``index``: one fused op."""
+        cos, sin = self.rope.get(self.lb.rope_key, r0, r1)
+        ops.rotary_kv_write(q, k, v, cos, sin, self.cache.k_buf, self.cache.v_buf, index)
 
     def kv_only(self, r0: int, r1: int) -> None:
         """Write this layer's K, V for rows [r0, r1) without computing anything else."""
         h = self._norm(self.inp.hidden[:, r0:r1], self.lb.input_norm)
         _, k, v = self._qkv(h, want_q=False)
-        cos, sin = self.rope.get(self.lb.rope_key, r0, r1)
-        self.cache.write(_rotate(k, cos, sin), v, self.inp.start + r0)
+        self._rotate_and_write(None, k, v, r0, r1, self.inp.write_index[r0:r1])
 
     def block(self, r0: int, r1: int) -> None:
         """The whole layer on rows [r0, r1): attention (K, V into the cache), MLP, residual in place."""
         lb, inp = self.lb, self.inp
         x = inp.hidden[:, r0:r1]
         q, k, v = self._qkv(self._norm(x, lb.input_norm), want_q=True)
-        cos, sin = self.rope.get(lb.rope_key, r0, r1)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        self._rotate_and_write(q, k, v, r0, r1, inp.write_index[r0:r1])
         q_start = inp.start + r0
-        self.cache.write(k, v, q_start)
         keys, values = self.cache.view(q_start + x.shape[1])
-        self._finish(x, block_attention(q, keys, values, q_start, inp.key_starts, lb.window, lb.scale))
+        self._finish(x, block_attention(q.transpose(1, 2), keys, values, q_start, inp.key_starts, lb.window,
+                                        lb.scale))
 
     def decode_block(self, step: "DeviceStep") -> None:
         """One new token per sequence with its position, write index and lengths in device tensors,
@@ -134,10 +129,8 @@ class _Layer:
         lb = self.lb
         x = self.inp.hidden  # [B, 1, H]
         q, k, v = self._qkv(self._norm(x, lb.input_norm), want_q=True)
-        cos, sin = self.rope.get(lb.rope_key, 0, 1)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        self.cache.write_at(k, v, step.write_index)
-        attn, _ = ops.decode_attention(q, self.cache.k_buf, self.cache.v_buf, step.seq_lens, step.starts,
+        self._rotate_and_write(q, k, v, 0, 1, step.write_index)
+        attn, _ = ops.decode_attention(q.transpose(1, 2), self.cache.k_buf, self.cache.v_buf, step.seq_lens, step.starts,
                                        scale=lb.scale, window=lb.window or 0)
         self._finish(x, attn)
 
@@ -204,6 +197,7 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
     chunk = inp.chunk
     rope = _Rope(mb, inp)
     act_buf = _act_buffer(mb, hidden, b * min(chunk, s))
+    inp.write_index = torch.arange(inp.start, inp.start + s, device=hidden.device)
     end = inp.start + s
     headroom = _PREFILL_HEADROOM if s > 1 else 0
     last = len(mb.layers) - 1

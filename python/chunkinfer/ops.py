@@ -25,6 +25,7 @@ SCHEMAS = {
     "decode_attention_out": "decode_attention_out(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0) -> ()",
     "merge_attn_states": "merge_attn_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)",
     "merge_attn_states_out": "merge_attn_states_out(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> ()",
+    "rotary_kv_write": "rotary_kv_write(Tensor(a!)? q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor index) -> ()",
 }
 
 try:
@@ -71,12 +72,20 @@ def _register_reference_ops() -> None:
         out.copy_(o)
         lse.copy_(l)
 
+    def rotary_write(q, k, v, cos, sin, k_cache, v_cache, index):
+        if q is not None:
+            q.copy_(reference.rotate(q, cos, sin))
+        keep = (index >= 0) & (index < k_cache.shape[2])
+        k_cache.index_copy_(2, index[keep], reference.rotate(k, cos, sin)[:, keep].transpose(1, 2))
+        v_cache.index_copy_(2, index[keep], v[:, keep].transpose(1, 2))
+
     impls = {
         "silu_and_mul": reference.silu_and_mul, "silu_and_mul_out": silu_out,
         "gelu_and_mul": reference.gelu_and_mul, "gelu_and_mul_out": gelu_out,
         "rms_norm": reference.rms_norm, "rms_norm_out": rms_out, "fused_add_rms_norm": fused,
         "decode_attention": reference.decode_attention, "decode_attention_out": decode_out,
         "merge_attn_states": reference.merge_attn_states, "merge_attn_states_out": merge_out,
+        "rotary_kv_write": rotary_write,
     }
     for name, fn in impls.items():
         lib.impl(name, fn, "CompositeExplicitAutograd")
@@ -104,7 +113,7 @@ def _register_fakes() -> None:
         return out_a.new_empty(out_a.shape), out_a.new_empty(out_a.shape[:-1], dtype=torch.float32)
 
     for name in ("silu_and_mul_out", "gelu_and_mul_out", "rms_norm_out", "fused_add_rms_norm",
-                 "decode_attention_out", "merge_attn_states_out"):
+                 "decode_attention_out", "merge_attn_states_out", "rotary_kv_write"):
         torch.library.register_fake(f"chunkinfer::{name}")(lambda *args, **kwargs: None)
 
 
@@ -188,6 +197,20 @@ def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Ten
         raise ValueError("merge_attn_states: pass both out and lse, or neither")
     torch.ops.chunkinfer.merge_attn_states_out(out, lse, out_a, lse_a, out_b, lse_b)
     return out, lse
+
+
+def rotary_kv_write(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor) -> None:
+    """Rotary embedding of new tokens and their K, V written into a preallocated cache, in one pass.
+
+    q [B, T, Hq, D] (rotated in place; None to skip), k, v [B, T, Hkv, D], cos, sin [1 or B, T, R]
+    with R even and <= D (partial rotary leaves dims R.. as they are) and ``sin``'s first half negated,
+    so that x' = x * cos + roll(x, R/2) * sin == x * cos + rotate_half(x) * sin_hf. k_cache, v_cache
+    [B, Hkv, capacity, D]: token t's rotated K and its V go to position index[t] (int64 [T] on the
+    device, so a CUDA graph replays it at every step; positions outside the capacity are skipped).
+    All last dims contiguous, one dtype; fp32 math with one rounding per output.
+    """
+    torch.ops.chunkinfer.rotary_kv_write(q, k, v, cos, sin, k_cache, v_cache, index)
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

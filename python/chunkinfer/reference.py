@@ -119,3 +119,15 @@ def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Ten
     out = torch.where(wa != 0, wa * out_a.to(ct), 0) + torch.where(wb != 0, wb * out_b.to(ct), 0)
     lse = torch.where(inf, mx, torch.where(total > 0, ref + torch.log(total), float("-inf")))
     return out.to(out_a.dtype), lse
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] rotated on its first R dims by cos, sin [1 or B, T, R] (sin's first half negated):
+    x * cos + roll(x, R/2) * sin, in the compute dtype, rounded once to x's dtype."""
+    ct = _compute_dtype(x)
+    r = cos.shape[-1]
+    c, s = cos.to(ct).unsqueeze(2), sin.to(ct).unsqueeze(2)
+    xr = x[..., :r].to(ct)
+    out = x.to(ct).clone()
+    out[..., :r] = xr * c + xr.roll(r // 2, -1) * s
+    return out.to(x.dtype)

@@ -37,6 +37,8 @@ int main(int argc, char** argv) {
     for (int i = 1; i < argc; ++i) lengths.push_back(std::atoi(argv[i]));
   }
   const int B = 1, Hq = 32, Hkv = 8, T = 1, D = 128;
+  const char* pdl_env = std::getenv("PDL");  // PDL=0: pass 2 as an ordinary launch, to compare
+  const bool pdl = !(pdl_env && std::atoi(pdl_env) == 0);
   int dev = 0, sms = 0, l2 = 0;
   CHECK_CUDA(cudaGetDevice(&dev));
   CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -51,7 +53,8 @@ int main(int argc, char** argv) {
   const double copy_gbps = 2.0 * copy_bytes / (copy_ms * 1e6);
   CHECK_CUDA(cudaFree(src));
   CHECK_CUDA(cudaFree(dst));
-  std::printf("device-to-device copy: %.0f GB/s (read + written), %d SMs, L2 %d MB\n", copy_gbps, sms, l2 >> 20);
+  std::printf("device-to-device copy: %.0f GB/s (read + written), %d SMs, L2 %d MB, programmatic launch %s\n",
+              copy_gbps, sms, l2 >> 20, pdl ? "on" : "off");
 
   for (const int L : lengths) {
     const size_t kv_elems = size_t(B) * Hkv * L * D;
@@ -96,7 +99,7 @@ int main(int argc, char** argv) {
           p.k = ks[next];
           p.v = vs[next];
           next = (next + 1) % copies;
-          chunkinfer::attention::launch_decode_attention<bf16>(p, 0);
+          chunkinfer::attention::launch_decode_attention<bf16>(p, 0, pdl);
           CHECK_CUDA(cudaGetLastError());
         },
         200);

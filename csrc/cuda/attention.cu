@@ -54,8 +54,9 @@ void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tenso
 
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  int num_sms = 0;
+  int num_sms = 0, cc_major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q.device().index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
 
   CHUNKINFER_DISPATCH_FLOATING(q.scalar_type(), [&] {
     using T = typename CudaType<scalar_t>::type;
@@ -86,7 +87,7 @@ void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tenso
     p.v_sb = v_cache.stride(0), p.v_sh = v_cache.stride(1), p.v_sp = v_cache.stride(2);
     p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_st = out.stride(2);
     p.l_sb = lse.stride(0), p.l_sh = lse.stride(1), p.l_st = lse.stride(2);
-    attention::launch_decode_attention<T>(p, stream);
+    attention::launch_decode_attention<T>(p, stream, /*programmatic_launch=*/cc_major >= 9);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

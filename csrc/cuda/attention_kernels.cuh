@@ -132,6 +132,19 @@ __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bf
 template <>
 __device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
 
+// Programmatic dependent launch (sm_90+): pass 2 is launched while pass 1 still runs and waits for it
+// on the device, which hides the launch gap between the two. No-ops on older architectures.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisite_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // exp2 of a difference whose reference may be -inf (nothing seen yet): 0 instead of NaN.
 __device__ __forceinline__ float safe_ref(float m) { return m == -INFINITY ? 0.f : m; }
 
@@ -163,6 +176,7 @@ __global__ void __launch_bounds__(kDecodeThreads, (DecodeConfig<T, D, ROWS>::kMi
 decode_attention_kernel(const DecodeParams p) {
   using C = DecodeConfig<T, D, ROWS>;
   constexpr int TPR = C::kThreadsPerRow, GROUPS = C::kGroups, U = C::kUnroll;
+  allow_dependent_launch();
 
   const int g = p.Hq / p.Hkv;
   const int rows_total = g * p.T;
@@ -183,6 +197,31 @@ decode_attention_kernel(const DecodeParams p) {
             : 0;
   const int k0 = lo + min(split * per_split, max(n, 0));
   const int k1 = min(len, k0 + per_split);
+
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + sub * kVec;
+  const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + sub * kVec;
+
+  extern __shared__ uint4 smem_raw[];
+  Pack8<T>* const kpipe = reinterpret_cast<Pack8<T>*>(smem_raw);  // [stages][U][threads]
+  Pack8<T>* const vpipe = kpipe + C::kStages * U * kDecodeThreads;
+  const int steps = k1 > k0 ? (k1 - k0 + C::kKeysPerStep - 1) / C::kKeysPerStep : 0;
+  auto issue = [&](int step) {  // one commit group per step, empty past the end
+    if (step < steps) {
+      const int slot = (step % C::kStages) * U;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int key = k0 + step * C::kKeysPerStep + u * GROUPS + group;
+        if (key < k1) {
+          cp_async_pack(kpipe + (slot + u) * kDecodeThreads + tid, kb + key * p.k_sp);
+          cp_async_pack(vpipe + (slot + u) * kDecodeThreads + tid, vb + key * p.v_sp);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+  // the K, V pipeline fills while q is loaded (independent loads: no idle memory at the start)
+#pragma unroll
+  for (int st = 0; st < C::kStages - 1; ++st) issue(st);
 
   // this block's query rows: row = head_in_group * T + t
   int row_lo[ROWS], row_hi[ROWS];
@@ -214,30 +253,6 @@ decode_attention_kernel(const DecodeParams p) {
 #pragma unroll
     for (int i = 0; i < kVec; ++i) acc[r][i] = 0.f;
   }
-
-  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + sub * kVec;
-  const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + sub * kVec;
-
-  extern __shared__ uint4 smem_raw[];
-  Pack8<T>* const kpipe = reinterpret_cast<Pack8<T>*>(smem_raw);  // [stages][U][threads]
-  Pack8<T>* const vpipe = kpipe + C::kStages * U * kDecodeThreads;
-  const int steps = k1 > k0 ? (k1 - k0 + C::kKeysPerStep - 1) / C::kKeysPerStep : 0;
-  auto issue = [&](int step) {  // one commit group per step, empty past the end
-    if (step < steps) {
-      const int slot = (step % C::kStages) * U;
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int key = k0 + step * C::kKeysPerStep + u * GROUPS + group;
-        if (key < k1) {
-          cp_async_pack(kpipe + (slot + u) * kDecodeThreads + tid, kb + key * p.k_sp);
-          cp_async_pack(vpipe + (slot + u) * kDecodeThreads + tid, vb + key * p.v_sp);
-        }
-      }
-    }
-    cp_async_commit();
-  };
-#pragma unroll
-  for (int st = 0; st < C::kStages - 1; ++st) issue(st);
 
   for (int step = 0; step < steps; ++step) {
     issue(step + C::kStages - 1);
@@ -398,6 +413,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kern
   const int S = p.splits, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float* pl = p.part_lse + row * S;
   const float* po = p.part_out + row * S * D;
+  wait_for_prerequisite_grid();  // pass 1's partials are complete and visible from here on
 
   float mx = -INFINITY;
   for (int s = tid; s < S; s += kCombineThreads) mx = fmaxf(mx, pl[s]);
@@ -500,8 +516,9 @@ int decode_attention_num_splits(int B, int Hq, int Hkv, int T_, int D, int cap, 
 
 // Both passes on `stream`; false if the head dim is not 64, 128 or 256. p.splits and the
 // workspace must come from decode_attention_num_splits. The caller checks for launch errors.
+// `programmatic_launch` (compute capability 9.0+): pass 2 overlaps pass 1's tail.
 template <typename T>
-bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
+bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool programmatic_launch = false) {
   const int rows_total = (p.Hq / p.Hkv) * p.T;
   return dispatch_decode_shape(p.D, rows_total, [&](auto d, auto rows) {
     constexpr int kD = decltype(d)::value, kRows = decltype(rows)::value;
@@ -513,7 +530,22 @@ bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
     decode_attention_kernel<T, kD, kRows><<<grid, kDecodeThreads, smem, stream>>>(p);
     const size_t combine_smem = (size_t(p.splits) + (kCombineThreads / (kD / 4)) * kD + 32) * sizeof(float);
     const unsigned combine_rows = unsigned(int64_t(p.B) * p.Hq * p.T);
-    decode_attention_combine_kernel<T, kD><<<combine_rows, kCombineThreads, combine_smem, stream>>>(p);
+    const auto combine = decode_attention_combine_kernel<T, kD>;
+    if (programmatic_launch) {
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = dim3(combine_rows);
+      cfg.blockDim = dim3(kCombineThreads);
+      cfg.dynamicSmemBytes = combine_smem;
+      cfg.stream = stream;
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr.val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = &attr;
+      cfg.numAttrs = 1;
+      if (cudaLaunchKernelEx(&cfg, combine, p) == cudaSuccess) return;
+      cudaGetLastError();  // not available here: an ordinary launch below
+    }
+    combine<<<combine_rows, kCombineThreads, combine_smem, stream>>>(p);
   });
 }
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from .adapters import bind
 from .forward import ConvertedState, converted_forward
+from .host_attention import parse_cpu_attention
 from .placement import OffloadSettings
 from .plan import parse_memory
 
@@ -51,7 +52,8 @@ def _offload_settings(kv_offload, memory_budget, resident_layers, n_layers: int)
 
 
 def build_state(model: nn.Module, chunk_size: int | None = None, cuda_graphs: bool = True, kv_offload: bool = False,
-                memory_budget="auto", resident_layers: int | None = None, progress=None) -> ConvertedState:
+                memory_budget="auto", resident_layers: int | None = None, progress=None,
+                cpu_attention="auto") -> ConvertedState:
     """Validate a model and resolve everything the loop needs, without changing the model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"chunkinfer.convert expects a transformers model, got {type(model).__name__}")
@@ -62,6 +64,7 @@ def build_state(model: nn.Module, chunk_size: int | None = None, cuda_graphs: bo
         raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
     binding = bind(model)
     offload = _offload_settings(kv_offload, memory_budget, resident_layers, len(binding.layers))
+    cpu_share = parse_cpu_attention(cpu_attention)
     device = binding.embed.weight.device
     if chunk_size is None:
         chunk_size = default_chunk_size(device)
@@ -69,7 +72,7 @@ def build_state(model: nn.Module, chunk_size: int | None = None, cuda_graphs: bo
     if offload is not None:
         from .kv_offload import HostKV
 
-        host = HostKV(device)
+        host = HostKV(device, cpu_share)
     return ConvertedState(binding=binding, chunk_size=chunk_size, cuda_graphs=cuda_graphs, offload=offload,
                           host=host, progress=progress, signature=inspect.signature(type(model).forward))
 
@@ -79,7 +82,8 @@ def is_converted(model: nn.Module) -> bool:
 
 
 def convert(model: nn.Module, *, chunk_size: int | None = None, cuda_graphs: bool = True, kv_offload: bool = False,
-            memory_budget="auto", resident_layers: int | None = None, progress=None) -> nn.Module:
+            memory_budget="auto", resident_layers: int | None = None, cpu_attention="auto",
+            progress=None) -> nn.Module:
     """Make ``model(...)`` and ``model.generate(...)`` run chunkinfer's layer loop; returns the model.
 
     Everything is validated first; on any error the model is left untouched. Converting a converted
@@ -92,10 +96,15 @@ def convert(model: nn.Module, *, chunk_size: int | None = None, cuda_graphs: boo
     rest live in pinned host memory and are streamed through the device, overlapped with compute.
     ``resident_layers`` fixes how many leading layers stay on the device instead. A prompt that cannot
     fit raises ``chunkinfer.InsufficientMemoryError`` before any work, naming the bytes.
+    ``cpu_attention`` (with offload): in one-token decode steps the CPU attends the first part of each
+    host-resident layer's KV where it lives while the rest crosses PCIe, merged exactly by log-sum-exp;
+    "auto" balances the two from measured rates, a float in [0, 1] fixes the CPU's share, False or 0
+    streams everything.
     ``progress``: called as ``progress(done, total)`` after each chunk of a prompt (layers x chunks),
     e.g. to drive a progress bar over a long prefill.
     """
-    state = build_state(model, chunk_size, cuda_graphs, kv_offload, memory_budget, resident_layers, progress)
+    state = build_state(model, chunk_size, cuda_graphs, kv_offload, memory_budget, resident_layers, progress,
+                        cpu_attention)
     original = type(model).forward
 
     def forward(self, *args, **kwargs):

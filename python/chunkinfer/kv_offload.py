@@ -25,7 +25,7 @@ _HOST_GROWTH_MIN = 4096  # positions added at least when a host layer grows (dec
 class HostKV:
     """What a converted model keeps across calls for offloading: the pinned arena and the engine."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, cpu_share=None):
         from .transfer import KVTransferEngine, PinnedArena
 
         cuda = device.type == "cuda"
@@ -33,6 +33,7 @@ class HostKV:
         self.device = device
         self.arena = PinnedArena(slab_bytes=1 << 30, pinned=cuda, device=max(index, 0))
         self.engine = KVTransferEngine(index)  # holds both ends of a copy until it is done
+        self.cpu_share = cpu_share  # host_attention.CpuShare: decode attends part of the host KV on the CPU
 
 
 class HostKVLayer(CachedPositions):
@@ -96,17 +97,21 @@ class LayerStreamer:
     """
 
     def __init__(self, host: HostKV, staging: Staging, layers: list, streamed: list[int], start: int,
-                 end: int, headroom: int, shape_of):
+                 end: int, headroom: int, shape_of, cpu_keys: dict[int, int] | None = None):
         self.host, self.engine, self.staging = host, host.engine, staging
         self.layers, self.streamed, self.start, self.end, self.headroom = layers, streamed, start, end, headroom
         self.shape_of = shape_of            # li -> (batch, n_kv, head_dim, dtype)
         self.turn = {li: i % 2 for i, li in enumerate(streamed)}
         self.prefetched: dict[int, int] = {}  # li -> ticket of its prefix prefetch, issued ahead
+        self.cpu_keys = cpu_keys or {}      # li -> positions [0, n) the CPU attends (not prefetched)
 
     @classmethod
-    def for_call(cls, cache, shape_of, start: int, end: int, headroom: int) -> "LayerStreamer | None":
+    def for_call(cls, cache, shape_of, start: int, end: int, headroom: int,
+                 attends_all=lambda li: True) -> "LayerStreamer | None":
         """The streamer of one call over ``cache``, or None when every layer is resident. Starts
-        pinning the host memory the call will need on the arena's thread, overlapped with compute."""
+        pinning the host memory the call will need on the arena's thread, overlapped with compute.
+        A one-token decode step leaves the first positions of each layer that ``attends_all`` (no
+        sliding window) to the CPU (host_attention.py), unless a host region must grow this call."""
         streamed = cache.streamed_layers()
         if not streamed:
             return None
@@ -122,7 +127,13 @@ class LayerStreamer:
                 region = max(region, b * h * cap * d * elt)
         if need:  # pinning is slow (~2.6 GiB/s): start it now, on the arena's thread
             host.arena.grow_async(host.arena.bytes_used + need, region if region > host.arena.slab_bytes else 0)
-        return cls(host, cache.staging, cache.layers, streamed, start, end, headroom, shape_of)
+        cpu_keys = {}
+        if host.cpu_share is not None and end - start == 1 and not need:
+            n_cpu = host.cpu_share.cpu_positions(start)
+            cpu_keys = {li: n_cpu for li in streamed if n_cpu > 0 and attends_all(li)}
+            if cpu_keys:
+                host.engine.synchronize()  # the CPU reads host K, V: earlier offloads must have landed
+        return cls(host, cache.staging, cache.layers, streamed, start, end, headroom, shape_of, cpu_keys)
 
     def _wait(self, ticket: int) -> None:
         if ticket >= 0:
@@ -142,12 +153,13 @@ class LayerStreamer:
     def _prefetch(self, li: int) -> None:
         layer = self.layers[li]
         n = min(self.start, layer.length)
-        if n == 0:
+        lo = min(self.cpu_keys.get(li, 0), n)  # positions before lo are attended on the CPU
+        if n == lo:
             return
         slot = self._slot(li)
         self._wait(slot.offload_ticket)  # positions the last offload reads may be overwritten
-        self.engine.prefetch(layer.k_buf, slot.kv.k_buf, 0, n)
-        self.prefetched[li] = self.engine.prefetch(layer.v_buf, slot.kv.v_buf, 0, n)
+        self.engine.prefetch(layer.k_buf, slot.kv.k_buf, lo, n)
+        self.prefetched[li] = self.engine.prefetch(layer.v_buf, slot.kv.v_buf, lo, n)
 
     def begin(self, li: int) -> KVBuffers:
         if li not in self.prefetched:

@@ -5,6 +5,7 @@ size of one chunk, and the MLP activation goes into one buffer reused by every c
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from . import ops
 from .adapters import LayerBinding, ModelBinding
 from .attention import block_attention
 from .cache import ChunkKVCache, KVBuffers
+from .host_attention import SplitStep, split_decode_attention
 from .kv_offload import LayerStreamer
 
 _PREFILL_HEADROOM = 1024  # spare cache positions after a prefill, so the first decode steps do not grow it
@@ -123,6 +125,14 @@ class _Layer:
         self._finish(x, block_attention(q.transpose(1, 2), keys, values, q_start, inp.key_starts, lb.window,
                                         lb.scale))
 
+    def split_decode(self, host_layer, split: SplitStep, share, r0: int, r1: int) -> None:
+        """One new token per sequence on a host-resident layer: its first cached positions attended
+        on the CPU where they live, the staged rest on the GPU, merged (host_attention.py)."""
+        lb, x = self.lb, self.inp.hidden
+        q, k, v = self._qkv(self._norm(x, lb.input_norm), want_q=True)
+        self._rotate_and_write(q, k, v, r0, r1, self.inp.write_index[r0:r1])
+        self._finish(x, split_decode_attention(q.transpose(1, 2), self.cache, host_layer, split, lb.scale, share))
+
     def decode_block(self, step: "DeviceStep") -> None:
         """One new token per sequence with its position, write index and lengths in device tensors,
         so the same launches serve every step: what a CUDA graph captures and replays."""
@@ -205,7 +215,17 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
     def shape_of(li: int):
         return b, mb.layers[li].n_kv, mb.layers[li].head_dim, hidden.dtype
 
-    streamer = LayerStreamer.for_call(cache, shape_of, inp.start, end, headroom)
+    streamer = LayerStreamer.for_call(cache, shape_of, inp.start, end, headroom,
+                                      attends_all=lambda li: not mb.layers[li].window)
+    splits: dict = {}  # (n_q, head_dim) -> the SplitStep of this call's CPU-attended host layers
+
+    def split_for(lb: LayerBinding, n_cpu: int) -> SplitStep:
+        key = (lb.n_q, lb.head_dim)
+        if key not in splits:
+            splits[key] = SplitStep.build(n_cpu, end, inp.key_starts, b, lb.n_q, lb.head_dim, hidden.dtype,
+                                          hidden.device)
+        return splits[key]
+
     lf = inp.last_rows_from
     total = (len(mb.layers) - 1) * -(-s // chunk) + -(-lf // chunk) + -(-(s - lf) // chunk)
     done = 0
@@ -224,6 +244,11 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
             first = lf if li == last else 0
             steps = [(layer.kv_only, r0, min(r0 + chunk, first)) for r0 in range(0, first, chunk)]
             steps += [(layer.block, r0, min(r0 + chunk, s)) for r0 in range(first, s, chunk)]
+            n_cpu = streamer.cpu_keys.get(li, 0) if streamed else 0
+            if n_cpu:  # a one-token decode step (s == 1): attention split between the CPU and the GPU
+                split = functools.partial(layer.split_decode, cache.layers[li], split_for(lb, n_cpu),
+                                          cache.host.cpu_share)
+                steps = [(split, 0, s)]
             for fn, r0, r1 in steps:
                 fn(r0, r1)
                 if inp.progress is not None:

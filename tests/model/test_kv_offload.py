@@ -31,6 +31,7 @@ def _dtype(device: str) -> torch.dtype:
 
 
 def _pair(arch: str, device: str, layers: int = 4, **convert_kw):
+    convert_kw.setdefault("cpu_attention", False)  # the CPU split changes rounding: tested on its own below
     base = make_model(arch, layers=layers, dtype=_dtype(device), device=device)
     resident = chunkinfer.convert(copy.deepcopy(base), chunk_size=96)
     offloaded = chunkinfer.convert(copy.deepcopy(base), chunk_size=96, kv_offload=True, **convert_kw)
@@ -179,3 +180,49 @@ def test_memory_budget_places_layers_and_refuses_what_cannot_fit():
     with pytest.raises(chunkinfer.InsufficientMemoryError, match="bytes"):
         model(ids, use_cache=True)
     assert torch.cuda.memory_allocated() == before
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("share", [0.5, "auto"])
+@torch.no_grad()
+def test_decode_with_cpu_attention_split_matches_resident(device, share):
+    """One-token decode steps with each host layer's first positions attended on the CPU and the rest
+    on the GPU, merged by LSE: the same logits as the resident model within rounding, same tokens."""
+    resident, offloaded = _pair("llama", device, resident_layers=1, cpu_attention=share)
+    ids = _ids(2, 1500, device, seed=torch.randint(0, 1 << 30, ()).item())
+    a = resident(ids, use_cache=True)
+    b = offloaded(ids, use_cache=True)
+    cache = b.past_key_values
+    share_state = offloaded._chunkinfer.host.cpu_share
+    assert share_state.cpu_positions(1500) >= 256, "the split must be active at this length"
+    tok = a.logits[:, -1:].argmax(-1)
+    ra = a.past_key_values
+    for _ in range(3):
+        sa = resident(tok, past_key_values=ra, use_cache=True)
+        sb = offloaded(tok, past_key_values=cache, use_cache=True)
+        x, y = sa.logits.double(), sb.logits.double()
+        tol = 1e-5 if device == "cpu" else 0.05
+        assert (x - y).norm() / x.norm() <= tol
+        assert torch.equal(sa.logits.argmax(-1), sb.logits.argmax(-1))
+        tok = sa.logits.argmax(-1)
+    if share == "auto":  # the CPU rate was measured on these steps
+        assert share_state.cpu_bytes_per_s != chunkinfer.host_attention.CPU_BYTES_PER_S_PRIOR
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
+def test_cpu_attention_split_with_left_padding_in_generate(device):
+    resident, offloaded = _pair("llama", device, resident_layers=0, cpu_attention=0.6)
+    ids, mask = left_padded_batch(2, 1200, [0, 700])  # 700 > the CPU's 512 positions: that row's CPU part is empty
+    ids, mask = ids.to(device), mask.to(device)
+    ga = resident.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    gb = offloaded.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ga, gb)
+
+
+@pytest.mark.parametrize("bad,exc", [("fast", TypeError), (1.5, ValueError), (-0.1, ValueError), (True, TypeError)])
+def test_cpu_attention_argument_is_checked(bad, exc):
+    model = make_model("llama", layers=2, dtype=torch.float32, device="cpu")
+    with pytest.raises(exc, match="cpu_attention"):
+        chunkinfer.convert(model, kv_offload=True, cpu_attention=bad)
+    assert not hasattr(model, "_chunkinfer")

@@ -55,7 +55,7 @@ def _add_bench(sub) -> None:
                       help="built-in shape (default: llama-3.1-8b on CUDA, tiny on CPU)")
     what.add_argument("--config", default=None, help="a config.json or a model directory holding one")
     b.add_argument("--lengths", type=int, nargs="+", default=None,
-                   help="context lengths in tokens (default: 8192 32768 131072 262144 524288 on CUDA)")
+                   help="context lengths in tokens (default: 8192 32768 131072 524288 on CUDA, 1024 4096 16384 on CPU)")
     b.add_argument("--systems", nargs="+", choices=SYSTEM_NAMES, default=None,
                    help="default: all this machine can run (stock-offload needs CUDA)")
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

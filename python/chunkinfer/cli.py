@@ -45,13 +45,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _add_bench(sub) -> None:
     from .bench_sweep import SYSTEM_NAMES
+    from .benchmark import SHAPES
 
     b = sub.add_parser("bench", help="stock transformers vs chunkinfer over context lengths: JSON rows and a PNG",
                        description="Random-weight model from a config; per system and length: peak memory beyond "
                                    "the weights, prefill tokens/s, decode ms/token, out-of-memory recorded. Lengths "
                                    "run shortest first; writes JSON lines and a PNG plot (needs matplotlib).")
     what = b.add_mutually_exclusive_group()
-    what.add_argument("--shape", choices=["llama-3.1-8b", "tiny"], default=None,
+    what.add_argument("--shape", choices=list(SHAPES), default=None,
                       help="built-in shape (default: llama-3.1-8b on CUDA, tiny on CPU)")
     what.add_argument("--config", default=None, help="a config.json or a model directory holding one")
     b.add_argument("--lengths", type=int, nargs="+", default=None,

@@ -9,89 +9,22 @@ to stdout. Peak memory is reported beyond the weights (allocated and reserved).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import transformers as T
 
 import chunkinfer  # the installed package: its compiled kernels, not the source tree
+from chunkinfer import benchmark
+from chunkinfer.benchmark import decode_ms, llama31_8b_config, prefill, reset_memory, row, timed, warm_up
+
+__all__ = ["build_model", "decode_ms", "prefill", "reset_memory", "row", "timed", "warm_up", "generate_row"]
 
 
-def build_model(layers: int, llama3_rope: bool) -> T.LlamaForCausalLM:
-    rope = {"rope_type": "default", "rope_theta": 500000.0}
-    if llama3_rope:
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    cfg = T.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                        max_position_embeddings=262144, rope_parameters=rope, tie_word_embeddings=False)
-    cfg._attn_implementation = "sdpa"
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = T.LlamaForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    return model.eval()
-
-
-def reset_memory() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-
-
-def timed(fn):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t
-
-
-def row(what, length, seconds=None, peak_alloc=None, peak_reserved=None, tokens=None, ms_per_token=None,
-        error=None) -> dict:
-    return {"what": what, "length": length, "seconds": seconds, "peak_alloc_beyond_weights": peak_alloc,
-            "peak_reserved_beyond_weights": peak_reserved,
-            "tokens_per_s": (tokens / seconds) if (tokens and seconds) else None, "ms_per_token": ms_per_token,
-            "error": error, "torch": torch.__version__, "transformers": T.__version__,
-            "device": torch.cuda.get_device_name()}
-
-
-def prefill(model, ids, label, base_alloc, base_reserved, reps: int = 1, **forward_kw):
-    """Median time of ``reps`` prefills (short ones vary run to run); the peak of the last one.
-    ``forward_kw`` go to the model call (e.g. a stock offloaded cache as past_key_values)."""
-    times, out = [], None
-    try:
-        for _ in range(reps):
-            out = None
-            reset_memory()
-            out, sec = timed(lambda: model(ids, use_cache=True, logits_to_keep=1, **forward_kw))
-            times.append(sec)
-    except torch.OutOfMemoryError as exc:
-        out = None
-        reset_memory()
-        return row(label, ids.shape[1], error=f"OOM: {str(exc).splitlines()[0]}"), None
-    r = row(label, ids.shape[1], statistics.median(times), torch.cuda.max_memory_allocated() - base_alloc,
-            torch.cuda.max_memory_reserved() - base_reserved, tokens=ids.shape[1])
-    r["prefill_times"] = times
-    return r, out
-
-
-def decode_ms(model, out, steps: int, warmup: int = 5) -> float:
-    cache = out.past_key_values
-    nxt = out.logits[:, -1:].argmax(-1)
-    times = []
-    for i in range(steps + warmup):
-        _, sec = timed(lambda: model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1))
-        if i >= warmup:
-            times.append(sec * 1e3)
-        if hasattr(cache, "crop"):
-            cache.crop(-1)  # keep the cached length fixed
-    return statistics.median(times)
+def build_model(layers: int, llama3_rope: bool):
+    """The Llama-3.1-8B shape with ``layers`` layers: random bf16 weights on the GPU."""
+    return benchmark.build_model(llama31_8b_config(layers, llama3_rope, max_positions=262144), "cuda", torch.bfloat16)
 
 
 def generate_row(model, ids, label, new_tokens: int) -> dict:

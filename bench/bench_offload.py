@@ -4,7 +4,7 @@ host vs all resident, decode with host KV, and stock transformers' offloaded cac
     cd bench && python bench_offload.py --lengths 262144 --out results/offload_h200.jsonl
 
 Each row carries the planner's prediction next to the measurement (peak beyond weights, seconds,
-decode ms/token). Run from bench/ so bench_model's helpers import.
+decode ms/token). Run from bench/ so bench_model imports (the measurement helpers are chunkinfer.benchmark).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import torch
 from transformers import DynamicCache
 
 import chunkinfer
-from bench_model import build_model, decode_ms, prefill, reset_memory, row
+from bench_model import build_model
+from chunkinfer.benchmark import decode_ms, prefill, reset_memory, row
 from common import write_rows
 
 GiB = 1 << 30

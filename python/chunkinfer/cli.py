@@ -1,4 +1,4 @@
-"""The ``chunkinfer`` command line. Subcommands: ``plan``."""
+"""The ``chunkinfer`` command line. Subcommands: ``plan``, ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,65 @@ def _plan(args: argparse.Namespace) -> int:
              allow_offload=not args.no_offload)
     print(p.table())
     return 0 if p.fits else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import bench_plot
+
+    out = Path(args.out)
+    if args.plot is not None:  # render saved rows only
+        print(f"wrote {bench_plot.render(bench_plot.load_rows(args.plot), out)}")
+        return 0
+    from .bench_sweep import BenchSettings, run
+
+    json_path = Path(args.json) if args.json else out.with_suffix(".jsonl")
+    plotting = bench_plot.have_matplotlib()
+    settings = BenchSettings(lengths=args.lengths, systems=args.systems, shape=args.shape, config=args.config,
+                             device=args.device, dtype=args.dtype, chunk_size=args.chunk_size,
+                             resident_layers=args.resident_layers, decode_steps=args.decode_steps,
+                             max_seconds=args.max_seconds or None, json_path=json_path, png_path=out,
+                             progress=not args.no_progress, command="chunkinfer " + " ".join(sys.argv[1:]))
+    run(settings, render=(lambda rows: bench_plot.render(rows, out)) if plotting else None)
+    print(f"wrote {json_path}")
+    if plotting:
+        print(f"wrote {out}")
+    else:
+        print(f"matplotlib is not installed, so no plot: {bench_plot.MATPLOTLIB_HINT}, then\n"
+              f"  chunkinfer bench --plot {json_path} --out {out}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    from .bench_sweep import SYSTEM_NAMES
+    from .benchmark import SHAPES
+
+    b = sub.add_parser("bench", help="stock transformers vs chunkinfer over context lengths: JSON rows and a PNG",
+                       description="Random-weight model from a config; per system and length: peak memory beyond "
+                                   "the weights, prefill tokens/s, decode ms/token, out-of-memory recorded. Lengths "
+                                   "run shortest first; writes JSON lines and a PNG plot (needs matplotlib).")
+    what = b.add_mutually_exclusive_group()
+    what.add_argument("--shape", choices=list(SHAPES), default=None,
+                      help="built-in shape (default: llama-3.1-8b on CUDA, tiny on CPU)")
+    what.add_argument("--config", default=None, help="a config.json or a model directory holding one")
+    b.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="context lengths in tokens (default: 8192 32768 131072 524288 on CUDA, 1024 4096 16384 on CPU)")
+    b.add_argument("--systems", nargs="+", choices=SYSTEM_NAMES, default=None,
+                   help="default: all this machine can run (stock-offload needs CUDA)")
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    b.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    b.add_argument("--chunk-size", type=int, default=None, help="chunkinfer's chunk (default: convert()'s)")
+    b.add_argument("--resident-layers", type=int, default=0,
+                   help="chunkinfer-offload: leading layers whose KV stays on the device (default 0: all on the host)")
+    b.add_argument("--decode-steps", type=int, default=5, help="timed decode steps per length (median reported)")
+    b.add_argument("--max-seconds", type=float, default=540.0,
+                   help="skip a run whose estimated end passes this many seconds from the start (0: no limit)")
+    b.add_argument("--out", default="chunkinfer_bench.png", help="the PNG (default chunkinfer_bench.png)")
+    b.add_argument("--json", default=None, help="the JSON lines (default: --out with .jsonl)")
+    b.add_argument("--plot", default=None, metavar="ROWS.jsonl", help="only render saved rows to --out")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    b.set_defaults(func=_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-offload", action="store_true",
                    help="every layer's KV on the device (default: offload layers to pinned host memory when needed)")
     p.set_defaults(func=_plan)
+    _add_bench(sub)
     return parser
 
 

@@ -113,18 +113,59 @@ void bf16_to_float(const uint16_t* __restrict src, float* __restrict dst, int64_
   }
 }
 
+// 16 consecutive K or V elements as fp32: fp32 loaded as is, bf16 (raw uint16) widened in registers.
+__attribute__((always_inline)) inline v16f load_row16(const float* p) { return load16(p); }
+__attribute__((always_inline)) inline v16f load_row16(const uint16_t* p) {
+  const v16h h = *reinterpret_cast<const v16h*>(p);
+  const v16u w = __builtin_convertvector(h, v16u) << 16;
+  return reinterpret_cast<const v16f&>(w);
+}
+
+// acc[rows] += p[rows] V over keys [ja, jb) for NR rows and 16 * NV columns starting at column c:
+// every V vector is loaded (and widened) once for all NR rows; NR * NV accumulators stay in registers.
+template <int NR, int NV, typename E>
+__attribute__((always_inline)) inline void pv_tile(const float* __restrict s, float* __restrict acc, int64_t D,
+                                                   const E* __restrict v, int64_t v_stride, int64_t ja, int64_t jb,
+                                                   int64_t c) {
+  v16f o[NR][NV];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NV; ++i) o[r][i] = load16(acc + r * D + c + 16 * i);
+  for (int64_t j = ja; j < jb; ++j) {
+    const E* vj = v + j * v_stride + c;
+    v16f vv[NV];
+    for (int i = 0; i < NV; ++i) vv[i] = load_row16(vj + 16 * i);
+    for (int r = 0; r < NR; ++r) {
+      const v16f p = splat16(s[r * kBlockKeys + j]);
+      for (int i = 0; i < NV; ++i) o[r][i] += p * vv[i];
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NV; ++i) store16(acc + r * D + c + 16 * i, o[r][i]);
+}
+
+template <int NR, typename E>
+__attribute__((always_inline)) inline void pv_rows(const float* s, float* acc, int64_t D, const E* v,
+                                                   int64_t v_stride, int64_t ja, int64_t jb) {
+  const int64_t nv = D / 16;
+  int64_t i = 0;
+  for (; i + 4 <= nv; i += 4) pv_tile<NR, 4>(s, acc, D, v, v_stride, ja, jb, 16 * i);
+  for (; i < nv; ++i) pv_tile<NR, 1>(s, acc, D, v, v_stride, ja, jb, 16 * i);
+}
+
 // One block of n <= kBlockKeys keys for R query rows: row r sees block keys [lo[r], hi[r]).
 // Updates the online softmax state: m (running max), l (running sum), acc (unnormalised output).
-// For head dims that are a multiple of 16: every K and V row is loaded once for all R rows.
-CHUNKINFER_SIMD_CLONES
-void attend_block16(const float* __restrict q,  // [R, D], already times the softmax scale
-                    int64_t R, int64_t D,
-                    const float* __restrict k, int64_t k_stride,  // [n, k_stride]
-                    const float* __restrict v, int64_t v_stride,  // [n, v_stride]
-                    int64_t n, const int64_t* lo, const int64_t* hi,  // [R], block-relative
-                    float* __restrict s,                              // [R, kBlockKeys] scratch
-                    float* __restrict m, float* __restrict l,         // [R]
-                    float* __restrict acc) {                          // [R, D]
+// For head dims that are a multiple of 16, K and V in fp32 or bf16 (E = uint16_t, widened in
+// registers: no conversion pass): every K and V row is loaded once for four query rows.
+template <typename E>
+__attribute__((always_inline)) inline void attend_block16_body(
+    const float* __restrict q,  // [R, D], already times the softmax scale
+    int64_t R, int64_t D,
+    const E* __restrict k, int64_t k_stride,  // [n, k_stride]
+    const E* __restrict v, int64_t v_stride,  // [n, v_stride]
+    int64_t n, const int64_t* lo, const int64_t* hi,  // [R], block-relative
+    float* __restrict s,                              // [R, kBlockKeys] scratch
+    float* __restrict m, float* __restrict l,         // [R]
+    float* __restrict acc) {                          // [R, D]
   const int64_t nv = D / 16;
   int64_t j0 = n, j1 = 0;
   for (int64_t r = 0; r < R; ++r) {
@@ -134,12 +175,12 @@ void attend_block16(const float* __restrict q,  // [R, D], already times the sof
   if (j0 >= j1) return;
   // scores, four rows at a time against each key row
   for (int64_t j = j0; j < j1; ++j) {
-    const float* kj = k + j * k_stride;
+    const E* kj = k + j * k_stride;
     int64_t r = 0;
     for (; r + 4 <= R; r += 4) {
       v16f a0{}, a1{}, a2{}, a3{};
       for (int64_t i = 0; i < nv; ++i) {
-        const v16f kv = load16(kj + 16 * i);
+        const v16f kv = load_row16(kj + 16 * i);
         a0 += load16(q + r * D + 16 * i) * kv;
         a1 += load16(q + (r + 1) * D + 16 * i) * kv;
         a2 += load16(q + (r + 2) * D + 16 * i) * kv;
@@ -152,17 +193,21 @@ void attend_block16(const float* __restrict q,  // [R, D], already times the sof
     }
     for (; r < R; ++r) {
       v16f a0{};
-      for (int64_t i = 0; i < nv; ++i) a0 += load16(q + r * D + 16 * i) * load16(kj + 16 * i);
+      for (int64_t i = 0; i < nv; ++i) a0 += load16(q + r * D + 16 * i) * load_row16(kj + 16 * i);
       s[r * kBlockKeys + j] = hsum(a0);
     }
   }
-  // softmax update per row; keys outside the row's range get probability 0
+  // softmax update per row; keys outside the row's range get probability 0 (so the P V tiles below
+  // may run over the union of their rows' ranges)
   for (int64_t r = 0; r < R; ++r) {
     float* sr = s + r * kBlockKeys;
     const int64_t a = std::max<int64_t>(lo[r], 0), b = std::min<int64_t>(hi[r], n);
+    if (a >= b) {
+      std::fill(sr + j0, sr + j1, 0.f);
+      continue;
+    }
     for (int64_t j = j0; j < j1; ++j)
       if (j < a || j >= b) sr[j] = kNegInf;
-    if (a >= b) continue;
     float mx = m[r];
     for (int64_t j = a; j < b; ++j) mx = std::max(mx, sr[j]);
     const float corr = m[r] == kNegInf ? 0.f : std::exp(m[r] - mx);
@@ -183,35 +228,25 @@ void attend_block16(const float* __restrict q,  // [R, D], already times the sof
     float* o = acc + r * D;
     for (int64_t i = 0; i < nv; ++i) store16(o + 16 * i, load16(o + 16 * i) * corr);
   }
-  // acc += p V, a row at a time: 64 output columns stay in registers while the keys stream by
-  // (the V block is re-read from L1 for each row)
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t a = std::max<int64_t>(lo[r], 0), b = std::min<int64_t>(hi[r], n);
-    const float* sr = s + r * kBlockKeys;
-    float* o = acc + r * D;
-    int64_t i = 0;
-    for (; i + 4 <= nv; i += 4) {
-      v16f o0 = load16(o + 16 * i), o1 = load16(o + 16 * i + 16);
-      v16f o2 = load16(o + 16 * i + 32), o3 = load16(o + 16 * i + 48);
-      for (int64_t j = a; j < b; ++j) {
-        const float* vj = v + j * v_stride + 16 * i;
-        const v16f p = splat16(sr[j]);
-        o0 += p * load16(vj);
-        o1 += p * load16(vj + 16);
-        o2 += p * load16(vj + 32);
-        o3 += p * load16(vj + 48);
-      }
-      store16(o + 16 * i, o0);
-      store16(o + 16 * i + 16, o1);
-      store16(o + 16 * i + 32, o2);
-      store16(o + 16 * i + 48, o3);
-    }
-    for (; i < nv; ++i) {
-      v16f o0 = load16(o + 16 * i);
-      for (int64_t j = a; j < b; ++j) o0 += splat16(sr[j]) * load16(v + j * v_stride + 16 * i);
-      store16(o + 16 * i, o0);
-    }
-  }
+  // acc += P V over [j0, j1): four rows per pass over V
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) pv_rows<4>(s + r * kBlockKeys, acc + r * D, D, v, v_stride, j0, j1);
+  for (; r < R; ++r) pv_rows<1>(s + r * kBlockKeys, acc + r * D, D, v, v_stride, j0, j1);
+}
+
+CHUNKINFER_SIMD_CLONES
+void attend_block16(const float* __restrict q, int64_t R, int64_t D, const float* __restrict k, int64_t k_stride,
+                    const float* __restrict v, int64_t v_stride, int64_t n, const int64_t* lo, const int64_t* hi,
+                    float* __restrict s, float* __restrict m, float* __restrict l, float* __restrict acc) {
+  attend_block16_body(q, R, D, k, k_stride, v, v_stride, n, lo, hi, s, m, l, acc);
+}
+
+CHUNKINFER_SIMD_CLONES
+void attend_block16_bf16(const float* __restrict q, int64_t R, int64_t D, const uint16_t* __restrict k,
+                         int64_t k_stride, const uint16_t* __restrict v, int64_t v_stride, int64_t n,
+                         const int64_t* lo, const int64_t* hi, float* __restrict s, float* __restrict m,
+                         float* __restrict l, float* __restrict acc) {
+  attend_block16_body(q, R, D, k, k_stride, v, v_stride, n, lo, hi, s, m, l, acc);
 }
 
 // The same for any head dim, in plain scalar loops.
@@ -315,13 +350,21 @@ void decode_attention_cpu_impl(at::Tensor& out, at::Tensor& lse, const at::Tenso
       const int64_t ks = k_cache.stride(2), vs = v_cache.stride(2);
       for (int64_t j0 = k0; j0 < k1; j0 += kBlockKeys) {
         const int64_t nb = std::min(kBlockKeys, k1 - j0);
-        int64_t kstr = 0, vstr = 0;
-        const float* kf = rows_as_float(kb + j0 * ks, ks, nb, D, kbuf.data(), &kstr);
-        const float* vf = rows_as_float(vb + j0 * vs, vs, nb, D, vbuf.data(), &vstr);
         for (int64_t r = 0; r < R; ++r) {
           blk_lo[r] = row_lo[r] - j0;
           blk_hi[r] = row_hi[r] - j0;
         }
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          if (D % 16 == 0) {  // bf16 widened in registers, straight from the cache
+            attend_block16_bf16(qf.data(), R, D, reinterpret_cast<const uint16_t*>(kb + j0 * ks), ks,
+                                reinterpret_cast<const uint16_t*>(vb + j0 * vs), vs, nb, blk_lo.data(),
+                                blk_hi.data(), s.data(), m, l, acc);
+            continue;
+          }
+        }
+        int64_t kstr = 0, vstr = 0;
+        const float* kf = rows_as_float(kb + j0 * ks, ks, nb, D, kbuf.data(), &kstr);
+        const float* vf = rows_as_float(vb + j0 * vs, vs, nb, D, vbuf.data(), &vstr);
         attend_block(qf.data(), R, D, kf, kstr, vf, vstr, nb, blk_lo.data(), blk_hi.data(), s.data(), m, l, acc);
       }
     }

@@ -85,7 +85,8 @@ def test_bench_cli_cuda_every_system(tmp_path):
     for r in rows:
         assert r["error"] is None and r["skipped"] is None, r
         assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0 and r["dtype"] == "bfloat16"
-        assert 0 < r["peak_alloc_beyond_weights"] <= r["peak_reserved_beyond_weights"]
+        # reserved peaks are measured from another baseline (what was reserved before): not ordered
+        assert r["peak_alloc_beyond_weights"] > 0 and r["peak_reserved_beyond_weights"] >= 0
         assert r["device_memory_bytes"] == torch.cuda.get_device_properties(0).total_memory
     offload = [r for r in rows if r["what"] == "chunkinfer-offload"]
     assert all(r["host_pinned_bytes"] > 0 for r in offload)

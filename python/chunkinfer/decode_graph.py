@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ops
 from .adapters import ModelBinding
 from .cache import ChunkKVCache
 from .head import final_norm, logits_of
@@ -28,14 +29,11 @@ class _Captured:
     starts_host: tuple | None
 
 
-_KERNEL_HEAD_DIMS = (64, 128, 256)
-
-
 def graph_decode_supported(mb: ModelBinding, device: torch.device, dtype: torch.dtype) -> bool:
     """CUDA, fp16/bf16, head dims the decode kernel has, and rotary frequencies that do not depend on
     the call (dynamic/longrope read the maximum position on the host, which a replayed graph cannot)."""
     return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not mb.rope_needs_global_max
-            and all(lb.head_dim in _KERNEL_HEAD_DIMS for lb in mb.layers))
+            and all(ops.decode_kernel_supports(lb.head_dim, device) for lb in mb.layers))
 
 
 def _buffers(cache: ChunkKVCache) -> tuple:

@@ -216,7 +216,8 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
         return b, mb.layers[li].n_kv, mb.layers[li].head_dim, hidden.dtype
 
     streamer = LayerStreamer.for_call(cache, shape_of, inp.start, end, headroom,
-                                      attends_all=lambda li: not mb.layers[li].window)
+                                      attends_all=lambda li: not mb.layers[li].window and ops.decode_kernel_supports(
+                                          mb.layers[li].head_dim, hidden.device))
     splits: dict = {}  # (n_q, head_dim) -> the SplitStep of this call's CPU-attended host layers
 
     def split_for(lb: LayerBinding, n_cpu: int) -> SplitStep:

@@ -213,6 +213,14 @@ def rotary_kv_write(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, co
     torch.ops.chunkinfer.rotary_kv_write(q, k, v, cos, sin, k_cache, v_cache, index)
 
 
+CUDA_DECODE_HEAD_DIMS = (64, 128, 256)  # head dims decode_attention's CUDA kernel is built for
+
+
+def decode_kernel_supports(head_dim: int, device: torch.device) -> bool:
+    """Whether decode_attention runs for this head dim on this device (the CPU kernel takes any)."""
+    return device.type != "cuda" or head_dim in CUDA_DECODE_HEAD_DIMS
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether torch.ops.chunkinfer.<op> has a kernel of its own for CPU, CUDA, Meta..."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"chunkinfer::{op}", dispatch_key)

@@ -93,12 +93,20 @@ def test_graph_decode_matches_eager_decode(arch):
 @pytest.mark.cuda
 @torch.no_grad()
 def test_graph_generate_matches_eager_generate():
+    """generate() through the captured graphs against the eager loop fed the same tokens (teacher
+    forcing): bf16 with different attention kernels, so the logits agree within rounding at every
+    step (comparing free-running token sequences would fail on any near-tie, which random weights have)."""
     base = model_hd64("llama", torch.bfloat16, "cuda")
     graphed = chunkinfer.convert(copy.deepcopy(base))
     eager = chunkinfer.convert(copy.deepcopy(base), cuda_graphs=False)
     ids = torch.randint(3, 256, (1, 300), device="cuda")
-    kw = dict(max_new_tokens=40, do_sample=False, attention_mask=torch.ones_like(ids))
-    g, e = graphed.generate(ids, **kw), eager.generate(ids, **kw)
-    # bf16 with different attention kernels: allow a late divergence on a near-tie, not an early one
-    same = (g == e).all(0).long().cumprod(0).sum().item()
-    assert same >= ids.shape[1] + 20, f"diverged after {same - ids.shape[1]} new tokens"
+    n = 40
+    g = graphed.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         attention_mask=torch.ones_like(ids), output_logits=True, return_dict_in_generate=True)
+    assert g.sequences.shape[1] == 300 + n
+    out = eager(ids, use_cache=True)
+    for t in range(n):
+        lg, le = g.logits[t][0].float(), out.logits[0, -1].float()
+        err = ((lg - le).norm() / le.norm()).item()
+        assert err < 2e-2, f"step {t}: {err}"
+        out = eager(g.sequences[:, 300 + t:301 + t], past_key_values=out.past_key_values, use_cache=True)

@@ -30,9 +30,9 @@ def _dtype(device: str) -> torch.dtype:
     return torch.float32 if device == "cpu" else torch.bfloat16
 
 
-def _pair(arch: str, device: str, layers: int = 4, **convert_kw):
+def _pair(arch: str, device: str, layers: int = 4, model_kw: dict | None = None, **convert_kw):
     convert_kw.setdefault("cpu_attention", False)  # the CPU split changes rounding: tested on its own below
-    base = make_model(arch, layers=layers, dtype=_dtype(device), device=device)
+    base = make_model(arch, layers=layers, dtype=_dtype(device), device=device, **(model_kw or {}))
     resident = chunkinfer.convert(copy.deepcopy(base), chunk_size=96)
     offloaded = chunkinfer.convert(copy.deepcopy(base), chunk_size=96, kv_offload=True, **convert_kw)
     return resident, offloaded
@@ -182,13 +182,17 @@ def test_memory_budget_places_layers_and_refuses_what_cannot_fit():
     assert torch.cuda.memory_allocated() == before
 
 
+# head dim 64: one the CUDA decode kernel takes (the GPU part of the split runs on it)
+HD64 = dict(hidden_size=128, intermediate_size=256, head_dim=64)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("share", [0.5, "auto"])
 @torch.no_grad()
 def test_decode_with_cpu_attention_split_matches_resident(device, share):
     """One-token decode steps with each host layer's first positions attended on the CPU and the rest
     on the GPU, merged by LSE: the same logits as the resident model within rounding, same tokens."""
-    resident, offloaded = _pair("llama", device, resident_layers=1, cpu_attention=share)
+    resident, offloaded = _pair("llama", device, resident_layers=1, cpu_attention=share, model_kw=HD64)
     ids = _ids(2, 1500, device, seed=torch.randint(0, 1 << 30, ()).item())
     a = resident(ids, use_cache=True)
     b = offloaded(ids, use_cache=True)
@@ -201,9 +205,9 @@ def test_decode_with_cpu_attention_split_matches_resident(device, share):
         sa = resident(tok, past_key_values=ra, use_cache=True)
         sb = offloaded(tok, past_key_values=cache, use_cache=True)
         x, y = sa.logits.double(), sb.logits.double()
-        tol = 1e-5 if device == "cpu" else 0.05
-        assert (x - y).norm() / x.norm() <= tol
-        assert torch.equal(sa.logits.argmax(-1), sb.logits.argmax(-1))
+        assert (x - y).norm() / x.norm() <= (1e-5 if device == "cpu" else 2e-2)
+        if device == "cpu":  # bf16 on CUDA: different kernels may flip a near-tie
+            assert torch.equal(sa.logits.argmax(-1), sb.logits.argmax(-1))
         tok = sa.logits.argmax(-1)
     if share == "auto":  # the CPU rate was measured on these steps
         assert share_state.cpu_bytes_per_s != chunkinfer.host_attention.CPU_BYTES_PER_S_PRIOR
@@ -212,12 +216,17 @@ def test_decode_with_cpu_attention_split_matches_resident(device, share):
 @pytest.mark.parametrize("device", DEVICES)
 @torch.no_grad()
 def test_cpu_attention_split_with_left_padding_in_generate(device):
-    resident, offloaded = _pair("llama", device, resident_layers=0, cpu_attention=0.6)
+    resident, offloaded = _pair("llama", device, resident_layers=0, cpu_attention=0.6, model_kw=HD64)
     ids, mask = left_padded_batch(2, 1200, [0, 700])  # 700 > the CPU's 512 positions: that row's CPU part is empty
     ids, mask = ids.to(device), mask.to(device)
-    ga = resident.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    gb = offloaded.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(ga, gb)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    ga, gb = resident.generate(ids, **kw), offloaded.generate(ids, **kw)
+    if device == "cpu":
+        assert torch.equal(ga.sequences, gb.sequences)
+    else:  # bf16, different kernels: the step after the prompt (split already active) agrees within rounding
+        x, y = ga.logits[1].double(), gb.logits[1].double()
+        assert torch.equal(ga.sequences[:, :-5], gb.sequences[:, :-5])
+        assert (x - y).norm() / x.norm() <= 2e-2
 
 
 @pytest.mark.parametrize("bad,exc", [("fast", TypeError), (1.5, ValueError), (-0.1, ValueError), (True, TypeError)])

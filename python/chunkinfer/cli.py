@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-offload", action="store_true",
                    help="every layer's KV on the device (default: offload layers to pinned host memory when needed)")
     p.set_defaults(func=_plan)
+
+    # chunkinfer demo: its arguments and command live in demo.py
+    from .demo import add_subcommand as add_demo
+
+    add_demo(sub)
     return parser
 
 

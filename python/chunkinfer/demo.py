@@ -89,8 +89,11 @@ def require_demo_extra() -> Path:
 def prose_text() -> str:
     """The English prose of Python's own reference topics (``pydoc_data``): real text, offline, and the
     same for a given Python. Grammar and code blocks (indented lines) and headings are left out."""
-    from pydoc_data.topics import topics
-
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise RuntimeError("this Python has no pydoc_data (the standard library's reference topics), the demo's "
+                           "text; some distributions ship it in a separate package") from None
     paragraphs = []
     for key in sorted(topics):
         for p in topics[key].split("\n\n"):
@@ -212,15 +215,18 @@ def memory_meter(device: str) -> Meter:
     try:
         _reset_rss_peak()
         return Meter("peak RSS: Linux VmHWM, reset to the current RSS before each phase via /proc/self/clear_refs",
-                     "peak RSS", _reset_rss_peak, lambda: _proc_status_bytes("VmRSS"), lambda: _proc_status_bytes("VmHWM"))
+                     "peak RSS", _reset_rss_peak, lambda: _proc_status_bytes("VmRSS"),
+                     lambda: _proc_status_bytes("VmHWM"))
     except (OSError, RuntimeError):
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
 
         def maxrss() -> int:
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
-        return Meter("peak RSS of the whole child process (getrusage ru_maxrss; cannot be reset, so it includes "
-                     "loading the model)", "peak RSS", _release_freed_host_memory, maxrss, maxrss)
+        # no baseline to subtract: "beyond the loaded model" then shows the whole process's peak
+        return Meter("peak RSS of the whole child process (getrusage ru_maxrss: it cannot be reset, so it includes "
+                     "loading the model, and nothing is subtracted from it)", "peak RSS", _release_freed_host_memory,
+                     lambda: 0, maxrss)
 
 
 # ---- one system, in a child process -----------------------------------------------------------------------
@@ -319,9 +325,8 @@ def worker(spec_path: str) -> int:
     # calls convert()'s loop does not handle run the stock forward: then this would be stock against stock
     fallbacks = sorted(model._chunkinfer.warned) if system == "converted" else []
     result = {"system": system, "memory_method": meter.method, "peak_name": meter.what, "baseline_bytes": baseline,
-              "nll": nll,
-              "fallbacks": fallbacks,
-              "continuation": out[0, ids.shape[1]:].tolist(), "phases": {k: asdict(v) for k, v in phases.items()}}
+              "nll": nll, "fallbacks": fallbacks, "continuation": out[0, ids.shape[1]:].tolist(),
+              "phases": {k: asdict(v) for k, v in phases.items()}}
     Path(spec["result"]).write_text(json.dumps(result))
     return 0
 

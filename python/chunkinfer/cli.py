@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every layer's KV on the device (default: offload layers to pinned host memory when needed)")
     p.set_defaults(func=_plan)
     _add_bench(sub)
+
+    # chunkinfer demo: its arguments and command live in demo.py
+    from .demo import add_subcommand as add_demo
+
+    add_demo(sub)
     return parser
 
 

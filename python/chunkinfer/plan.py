@@ -399,6 +399,7 @@ class Plan:
     device: str = "cuda"                   # "cuda" or "cpu"
     past: int = 0                          # positions cached before the call (a continuation)
     calibration: Calibration = CUDA_CALIBRATION
+    shape_bytes: int = 0                   # the loop's allocations at the peak from the shapes alone
 
     @property
     def device_bytes(self) -> int:
@@ -603,7 +604,7 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
     def schedule(n_resident: int, cands: list[int]) -> list[int] | None:
         return choose(memory(n_resident), cands, fits)
 
-    def parts_of(n_resident: int, chunks: list[int]) -> tuple[dict, int]:
+    def parts_of(n_resident: int, chunks: list[int]) -> tuple[dict, int, int]:
         n_host = L - n_resident
         alloc, layer = memory(n_resident).peak(chunks)
         staging = min(2, n_host) * layer_kv if n_host else 0
@@ -619,7 +620,7 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         else:
             parts["runtime fixed"] = over
             parts["allocator margin"] = _slack(alloc + over)
-        return parts, layer
+        return parts, layer, alloc
 
     limits = CHUNK_LIMITS[kind]
     candidates = [chunk_size] if chunk_size is not None else _chunk_candidates(seq_len, limits.cap, limits.floor)
@@ -639,7 +640,8 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         else:
             n_resident = 0
     report_chunk = min(chunks) if chunks is not None else candidates[-1]
-    parts, peak_layer = parts_of(n_resident, chunks if chunks is not None else [report_chunk] * L)
+    peak_chunks = chunks if chunks is not None else [report_chunk] * L
+    parts, peak_layer, shape_bytes = parts_of(n_resident, peak_chunks)
     n_host = L - n_resident
     host_kv = n_host * layer_kv
     # the arena hands out exact regions from 1 GiB slabs: at most one slab's tail is unused
@@ -713,4 +715,5 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
                 prefill_seconds=prefill_s, decode_ms_per_token=per_tok, decode_seconds=decode_s, fits=fits_all,
                 reason=reason, allow_offload=allow_offload, offload_available=offload_available, notes=notes,
                 chunk_schedule=chunks, peak_layer=peak_layer, device=kind, past=past, calibration=cal,
+                shape_bytes=shape_bytes,
                 rates_from="no CPU rates measured" if cpu else RATES_FROM)

@@ -8,9 +8,10 @@ import torch
 import chunkinfer
 from chunkinfer import placement
 from chunkinfer.cache import ChunkKVCache
-from chunkinfer.placement import PromptCall, plan_prompt
+from chunkinfer.placement import PromptCall
 from chunkinfer.plan import CHUNK_LIMITS
 from conftest import make_model, max_rel_err
+from schedule_budget import budget_for_decreasing_schedule
 
 RSS = 3 << 30  # what the planner reads as this process's RSS: pinned, so that budgets are deterministic
 CPU = CHUNK_LIMITS["cpu"]
@@ -85,16 +86,8 @@ def test_continuation_runs_a_decreasing_schedule_with_the_same_results(pinned_rs
 
     # a budget between what the smallest and the largest chunk need for this continuation
     call = PromptCall(1, past, s, torch.float32, torch.device("cpu"), last_layer_block=True, logits_rows=s)
-    need = {c: plan_prompt(fixed, call, cache_sched, chunk_size=c, memory_budget=None).device_bytes
-            for c in (CPU.floor, CPU.cap)}
-    schedule = None
-    for k in range(1, 40):
-        budget = need[CPU.floor] + (need[CPU.cap] - need[CPU.floor]) * k // 40
-        p = plan_prompt(fixed, call, cache_sched, chunk_size=None, memory_budget=budget)
-        if len(set(p.chunk_schedule)) > 1:
-            schedule = p.chunk_schedule
-            break
-    assert schedule is not None, need
+    budget, p = budget_for_decreasing_schedule(fixed, call, cache_sched, CPU.floor, CPU.cap)
+    schedule = p.chunk_schedule
     # the KV grows layer by layer (each buffer is reallocated when the loop reaches it): the chunk falls
     assert all(x >= y for x, y in zip(schedule, schedule[1:])) and schedule[0] > schedule[-1], schedule
     assert p.device_bytes <= budget

@@ -18,7 +18,7 @@ from .decode_graph import DecodeGraphs, graph_decode_supported
 from .head import final_norm, head_chunk_rows, iter_logits, logits_of
 from .layer_loop import LoopInputs, run_layers
 from .placement import OffloadSettings, PromptCall, place, plan_prompt
-from .plan import Calibration, Plan
+from .plan import CHUNK_LIMITS, Calibration, Plan
 from .loss import ChunkedCrossEntropy, shifted_targets
 
 _HANDLED_KWARGS = {"output_hidden_states", "output_attentions", "num_items_in_batch", "shift_labels",
@@ -282,14 +282,17 @@ def _plan_chunks(model, state: ConvertedState, cache: ChunkKVCache, call: Prompt
     """Plan a prompt (not a one-token step on a cache): place offloaded KV, choose the chunk schedule.
     Returns (chunk, per-layer chunks or None). Raises InsufficientMemoryError before any work."""
     chunk = state.chunk_size
+    kind = call.device.type
     if call.seq_len == 1 and call.past > 0:
         return chunk, None
-    cuda = call.device.type == "cuda"
-    if state.offload is not None and not cuda:  # host memory is the device: nothing to plan
+    if state.offload is not None and kind != "cuda":  # host memory is the device: nothing to place
         place(cache, state.offload, None)
         return chunk, None
-    if state.offload is None and not state.plan_chunks and state.memory_budget is None:
+    if kind not in CHUNK_LIMITS:  # the planner models CUDA and CPU memory only
         return chunk, None
+    if state.offload is None and state.memory_budget is None and (
+            not state.plan_chunks or call.seq_len <= CHUNK_LIMITS[kind].floor):
+        return chunk, None  # nothing to check, or one chunk whatever the plan (short prompts skip it)
     p = plan_prompt(model, call, cache, chunk_size=None if state.plan_chunks else chunk,
                     memory_budget=state.memory_budget, offload=state.offload, calibration=state.calibration)
     state.last_plan = p

@@ -87,7 +87,9 @@ CUDA_CALIBRATION = Calibration(_RUNTIME_FIXED, 1.0, "H200 rows, bench/results/mo
 # shape, fp32, 2 cores, glibc malloc, torch 2.14): 2048 tokens chunk 512 measured 173.1 MiB (shapes
 # 149.3 MiB), 8192 tokens chunk 1024 measured 493.2 MiB (shapes 438.1 MiB). The offset is first-call
 # runtime memory (oneDNN, the attention kernel's per-thread buffers); the scale is malloc retention:
-# freed chunk temporaries of varying sizes that later KV buffers cannot reuse.
+# freed chunk temporaries of varying sizes that later KV buffers cannot reuse. Shape-dependent: a
+# 6-layer random Llama (hidden 512, 8 KV heads) grew by only 0.9-1.04x its shapes, which this default
+# over-predicts by up to 25%; calibrate() measures the model at hand.
 CPU_CALIBRATION = Calibration(8 << 20, 1.108, "2 SmolLM2-shape CPU prefills (fp32, glibc malloc)")
 
 CHUNK_FLOOR = 1024

@@ -30,20 +30,23 @@ def check_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def _offload_settings(kv_offload, memory_budget, resident_layers, n_layers: int) -> OffloadSettings | None:
+def _memory_budget(memory_budget) -> int | None:
+    if memory_budget is None or (isinstance(memory_budget, str) and memory_budget == "auto"):
+        return None
+    return parse_memory(memory_budget, "memory_budget")
+
+
+def _offload_settings(kv_offload, budget: int | None, resident_layers, n_layers: int) -> OffloadSettings | None:
     if not isinstance(kv_offload, bool):
         raise TypeError(f"kv_offload must be a bool, got {type(kv_offload).__name__}")
-    budget = None
-    if not (memory_budget is None or (isinstance(memory_budget, str) and memory_budget == "auto")):
-        budget = parse_memory(memory_budget, "memory_budget")
     if resident_layers is not None:
         if isinstance(resident_layers, bool) or not isinstance(resident_layers, int):
             raise TypeError(f"resident_layers must be an int, got {type(resident_layers).__name__}")
         if not 0 <= resident_layers <= n_layers:
             raise ValueError(f"resident_layers must be in [0, {n_layers}] (the model's layers), got {resident_layers}")
     if not kv_offload:
-        if budget is not None or resident_layers is not None:
-            raise ValueError("memory_budget and resident_layers place KV for offload: pass kv_offload=True too")
+        if resident_layers is not None:
+            raise ValueError("resident_layers places KV for offload: pass kv_offload=True too")
         return None
     from . import transfer
 
@@ -63,18 +66,19 @@ def build_state(model: nn.Module, chunk_size: int | None = None, cuda_graphs: bo
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
     binding = bind(model)
-    offload = _offload_settings(kv_offload, memory_budget, resident_layers, len(binding.layers))
+    budget = _memory_budget(memory_budget)
+    offload = _offload_settings(kv_offload, budget, resident_layers, len(binding.layers))
     cpu_share = parse_cpu_attention(cpu_attention)
     device = binding.embed.weight.device
-    if chunk_size is None:
-        chunk_size = default_chunk_size(device)
     host = None
     if offload is not None:
         from .kv_offload import HostKV
 
         host = HostKV(device, cpu_share)
-    return ConvertedState(binding=binding, chunk_size=chunk_size, cuda_graphs=cuda_graphs, offload=offload,
-                          host=host, progress=progress, signature=inspect.signature(type(model).forward))
+    return ConvertedState(binding=binding, chunk_size=chunk_size or default_chunk_size(device),
+                          plan_chunks=chunk_size is None, memory_budget=budget, cuda_graphs=cuda_graphs,
+                          offload=offload, host=host, progress=progress,
+                          signature=inspect.signature(type(model).forward))
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -87,9 +91,17 @@ def convert(model: nn.Module, *, chunk_size: int | None = None, cuda_graphs: boo
     """Make ``model(...)`` and ``model.generate(...)`` run chunkinfer's layer loop; returns the model.
 
     Everything is validated first; on any error the model is left untouched. Converting a converted
-    model again re-binds it (e.g. to change ``chunk_size``). Default chunk size: 8192 tokens on CUDA,
-    1024 elsewhere. ``cuda_graphs``: on CUDA (fp16/bf16), one-token decode steps replay a captured
-    CUDA graph per batch size instead of launching every kernel from Python.
+    model again re-binds it (e.g. to change ``chunk_size``; a calibration is dropped).
+
+    ``chunk_size=None``: before each prompt the planner (chunkinfer.plan) picks a chunk per layer
+    within ``memory_budget`` ("auto": the memory the device has free for this model, on the CPU
+    the RSS the process can reach; or bytes / "80GiB"): the largest power of two in
+    ``plan.CHUNK_LIMITS`` (CUDA 1024-16384, CPU 256-1024) whose predicted peak fits, shrinking layer
+    by layer as the KV grows. A given ``chunk_size`` is used as is for every layer (with a byte
+    budget, a call it does not fit is refused). With "auto", a prompt the plan says does not fit
+    runs with the smallest chunk; with a byte budget it raises ``InsufficientMemoryError`` before
+    any work. ``cuda_graphs``: on CUDA (fp16/bf16), one-token decode steps replay a captured CUDA
+    graph per batch size instead of launching every kernel from Python.
 
     ``kv_offload=True``: before each prompt the planner places the KV: the leading layers stay on the
     device as far as ``memory_budget`` allows ("auto": the device's memory; or bytes / "80GiB"), the

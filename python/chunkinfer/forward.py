@@ -17,7 +17,8 @@ from .cache import ChunkKVCache
 from .decode_graph import DecodeGraphs, graph_decode_supported
 from .head import final_norm, head_chunk_rows, iter_logits, logits_of
 from .layer_loop import LoopInputs, run_layers
-from .placement import OffloadSettings, place_for_call
+from .placement import OffloadSettings, PromptCall, place, plan_prompt
+from .plan import CHUNK_LIMITS, Calibration, Plan
 from .loss import ChunkedCrossEntropy, shifted_targets
 
 _HANDLED_KWARGS = {"output_hidden_states", "output_attentions", "num_items_in_batch", "shift_labels",
@@ -30,10 +31,14 @@ class ConvertedState:
     """What convert() attaches to a model (as ``model._chunkinfer``)."""
 
     binding: ModelBinding
-    chunk_size: int
+    chunk_size: int                          # the chunk when none is planned (given, or the device default)
     signature: inspect.Signature
     cuda_graphs: bool = True
+    plan_chunks: bool = False                # chunk_size=None: the planner's schedule per prompt
+    memory_budget: int | None = None         # bytes (device; CPU: process RSS), None: what there is
     offload: OffloadSettings | None = None   # kv_offload=True: placement settings
+    calibration: Calibration | None = None   # calibrate(): this model's measured correction
+    last_plan: Plan | None = None            # the plan the last prompt ran with (None: not planned)
     progress: object | None = None           # callable(chunks done, chunks in all) for prompts
     host: object | None = None               # kv_offload.HostKV: pinned arena + transfer engine
     graphs: DecodeGraphs = field(default_factory=DecodeGraphs)
@@ -208,8 +213,6 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
     mask = a.get("attention_mask")
     key_starts = _key_starts(mask, cache, past, s)
     weight = mb.embed.weight
-    if state.offload is not None and (s > 1 or past == 0):
-        place_for_call(model, state.offload, cache, b, past + s, state.chunk_size, weight.dtype, weight.device)
 
     use_cache = a.get("use_cache")
     use_cache = config_use_cache(model) if use_cache is None else use_cache
@@ -230,14 +233,17 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
     last_rows_from = 0
     if isinstance(ltk, int) and 0 < ltk < s and labels is None and not want_hidden:
         last_rows_from = s - ltk
+    logits_rows = len(ltk) if torch.is_tensor(ltk) else (s if ltk == 0 else min(ltk, s))
+    call = PromptCall(b, past, s, weight.dtype, weight.device, last_rows_from == 0, logits_rows)
+    chunk, chunks = _plan_chunks(model, state, cache, call)
 
     inp = LoopInputs(hidden=hidden, position_ids=pos, start=past, key_starts=key_starts,
-                     chunk=state.chunk_size, last_rows_from=last_rows_from,
+                     chunk=chunk, last_rows_from=last_rows_from, chunks=chunks,
                      hidden_states=[] if want_hidden else None, progress=state.progress if s > 1 else None)
     cache.key_starts, cache.key_starts_known = key_starts, mask is not None
     run_layers(mb, cache, inp)
 
-    head_chunk = head_chunk_rows(state.chunk_size, model.config.vocab_size)
+    head_chunk = head_chunk_rows(chunk, model.config.vocab_size)
     hidden_states = None
     normed = False
     if want_hidden:
@@ -270,6 +276,32 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
     return CausalLMOutputWithPast(loss=loss, logits=logits,
                                   past_key_values=cache if (use_cache or pkv is not None) else None,
                                   hidden_states=hidden_states)
+
+
+def _plan_chunks(model, state: ConvertedState, cache: ChunkKVCache, call: PromptCall) -> tuple[int, list | None]:
+    """Plan a prompt (not a one-token step on a cache): place offloaded KV, choose the chunk schedule.
+    Returns (chunk, per-layer chunks or None). Raises InsufficientMemoryError before any work."""
+    chunk = state.chunk_size
+    kind = call.device.type
+    if call.seq_len == 1 and call.past > 0:
+        return chunk, None
+    if state.offload is not None and kind != "cuda":  # host memory is the device: nothing to place
+        place(cache, state.offload, None)
+        return chunk, None
+    if kind not in CHUNK_LIMITS:  # the planner models CUDA and CPU memory only
+        return chunk, None
+    if state.offload is None and state.memory_budget is None and (
+            not state.plan_chunks or call.seq_len <= CHUNK_LIMITS[kind].floor):
+        return chunk, None  # nothing to check, or one chunk whatever the plan (short prompts skip it)
+    p = plan_prompt(model, call, cache, chunk_size=None if state.plan_chunks else chunk,
+                    memory_budget=state.memory_budget, offload=state.offload, calibration=state.calibration)
+    state.last_plan = p
+    if state.offload is not None:
+        place(cache, state.offload, p)
+    if not state.plan_chunks:
+        return chunk, None
+    chunks = p.chunk_schedule or [p.breakdown_chunk] * len(state.binding.layers)  # "auto": try the smallest
+    return min(chunks), chunks
 
 
 def _graph_decode(state: ConvertedState, cache: ChunkKVCache, ids: torch.Tensor, pos: torch.Tensor, past: int,

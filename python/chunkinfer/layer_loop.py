@@ -28,11 +28,12 @@ class LoopInputs:
     position_ids: torch.Tensor      # [B or 1, S] rotary positions
     start: int                      # cache positions already filled before this call
     key_starts: list[int] | None    # per-sequence first visible cache position (left padding)
-    chunk: int
+    chunk: int                      # rows per chunk; with ``chunks``, the smallest of them
     last_rows_from: int = 0         # the last layer computes outputs only for rows >= this
     hidden_states: list | None = None  # collects the input of every layer when not None
     write_index: torch.Tensor | None = None  # [S] int64 cache positions of the rows (start + arange(S))
     progress: Callable[[int, int], None] | None = None  # (chunks done, chunks in all) after each chunk
+    chunks: list[int] | None = None  # per layer (the planner's non-increasing schedule); None: ``chunk``
 
 
 class _Rope:
@@ -198,15 +199,25 @@ def run_decode_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs, st
         _Layer(mb, lb, cache.layers[li], inp, rope, act_buf).decode_block(step)
 
 
+def _layer_chunks(inp: LoopInputs, n_layers: int) -> list[int]:
+    if inp.chunks is None:
+        return [inp.chunk] * n_layers
+    if len(inp.chunks) != n_layers or min(inp.chunks) != inp.chunk or any(
+            not isinstance(c, int) or c < 1 for c in inp.chunks):
+        raise ValueError(f"chunks must give each of the {n_layers} layers a chunk >= 1, the smallest equal to "
+                         f"chunk ({inp.chunk}); got {inp.chunks}")
+    return list(inp.chunks)
+
+
 def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
     """Run every decoder layer over inp.hidden in place; afterwards each cache layer holds start + S
     positions. Rows of the last layer before ``last_rows_from`` are left stale (only their K, V count).
+    Layer li runs in chunks of ``inp.chunks[li]`` rows when a schedule is given (chunking is exact).
     If anything raises, the cache keeps its previous length (positions written past it are ignored)."""
     hidden = inp.hidden
     b, s, _ = hidden.shape
-    chunk = inp.chunk
+    chunks = _layer_chunks(inp, len(mb.layers))
     rope = _Rope(mb, inp)
-    act_buf = _act_buffer(mb, hidden, b * min(chunk, s))
     inp.write_index = torch.arange(inp.start, inp.start + s, device=hidden.device)
     end = inp.start + s
     headroom = _PREFILL_HEADROOM if s > 1 else 0
@@ -214,6 +225,9 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
 
     def shape_of(li: int):
         return b, mb.layers[li].n_kv, mb.layers[li].head_dim, hidden.dtype
+
+    def n_chunks(rows: int, chunk: int) -> int:
+        return -(-rows // chunk)
 
     streamer = LayerStreamer.for_call(cache, shape_of, inp.start, end, headroom,
                                       attends_all=lambda li: not mb.layers[li].window and ops.decode_kernel_supports(
@@ -228,11 +242,15 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
         return splits[key]
 
     lf = inp.last_rows_from
-    total = (len(mb.layers) - 1) * -(-s // chunk) + -(-lf // chunk) + -(-(s - lf) // chunk)
+    total = sum(n_chunks(s, c) for c in chunks[:-1]) + n_chunks(lf, chunks[-1]) + n_chunks(s - lf, chunks[-1])
     done = 0
+    act_buf, act_rows, layer = None, 0, None
     failed = True
     try:
         for li, lb in enumerate(mb.layers):
+            chunk = chunks[li]
+            if act_buf is not None and act_rows != b * min(chunk, s):
+                act_buf = layer = None  # the schedule stepped down: free the larger buffer before this layer's KV
             if inp.hidden_states is not None:
                 inp.hidden_states.append(hidden.clone())
             streamed = streamer is not None and streamer.is_streamed(li)
@@ -241,6 +259,9 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
             else:
                 kv = cache.layers[li]
                 kv.reserve(b, lb.n_kv, lb.head_dim, hidden.dtype, hidden.device, end, headroom)
+            if act_buf is None:
+                act_rows = b * min(chunk, s)
+                act_buf = _act_buffer(mb, hidden, act_rows)
             layer = _Layer(mb, lb, kv, inp, rope, act_buf)
             first = lf if li == last else 0
             steps = [(layer.kv_only, r0, min(r0 + chunk, first)) for r0 in range(0, first, chunk)]

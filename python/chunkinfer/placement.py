@@ -1,17 +1,18 @@
-"""Which layers' KV stay on the device for a call: the planner's answer for the memory actually there.
+"""Per prompt, the planner's answer for the memory actually there: the chunk schedule and, with KV
+offload, which layers' KV stay on the device.
 
 Decided before any work of a prompt (not of single-token decode steps, which keep the placement the
 prompt chose); a verdict that it does not fit is raised as InsufficientMemoryError, naming the bytes.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from .cache import ChunkKVLayer
-from .plan import _CUDA_CONTEXT, GiB, Plan, plan
+from .plan import _CUDA_CONTEXT, Calibration, GiB, Plan, plan
+from .rss import available_memory, current_rss
 
 
 class InsufficientMemoryError(MemoryError):
@@ -26,54 +27,92 @@ class OffloadSettings:
     resident_layers: int | None    # fixed count of leading layers kept on the device (None: planned)
 
 
-def host_available_bytes() -> int:
-    """MemAvailable of /proc/meminfo (falls back to the physical size where it cannot be read)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+@dataclass(frozen=True)
+class PromptCall:
+    """What the planner needs of one prompt call besides the model and its cache."""
+
+    batch: int
+    past: int                      # positions cached before the call
+    seq_len: int                   # new positions
+    dtype: torch.dtype
+    device: torch.device
+    last_layer_block: bool = False  # the last layer computes every row (loss, hidden states, all logits)
+    logits_rows: int = 1           # rows of logits the call returns
 
 
-def _device_budget(settings: OffloadSettings, device: torch.device, weight_bytes: int, cache_bytes: int) -> int:
+def _device_budget(memory_budget: int | None, device: torch.device, weight_bytes: int, cache_bytes: int) -> int:
     """Device bytes the plan may fill (weights included). Tensors the caller holds besides the model and
     this cache are taken off; the cache's own buffers count as free, since the plan re-places them."""
     free, _total = torch.cuda.mem_get_info(device)
     reserved = torch.cuda.memory_reserved(device)
     others = max(0, torch.cuda.memory_allocated(device) - weight_bytes - cache_bytes)
     usable = free + reserved + _CUDA_CONTEXT - others
-    return usable if settings.memory_budget is None else min(settings.memory_budget, usable)
+    return usable if memory_budget is None else min(memory_budget, usable)
 
 
-def plan_call(model, settings: OffloadSettings, cache, batch: int, end: int, chunk: int, dtype: torch.dtype,
-              device: torch.device) -> Plan | None:
-    """The plan for a prompt reaching ``end`` cached positions, or None on a CPU model with no fixed
-    placement (nothing to plan: host memory is the device). Raises InsufficientMemoryError."""
-    if device.type != "cuda":
-        return None
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.device == device)
-    cache_bytes = sum(layer.nbytes() for layer in cache.layers if isinstance(layer, ChunkKVLayer))
-    cache_bytes += cache.staging.nbytes() if cache.staging is not None else 0
-    budget = _device_budget(settings, device, weight_bytes, cache_bytes)
-    host_kv = sum(2 * layer.k_buf.numel() * layer.k_buf.element_size()
-                  for layer in cache.layers if not isinstance(layer, ChunkKVLayer) and layer.k_buf is not None)
-    arena = cache.host.arena
-    host = host_available_bytes() + (arena.bytes_reserved - arena.bytes_used) + host_kv
-    p = plan(model.config, end, batch=batch, dtype=dtype, device_memory=budget, host_memory=host,
-             chunk_size=chunk, allow_offload=True, resident_layers=settings.resident_layers)
-    if not p.fits:
-        raise InsufficientMemoryError(f"chunkinfer: {end:,} cached tokens x batch {batch} do not fit: {p.reason} "
-                                      f"(device budget {budget / GiB:.2f} GiB, host available {host / GiB:.2f} GiB)")
+def _weight_bytes(model, device: torch.device) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device == device)
+
+
+def _resident_bytes(cache) -> tuple[int, int]:
+    """(bytes of the cache's device-resident K, V buffers and staging, their largest capacity)."""
+    layers = [layer for layer in cache.layers if isinstance(layer, ChunkKVLayer) and layer.k_buf is not None]
+    nbytes = sum(layer.nbytes() for layer in layers)
+    nbytes += cache.staging.nbytes() if cache.staging is not None else 0
+    return nbytes, max((layer.k_buf.shape[2] for layer in layers), default=0)
+
+
+def plan_prompt(model, call: PromptCall, cache, *, chunk_size: int | None, memory_budget: int | None,
+                offload: OffloadSettings | None = None, calibration: Calibration | None = None) -> Plan:
+    """The plan of one prompt on the memory there now: chunk schedule (``chunk_size`` None) or the
+    given chunk, with KV offload the placement. ``memory_budget``: bytes (device; on the CPU the
+    process's RSS), None for what the device / host has. Raises InsufficientMemoryError when nothing
+    fits and a budget was given or KV offload is on; otherwise the plan says so (``fits``)."""
+    device = call.device
+    weight_bytes = _weight_bytes(model, device)
+    cache_bytes, capacity = _resident_bytes(cache)
+    end = call.past + call.seq_len
+    common = dict(batch=call.batch, dtype=call.dtype, chunk_size=chunk_size, past=call.past,
+                  past_capacity=max(capacity, call.past), calibration=calibration,
+                  last_layer_block=call.last_layer_block, logits_rows=call.logits_rows)
+    if device.type == "cuda":
+        budget = _device_budget(memory_budget, device, weight_bytes, cache_bytes)
+        host = available_memory()
+        if offload is not None:
+            host_kv = sum(2 * layer.k_buf.numel() * layer.k_buf.element_size()
+                          for layer in cache.layers if not isinstance(layer, ChunkKVLayer) and layer.k_buf is not None)
+            arena = cache.host.arena
+            host += (arena.bytes_reserved - arena.bytes_used) + host_kv
+        p = plan(model.config, call.seq_len, device_memory=budget, host_memory=host,
+                 allow_offload=offload is not None,
+                 resident_layers=offload.resident_layers if offload is not None else None, **common)
+        where = f"(device budget {budget / GiB:.2f} GiB, host available {host / GiB:.2f} GiB)"
+    else:
+        rss = current_rss()
+        budget = rss + available_memory() if memory_budget is None else memory_budget
+        # what this process holds besides the weights and this cache (which the plan counts itself)
+        baseline = max(0, rss - weight_bytes - cache_bytes)
+        p = plan(model.config, call.seq_len, device="cpu", device_memory=budget, process_baseline=baseline,
+                 allow_offload=False, **common)
+        where = f"(RSS budget {budget / GiB:.2f} GiB, resident now {rss / GiB:.2f} GiB)"
+    if not p.fits and (memory_budget is not None or offload is not None):
+        raise InsufficientMemoryError(f"chunkinfer: {end:,} cached tokens x batch {call.batch} do not fit: "
+                                      f"{p.reason} {where}")
     return p
 
 
-def place_for_call(model, settings: OffloadSettings, cache, batch: int, end: int, chunk: int,
-                   dtype: torch.dtype, device: torch.device) -> Plan | None:
-    """Plan the call and move the layers the plan puts on the host there (a layer never moves back)."""
-    p = plan_call(model, settings, cache, batch, end, chunk, dtype, device)
+def plan_call(model, settings: OffloadSettings, cache, batch: int, end: int, chunk: int | None, dtype: torch.dtype,
+              device: torch.device) -> Plan | None:
+    """The offload plan for a prompt (on an empty cache) reaching ``end`` cached positions, or None on a
+    CPU model (nothing to place: host memory is the device). Raises InsufficientMemoryError."""
+    if device.type != "cuda":
+        return None
+    return plan_prompt(model, PromptCall(batch, 0, end, dtype, device), cache, chunk_size=chunk,
+                       memory_budget=settings.memory_budget, offload=settings)
+
+
+def place(cache, settings: OffloadSettings, p: Plan | None) -> None:
+    """Move the layers the plan puts on the host there (a layer never moves back)."""
     n_layers = len(cache.layers)
     if p is not None:
         n_resident = len(p.resident_layers)
@@ -84,4 +123,3 @@ def place_for_call(model, settings: OffloadSettings, cache, batch: int, end: int
         n_resident = min(n_resident, streamed[0])
     if n_resident < n_layers:
         cache.place(n_resident)
-    return p

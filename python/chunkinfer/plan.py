@@ -1,16 +1,29 @@
-"""plan(): will a long-context run fit, with which chunk size, and about how long will it take?
+"""plan(): will a long-context run fit, with which chunk size(s), and about how long will it take?
 
 Memory is predicted from the shapes the layer loop allocates (layer_loop.py, cache.py, attention.py):
 
 * the residual stream [B, S, H] in the model dtype (plus the int64 token ids and positions),
 * per-layer K, V buffers [B, Hkv, cap, D], cap = round_up(S + 1024 headroom, 256) after a prefill
   (sliding-window layers keep every position too, as the current cache does),
-* chunk work buffers of C rows: the MLP activation buffer [C, intermediate] kept for the whole loop,
+* chunk work buffers of C rows: the MLP activation buffer [C, intermediate] kept for the layer,
   and per block the larger of the attention phase (q, k, v, block and prefix outputs, the fp32
   LSE-merge temporaries [B, Hq, C, D]) and the MLP phase (gate, up, down, o_proj output). The last
   layer only writes K, V for all but the last rows, so its own KV is allocated while only the small
   K, V-only temporaries are alive: the peak is the larger of "every layer's KV + K, V-only work" and
   "all but one layer's KV + a full block's work".
+
+Layer by layer (chunk_schedule.py): layer l runs with the KV of layers [0, l] allocated, so the chunk
+may shrink as the KV grows (a decreasing schedule, one chunk per layer), keeping the peak under the
+budget; in a continuation (``past`` > 0) a growing layer holds its old and new buffers while copying.
+
+Beyond these shapes, a ``Calibration`` per device: allocations that do not scale with the shapes
+(workspaces; on the CPU also malloc's retention) as ``offset + (scale - 1) x shapes``. ``calibrate()``
+(calibrate.py) measures it for one model on a short run and keeps it on that converted model.
+
+On the CPU (``device="cpu"``) the plan predicts the process's peak resident set size (RSS): the
+process baseline (a fresh interpreter with torch, transformers, chunkinfer and the model's modeling
+code imported, measured once per process by starting one; or ``process_baseline``) + weights + the
+parts above + the CPU calibration. Times are not predicted there (no CPU rates were measured).
 
 Times come from rates FITTED to H200 measurements (bf16, Llama-3.1-8B shape, chunk 8192); they are
 estimates for that device only (see ``Plan.rates_from``).
@@ -24,6 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .chunk_schedule import CallMemory, ChunkWork, choose, describe
+from .head import head_chunk_rows
 from .transfer import available as offload_engine_available
 
 GiB = 1 << 30
@@ -53,9 +68,50 @@ _ALLOCATOR_SLACK = 3 * GiB // 2  # reserved - allocated: largest measured gap 1.
 _ALLOCATOR_SLACK_FRACTION = 0.02  # ... or this fraction of the allocations beyond weights, if larger
 _HOST_USABLE = 0.9          # share of host memory the pinned KV arena may take
 
+
+@dataclass(frozen=True)
+class Calibration:
+    """Allocations beyond the weights that the shapes do not give: the planner adds
+    ``offset + (scale - 1) x (residual stream + KV + staging + chunk work buffers)``."""
+
+    offset: int
+    scale: float = 1.0
+    source: str = ""
+
+    def overhead(self, shapes: int) -> int:
+        return self.offset + int((self.scale - 1.0) * shapes)
+
+
+CUDA_CALIBRATION = Calibration(_RUNTIME_FIXED, 1.0, "H200 rows, bench/results/model_h200.jsonl")
+# CPU: RSS growth of prefills beyond the post-load RSS vs the shapes, fitted on two runs (SmolLM2-135M
+# shape, fp32, 2 cores, glibc malloc, torch 2.14): 2048 tokens chunk 512 measured 173.1 MiB (shapes
+# 149.3 MiB), 8192 tokens chunk 1024 measured 493.2 MiB (shapes 438.1 MiB). The offset is first-call
+# runtime memory (oneDNN, the attention kernel's per-thread buffers); the scale is malloc retention:
+# freed chunk temporaries of varying sizes that later KV buffers cannot reuse. Shape-dependent: a
+# 6-layer random Llama (hidden 512, 8 KV heads) grew by only 0.9-1.04x its shapes, which this default
+# over-predicts by up to 25%; calibrate() measures the model at hand.
+CPU_CALIBRATION = Calibration(8 << 20, 1.108, "2 SmolLM2-shape CPU prefills (fp32, glibc malloc)")
+
 CHUNK_FLOOR = 1024
 CHUNK_CAP = 16384
 _OFFLOAD_CHUNK_CAP = 8192   # with host offload the chunk is not grown past the measured default
+
+
+@dataclass(frozen=True)
+class ChunkLimits:
+    """The chunk sizes a plan chooses from: powers of two in [floor, cap] (offload_cap with host KV)."""
+
+    floor: int
+    cap: int
+    offload_cap: int
+
+
+# CUDA: below the floor GEMM efficiency falls; the cap keeps clear of int32 / very-large-M limits.
+# CPU: the cap is convert()'s long-standing CPU default (a larger chunk costs memory; no CPU
+# measurement shows it faster); the floor 256: below it fp32 GEMMs ran far slower (2-core EPYC,
+# [M, 576] x [576, 1536]: 3.6 GFLOP/s at M=64, 22 at 256, 30 at 1024, a shared, noisy machine).
+CHUNK_LIMITS = {"cuda": ChunkLimits(CHUNK_FLOOR, CHUNK_CAP, _OFFLOAD_CHUNK_CAP),
+                "cpu": ChunkLimits(256, 1024, 1024)}
 
 _SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
                           "phi3": "Phi-3", "gemma3_text": "Gemma-3", "gemma3": "Gemma-3"}
@@ -222,17 +278,27 @@ def _round_up(n: int) -> int:
 
 def kv_capacity(seq_len: int, decode_tokens: int = 0) -> tuple[int, int]:
     """(capacity after prefill + decode, capacity before the last growth) in positions, as cache.py grows it."""
-    cap = _round_up(seq_len + _PREFILL_HEADROOM)
+    return _decode_growth(_round_up(seq_len + _PREFILL_HEADROOM), seq_len + decode_tokens)
+
+
+def _decode_growth(cap: int, needed: int) -> tuple[int, int]:
+    """(capacity, capacity before the last growth) once one-token steps have reached ``needed``."""
     prev = cap
-    needed = seq_len + decode_tokens
     while cap < needed:
         prev, cap = cap, max(_round_up(cap + 1), _round_up(int(cap * _GROWTH)))
     return cap, prev
 
 
-def work_bytes(shape: Shape, rows: int, batch: int, elt: int, layer_kv: int) -> dict:
-    """Chunk work-buffer bytes for ``rows`` rows (see the module docstring). ``layer_kv``: one layer's
-    K+V bytes, allocated by the last layer only after the full-block temporaries are gone."""
+def grown_capacity(capacity: int, needed: int, headroom: int) -> int:
+    """A buffer's capacity after a call reserves ``needed`` positions (cache.KVBuffers.reserve)."""
+    if capacity >= needed:
+        return capacity
+    cap = _round_up(needed + headroom)
+    return max(cap, _round_up(int(capacity * _GROWTH))) if capacity else cap
+
+
+def work_bytes(shape: Shape, rows: int, batch: int, elt: int) -> ChunkWork:
+    """Chunk work-buffer bytes for ``rows`` rows (see the module docstring)."""
     b, c = batch, rows
     h, i, v = shape.hidden, shape.intermediate, shape.vocab
     q = b * c * shape.n_q * shape.head_dim * elt          # [B, Hq, C, D] in the model dtype
@@ -248,22 +314,22 @@ def work_bytes(shape: Shape, rows: int, batch: int, elt: int, layer_kv: int) -> 
     mlp = q + qkv_live + q + 2 * b * c * h * elt + 2 * b * c * i * elt  # + attn out, o, down, gate, up
     block = max(attention, attention_block, windowed, mlp)
     kv_only = b * c * h * elt + 2 * kv1 + 3 * kv1 + b * v * elt + b * h * elt  # norm, k, v, rope, logits
-    effective = max(block - layer_kv, kv_only) if shape.layers > 1 else max(block, kv_only)
-    return {"mlp_activation": act, "block": block, "kv_only": kv_only, "effective": act + effective}
+    return ChunkWork(activation=act, block=block, kv_only=kv_only)
 
 
 # ---- time model -----------------------------------------------------------------------------------------
-def prefill_flops(shape: Shape, seq_len: int, batch: int = 1) -> tuple[float, float]:
-    """(linear-layer FLOPs, attention FLOPs) of one prefill of ``seq_len`` tokens."""
+def prefill_flops(shape: Shape, seq_len: int, batch: int = 1, past: int = 0) -> tuple[float, float]:
+    """(linear-layer FLOPs, attention FLOPs) of a prefill of ``seq_len`` tokens after ``past`` cached ones."""
     linear = 2.0 * batch * seq_len * shape.layers * shape.layer_linear_params() + 2.0 * batch * shape.hidden * shape.vocab
     per_pair = 4.0 * shape.n_q * shape.head_dim  # QK^T and PV, 2 FLOPs per multiply-add
     attn = 0.0
-    s = float(seq_len)
+    s, p = float(seq_len), float(past)
     for w in shape.windows:
-        if w is None or w >= seq_len:
-            pairs = s * (s + 1) / 2
+        if w is None or w >= seq_len + past:
+            pairs = s * (s + 1) / 2 + s * p
         else:  # the windowed path computes a dense band per chunk: about S * (window + chunk/2) pairs
-            pairs = w * (w + 1) / 2 + (s - w) * w
+            first = max(0.0, min(s, w - p))  # queries still inside the first window
+            pairs = first * (first + 1) / 2 + first * p + (s - first) * w
         attn += per_pair * pairs
     return linear, batch * attn
 
@@ -312,24 +378,30 @@ class Plan:
     seq_len: int
     batch: int
     dtype: str
-    chunk_size: int | None                 # None: no chunk size fits (the breakdown is for breakdown_chunk)
-    breakdown_chunk: int
+    chunk_size: int | None                 # the smallest chunk of the schedule; None: no chunk size fits
+    breakdown_chunk: int                   # the breakdown's chunk when none fits
     kv_capacity: int                       # positions per layer buffer
     resident_layers: list[int]             # layers whose K, V stay on the device
     host_layers: list[int]                 # layers whose K, V would live in pinned host memory
-    device_breakdown: dict[str, int]       # predicted peak device bytes by part
-    host_breakdown: dict[str, int]         # predicted host bytes by part
+    device_breakdown: dict[str, int]       # predicted peak device bytes (on the CPU: peak RSS) by part
+    host_breakdown: dict[str, int]         # predicted host bytes by part (CUDA only)
     device_memory: int
     host_memory: int
-    prefill_seconds: float
-    decode_ms_per_token: float
-    decode_seconds: float
+    prefill_seconds: float | None          # None on the CPU (no CPU rates measured)
+    decode_ms_per_token: float | None
+    decode_seconds: float | None
     fits: bool
     reason: str
     offload_available: bool = True         # the host-offload engine is built into this install
     allow_offload: bool = True
     rates_from: str = RATES_FROM
     notes: list[str] = field(default_factory=list)
+    chunk_schedule: list[int] | None = None  # per layer, non-increasing; None when nothing fits
+    peak_layer: int = 0                    # the layer where the predicted peak occurs
+    device: str = "cuda"                   # "cuda" or "cpu"
+    past: int = 0                          # positions cached before the call (a continuation)
+    calibration: Calibration = CUDA_CALIBRATION
+    shape_bytes: int = 0                   # the loop's allocations at the peak from the shapes alone
 
     @property
     def device_bytes(self) -> int:
@@ -341,31 +413,44 @@ class Plan:
 
     @property
     def peak_alloc_beyond_weights(self) -> int:
-        """What torch.cuda.max_memory_allocated() - weights should read after the run."""
-        skip = {"weights", "allocator margin"}
+        """What torch.cuda.max_memory_allocated() - weights should read after the run; on the CPU,
+        the peak RSS less the process baseline and the weights."""
+        skip = {"weights", "allocator margin", "process baseline"}
         return sum(v for k, v in self.device_breakdown.items() if k not in skip)
+
+    def chunks_text(self) -> str:
+        if self.chunk_schedule is None:
+            return f"no chunk size fits (shown: chunk {self.breakdown_chunk})"
+        if len(set(self.chunk_schedule)) == 1:
+            return f"chunk size {self.chunk_size}"
+        return f"chunk sizes {describe(self.chunk_schedule)}"
 
     def table(self) -> str:
         def g(n: int) -> str:
             return f"{n / GiB:10.2f}"
 
-        lines = [f"chunkinfer plan: {self.model_type}, {self.seq_len:,} tokens x batch {self.batch}, {self.dtype}",
-                 (f"chunk size {self.chunk_size}" if self.chunk_size else
-                  f"no chunk size fits (shown: chunk {self.breakdown_chunk})") + f", KV capacity {self.kv_capacity:,} "
-                 f"positions/layer, KV layers resident {len(self.resident_layers)}, on host {len(self.host_layers)}",
-                 "",
-                 f"{'device (peak)':<34}{'GiB':>10}"]
+        cpu = self.device == "cpu"
+        after = f" after {self.past:,} cached" if self.past else ""
+        head = (f"chunkinfer plan: {self.model_type}, {self.seq_len:,} tokens{after} x batch {self.batch}, "
+                f"{self.dtype}" + (" on the CPU" if cpu else ""))
+        where = (f"KV layers {len(self.resident_layers)} in process memory" if cpu else
+                 f"KV layers resident {len(self.resident_layers)}, on host {len(self.host_layers)}")
+        lines = [head, f"{self.chunks_text()}, KV capacity {self.kv_capacity:,} positions/layer, {where}", "",
+                 f"{'process (peak RSS)' if cpu else 'device (peak)':<34}{'GiB':>10}"]
         lines += [f"  {k:<32}{g(v)}" for k, v in self.device_breakdown.items()]
-        lines += [f"  {'total':<32}{g(self.device_bytes)}", f"  {'available':<32}{g(self.device_memory)}", "",
-                  f"{'host':<34}{'GiB':>10}"]
-        lines += [f"  {k:<32}{g(v)}" for k, v in self.host_breakdown.items()]
-        lines += [f"  {'total':<32}{g(self.host_bytes)}",
-                  f"  {'available':<32}{g(self.host_memory)}", "",
-                  f"prefill   {self.prefill_seconds:10.2f} s",
-                  f"decode    {self.decode_ms_per_token:10.2f} ms/token"
-                  + (f" ({self.decode_seconds:.2f} s in all)" if self.decode_seconds else ""),
-                  f"(times: {self.rates_from})", "",
-                  f"fits: {'yes' if self.fits else 'no'}" + ("" if self.fits else f": {self.reason}")]
+        lines += [f"  {'total':<32}{g(self.device_bytes)}", f"  {'available':<32}{g(self.device_memory)}", ""]
+        if not cpu:
+            lines += [f"{'host':<34}{'GiB':>10}"]
+            lines += [f"  {k:<32}{g(v)}" for k, v in self.host_breakdown.items()]
+            lines += [f"  {'total':<32}{g(self.host_bytes)}", f"  {'available':<32}{g(self.host_memory)}", ""]
+        if self.prefill_seconds is None:
+            lines += ["times: not predicted on the CPU (no CPU rates measured)", ""]
+        else:
+            lines += [f"prefill   {self.prefill_seconds:10.2f} s",
+                      f"decode    {self.decode_ms_per_token:10.2f} ms/token"
+                      + (f" ({self.decode_seconds:.2f} s in all)" if self.decode_seconds else ""),
+                      f"(times: {self.rates_from})", ""]
+        lines += [f"fits: {'yes' if self.fits else 'no'}" + ("" if self.fits else f": {self.reason}")]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -384,10 +469,10 @@ def _default_host_memory() -> int:
         raise RuntimeError("cannot read the host memory size; pass host_memory") from exc
 
 
-def _chunk_candidates(seq_len: int, cap: int = CHUNK_CAP) -> list[int]:
-    """Powers of two in [CHUNK_FLOOR, cap], at most seq_len rounded up to a power of two; largest first."""
-    top = max(CHUNK_FLOOR, 1 << max(0, (seq_len - 1).bit_length()))
-    out, c = [], CHUNK_FLOOR
+def _chunk_candidates(seq_len: int, cap: int = CHUNK_CAP, floor: int = CHUNK_FLOOR) -> list[int]:
+    """Powers of two in [floor, cap], at most seq_len rounded up to a power of two; largest first."""
+    top = max(floor, 1 << max(0, (seq_len - 1).bit_length()))
+    out, c = [], floor
     while c <= min(cap, top):
         out.append(c)
         c *= 2
@@ -398,107 +483,193 @@ def _slack(beyond_weights: int) -> int:
     return _CUDA_CONTEXT + max(_ALLOCATOR_SLACK, int(_ALLOCATOR_SLACK_FRACTION * beyond_weights))
 
 
+def device_kind(device) -> str:
+    """'cuda' or 'cpu' from a string or torch.device."""
+    kind = device.type if isinstance(device, torch.device) else device
+    if kind not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu' (or a torch.device of those), got {device!r}")
+    return kind
+
+
+def _process_baseline(value, kind: str, model_type: str) -> int:
+    if kind != "cpu":
+        if value is not None:
+            raise ValueError("process_baseline is part of the CPU prediction (device='cpu')")
+        return 0
+    if value is None:
+        from .rss import fresh_process_baseline
+
+        return fresh_process_baseline("gemma3_text" if model_type == "gemma3" else model_type)
+    return _positive_int(value, "process_baseline", minimum=0)
+
+
 def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_memory=None, host_memory=None,
          decode_tokens: int = 0, chunk_size: int | None = None, allow_offload: bool = True,
-         resident_layers: int | None = None) -> Plan:
-    """Predict device / host memory, chunk size and times of a prefill of ``seq_len`` tokens (plus
+         resident_layers: int | None = None, device="cuda", past: int = 0, past_capacity: int | None = None,
+         process_baseline: int | None = None, calibration: Calibration | None = None,
+         last_layer_block: bool = False, logits_rows: int = 1) -> Plan:
+    """Predict device / host memory, chunk sizes and times of a prefill of ``seq_len`` tokens (plus
     ``decode_tokens`` generated ones) with chunkinfer. Memories: bytes or strings like "139GiB".
+
+    Chunks: per layer the largest power of two in the device's ``CHUNK_LIMITS`` whose peak fits,
+    non-increasing as the KV grows (``Plan.chunk_schedule``; ``Plan.chunk_size`` is its smallest);
+    ``chunk_size`` fixes one chunk for every layer instead. The prefill is generate()'s (logits of
+    the last position); ``last_layer_block``: the last layer computes every row (loss, hidden states);
+    ``logits_rows``: rows of logits the call returns (a model(ids) call: all of them).
 
     KV placement: every layer resident when that fits; else, with ``allow_offload``, the first layers
     resident and the rest in pinned host memory, as many resident as fit. ``resident_layers`` fixes
-    that count instead (the chunk must then fit with it)."""
+    that count instead (the chunk must then fit with it).
+
+    ``past``: positions already cached (a continuation), in buffers of ``past_capacity`` positions
+    (default: as a prefill of ``past`` tokens leaves them). ``calibration``: a measured correction
+    (calibrate.py); default ``CUDA_CALIBRATION`` / ``CPU_CALIBRATION``.
+
+    ``device="cpu"``: predicts the process's peak RSS. ``device_memory`` is then the RSS the process
+    may reach (default: physical memory), nothing is offloaded, and ``process_baseline`` is the RSS
+    before the weights (default: measured in a fresh interpreter, see rss.fresh_process_baseline)."""
     seq_len = _positive_int(seq_len, "seq_len")
     batch = _positive_int(batch, "batch")
     decode_tokens = _positive_int(decode_tokens, "decode_tokens", minimum=0)
+    past = _positive_int(past, "past", minimum=0)
+    logits_rows = _positive_int(logits_rows, "logits_rows", minimum=0)
     if chunk_size is not None:
         chunk_size = _positive_int(chunk_size, "chunk_size")
     if not isinstance(allow_offload, bool):
         raise TypeError(f"allow_offload must be a bool, got {type(allow_offload).__name__}")
-    offload_available = offload_engine_available()
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise TypeError(f"calibration must be a chunkinfer Calibration, got {type(calibration).__name__}")
+    kind = device_kind(device)
+    cpu = kind == "cpu"
+    offload_available = offload_engine_available() and not cpu
     allow_offload = allow_offload and offload_available
     dt = parse_dtype(dtype)
     elt = torch.empty((), dtype=dt).element_size()
     config = load_config(config)
     shape = Shape.from_config(config)
-    dev = parse_memory(device_memory, "device_memory") if device_memory is not None else _default_device_memory()
-    host = parse_memory(host_memory, "host_memory") if host_memory is not None else _default_host_memory()
-
     L = shape.layers
+    if past_capacity is None:
+        past_capacity = kv_capacity(past)[0] if past else 0
+    past_capacity = _positive_int(past_capacity, "past_capacity", minimum=0)
+    if past and past_capacity < past:
+        raise ValueError(f"past_capacity ({past_capacity}) must hold the {past} cached positions")
+    if resident_layers is not None:
+        resident_layers = _positive_int(resident_layers, "resident_layers", minimum=0)
+        if resident_layers > L:
+            raise ValueError(f"resident_layers must be <= the model's {L} layers, got {resident_layers}")
+        if resident_layers < L and cpu:
+            raise ValueError("resident_layers < layers offloads KV to host memory: not a CPU plan's choice")
+        if resident_layers < L and not offload_engine_available():
+            raise ValueError("resident_layers < layers needs the KV offload engine, which this build lacks")
+    baseline = _process_baseline(process_baseline, kind, shape.model_type)
+    if device_memory is not None:
+        dev = parse_memory(device_memory, "device_memory")
+    else:
+        dev = _default_host_memory() if cpu else _default_device_memory()
+    host = parse_memory(host_memory, "host_memory") if host_memory is not None else _default_host_memory()
+    cal = calibration or (CPU_CALIBRATION if cpu else CUDA_CALIBRATION)
+
     weights = shape.weight_params() * elt
     residual = batch * seq_len * shape.hidden * elt + 2 * batch * seq_len * 8  # + int64 ids, positions
-    cap, prev_cap = kv_capacity(seq_len, decode_tokens)
-    layer_kv = batch * cap * shape.kv_bytes_per_token_layer(elt)
-    growth_kv = batch * prev_cap * shape.kv_bytes_per_token_layer(elt) if cap != prev_cap else 0
+    end = past + seq_len
+    per_position = batch * shape.kv_bytes_per_token_layer(elt)
+    call_cap = grown_capacity(past_capacity, end, _PREFILL_HEADROOM if seq_len > 1 else 0)
+    cap, prev_cap = _decode_growth(call_cap, end + decode_tokens)
+    layer_kv = per_position * cap
+    growth_kv = per_position * prev_cap if cap != prev_cap else 0
+    works: dict[int, ChunkWork] = {}
 
-    def device_parts(rows: int, n_resident: int) -> dict:
+    def work_of(c: int) -> ChunkWork:
+        if c not in works:
+            works[c] = work_bytes(shape, min(c, seq_len), batch, elt)
+        return works[c]
+
+    # the LM head after the loop: the returned logits and one head chunk's normed rows and logits
+    head_rows = head_chunk_rows(seq_len, shape.vocab)  # at most: the loop's chunk caps it too
+    logits = batch * (logits_rows * shape.vocab + head_rows * (shape.vocab + shape.hidden)) * elt
+
+    def memory(n_resident: int) -> CallMemory:
         n_host = L - n_resident
         # offload: two layers' K, V staged on the device (the one computed, the one draining to the host)
         staging = min(2, n_host) * layer_kv if n_host else 0
-        # the last-layer shortcut saving (work_bytes' layer_kv) applies only when the last layer is resident
-        w = work_bytes(shape, rows, batch, elt, layer_kv if n_host == 0 else 0)
-        parts = {"weights": weights, "residual stream": residual, "KV resident": n_resident * layer_kv + growth_kv}
+        return CallMemory(kv_old=[per_position * past_capacity] * n_resident + [0] * n_host,
+                          kv_new=[layer_kv] * n_resident + [0] * n_host, fixed=residual + staging + growth_kv,
+                          work=work_of, last_layer_block=last_layer_block, tail=logits if logits_rows > 1 else 0)
+
+    def total(alloc: int) -> int:
+        over = cal.overhead(alloc)
+        return baseline + weights + alloc + over + (0 if cpu else _slack(alloc + over))
+
+    def fits(alloc: int) -> bool:
+        return total(alloc) <= dev
+
+    def schedule(n_resident: int, cands: list[int]) -> list[int] | None:
+        return choose(memory(n_resident), cands, fits)
+
+    def parts_of(n_resident: int, chunks: list[int]) -> tuple[dict, int, int]:
+        n_host = L - n_resident
+        alloc, layer = memory(n_resident).peak(chunks)
+        staging = min(2, n_host) * layer_kv if n_host else 0
+        kv = n_resident * layer_kv + growth_kv
+        parts = {"process baseline": baseline} if cpu else {}
+        parts |= {"weights": weights, "residual stream": residual, ("KV cache" if cpu else "KV resident"): kv}
         if n_host:
             parts["KV offload staging"] = staging
-        parts["chunk work buffers"] = w["effective"]
-        parts["runtime fixed"] = _RUNTIME_FIXED
-        parts["allocator margin"] = _slack(sum(parts.values()) - weights)
-        return parts
+        parts["chunk work buffers"] = alloc - residual - staging - kv  # net of KV not yet allocated then
+        over = cal.overhead(alloc)
+        if cpu:
+            parts["runtime and malloc overhead"] = over
+        else:
+            parts["runtime fixed"] = over
+            parts["allocator margin"] = _slack(alloc + over)
+        return parts, layer, alloc
 
-    def total(parts: dict) -> int:
-        return sum(parts.values())
-
+    limits = CHUNK_LIMITS[kind]
+    candidates = [chunk_size] if chunk_size is not None else _chunk_candidates(seq_len, limits.cap, limits.floor)
+    offload_cands = candidates if chunk_size is not None else (
+        [c for c in candidates if c <= limits.offload_cap] or candidates[-1:])
     notes: list[str] = []
-    rows_of = lambda c: min(c, seq_len)  # noqa: E731 - the loop's buffers hold min(chunk, S) rows
-    if chunk_size is not None:
-        candidates = [chunk_size]
-    else:
-        candidates = _chunk_candidates(seq_len)
-    chosen, n_resident = None, L
-    for c in candidates:
-        if total(device_parts(rows_of(c), L)) <= dev:
-            chosen = c
-            break
-    if resident_layers is not None:
-        n_resident = _positive_int(resident_layers, "resident_layers", minimum=0)
-        if n_resident > L:
-            raise ValueError(f"resident_layers must be <= the model's {L} layers, got {n_resident}")
-        if n_resident < L and not offload_available:
-            raise ValueError("resident_layers < layers needs the KV offload engine, which this build lacks")
-        cands = candidates if n_resident == L else ([c for c in candidates if c <= _OFFLOAD_CHUNK_CAP] or candidates[-1:])
-        chosen = next((c for c in cands if total(device_parts(rows_of(c), n_resident)) <= dev), None)
-    elif chosen is None and allow_offload:
-        off = [c for c in candidates if c <= _OFFLOAD_CHUNK_CAP] or candidates[-1:]
-        for c in off:
-            if total(device_parts(rows_of(c), 0)) <= dev:
-                chosen = c
-                break
-        if chosen is not None:
+    n_resident = L if resident_layers is None else resident_layers
+    chunks = schedule(n_resident, candidates if n_resident == L else offload_cands)
+    if chunks is None and resident_layers is None and allow_offload:
+        # the largest chunk that fits with every layer streamed, then as many resident layers as fit with it
+        streamed = schedule(0, offload_cands)
+        if streamed is not None:
+            keep = [c for c in offload_cands if c >= min(streamed)]
+            n_resident, chunks = 0, streamed
+            while n_resident + 1 < L and (more := schedule(n_resident + 1, keep)) is not None:
+                n_resident, chunks = n_resident + 1, more
+        else:
             n_resident = 0
-            while n_resident + 1 < L and total(device_parts(rows_of(chosen), n_resident + 1)) <= dev:
-                n_resident += 1
-    report_chunk = chosen if chosen is not None else candidates[-1]
-    parts = device_parts(rows_of(report_chunk), n_resident)
+    report_chunk = min(chunks) if chunks is not None else candidates[-1]
+    peak_chunks = chunks if chunks is not None else [report_chunk] * L
+    parts, peak_layer, shape_bytes = parts_of(n_resident, peak_chunks)
     n_host = L - n_resident
     host_kv = n_host * layer_kv
     # the arena hands out exact regions from 1 GiB slabs: at most one slab's tail is unused
-    host_parts = {"KV on host": host_kv, "pinned arena slab tail": GiB if n_host else 0}
+    host_parts = {} if cpu else {"KV on host": host_kv, "pinned arena slab tail": GiB if n_host else 0}
     host_usable = int(host * _HOST_USABLE)
 
-    need_dev = total(parts)
+    need_dev = sum(parts.values())
     reason = ""
-    if chosen is None:
+    if chunks is None:
         what = f"chunk {candidates[0]}" if chunk_size is not None else f"the smallest chunk ({candidates[-1]})"
-        if resident_layers is not None:
+        mem = "the process" if cpu else "device"
+        tail = f"only {dev:,} bytes ({dev / GiB:.2f} GiB) are available"
+        if cpu:
+            reason = f"{mem} needs {need_dev:,} bytes ({need_dev / GiB:.2f} GiB) of RSS with {what}, but {tail}"
+        elif resident_layers is not None:
             reason = (f"device needs {need_dev:,} bytes ({need_dev / GiB:.2f} GiB) with {what} and {n_resident} "
-                      f"layers' KV resident, but only {dev:,} bytes ({dev / GiB:.2f} GiB) are available")
+                      f"layers' KV resident, but {tail}")
         elif allow_offload:
             reason = (f"device needs {need_dev:,} bytes ({need_dev / GiB:.2f} GiB) with {what} even with every "
-                      f"layer's KV on the host, but only {dev:,} bytes ({dev / GiB:.2f} GiB) are available")
+                      f"layer's KV on the host, but {tail}")
         else:
             reason = (f"device needs {need_dev:,} bytes ({need_dev / GiB:.2f} GiB) with {what} and every layer's "
-                      f"KV resident, but only {dev:,} bytes ({dev / GiB:.2f} GiB) are available")
+                      f"KV resident, but {tail}")
             alt = plan(config, seq_len, batch=batch, dtype=dt, device_memory=dev, host_memory=host,
-                       decode_tokens=decode_tokens, chunk_size=chunk_size) if offload_available else None
+                       decode_tokens=decode_tokens, chunk_size=chunk_size, past=past, past_capacity=past_capacity,
+                       calibration=calibration, last_layer_block=last_layer_block) if offload_available else None
             if alt is None:
                 reason += "; this build has no KV offload engine"
             elif alt.fits:
@@ -506,34 +677,45 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
                            "go to pinned host memory and it fits")
             else:
                 reason += "; KV offload would not fit either"
-    elif n_host and total(host_parts) > host_usable:
-        hb = total(host_parts)
+    elif n_host and sum(host_parts.values()) > host_usable:
+        hb = sum(host_parts.values())
         reason = (f"host needs {hb:,} bytes ({hb / GiB:.2f} GiB) for {n_host} layers' KV (the device holds "
                   f"{n_resident} of {L} layers), but only "
                   f"{host_usable:,} bytes ({host_usable / GiB:.2f} GiB, {_HOST_USABLE:.0%} of {host / GiB:.2f} GiB) "
                   "are usable")
-    fits = not reason
-    if fits and n_host:
+    fits_all = not reason
+    if fits_all and n_host:
         notes.append(f"layers {n_resident}..{L - 1} keep their KV in pinned host memory (kv_offload=True); "
                      "each decode step streams it to the device once")
-    if dt != torch.bfloat16:
+    if chunks is not None and len(set(chunks)) > 1:
+        notes.append("the chunk shrinks layer by layer as the KV grows (peak at layer "
+                     f"{peak_layer}); convert() with chunk_size=None runs this schedule")
+    if cpu:
+        notes.append("peak RSS = process baseline (" + ("given" if process_baseline is not None else
+                     "a fresh interpreter with torch, transformers, chunkinfer and the modeling code imported")
+                     + ") + weights + the loop's allocations; a model loader's own peak (e.g. GGUF dequantisation) "
+                     "and anything else the process holds are not included")
+    elif dt != torch.bfloat16:
         notes.append("times are bf16 measurements; other dtypes are not calibrated")
     if any(shape.windows):
         notes.append("sliding-window layers keep every position in the current cache (counted in full)")
 
-    lin, att = prefill_flops(shape, seq_len, batch)
-    prefill_s = lin / H200_LINEAR_FLOPS + att / H200_ATTENTION_FLOPS
-    if decode_tokens:
-        mean_len = seq_len + decode_tokens / 2
-        per_tok = decode_bytes(shape, int(mean_len), batch, elt) * 1e3 / H200_DECODE_BYTES_PER_S + H200_DECODE_STEP_MS
-    else:
-        per_tok = decode_bytes(shape, seq_len, batch, elt) * 1e3 / H200_DECODE_BYTES_PER_S + H200_DECODE_STEP_MS
-    # the host part crosses PCIe each step, overlapped with the resident part's reads
-    mean = seq_len + decode_tokens // 2
-    per_tok += n_host * batch * mean * shape.kv_bytes_per_token_layer(elt) * 1e3 / H200_H2D_BYTES_PER_S
+    prefill_s = per_tok = decode_s = None
+    if not cpu:
+        lin, att = prefill_flops(shape, seq_len, batch, past)
+        prefill_s = lin / H200_LINEAR_FLOPS + att / H200_ATTENTION_FLOPS
+        mean = end + decode_tokens // 2
+        length = int(end + decode_tokens / 2) if decode_tokens else end
+        per_tok = decode_bytes(shape, length, batch, elt) * 1e3 / H200_DECODE_BYTES_PER_S + H200_DECODE_STEP_MS
+        # the host part crosses PCIe each step, overlapped with the resident part's reads
+        per_tok += n_host * batch * mean * shape.kv_bytes_per_token_layer(elt) * 1e3 / H200_H2D_BYTES_PER_S
+        decode_s = per_tok * decode_tokens / 1e3
     return Plan(model_type=shape.model_type, seq_len=seq_len, batch=batch, dtype=_dtype_name(dt),
-                chunk_size=chosen, breakdown_chunk=report_chunk, kv_capacity=cap, resident_layers=list(range(n_resident)),
-                host_layers=list(range(n_resident, L)), device_breakdown=parts, host_breakdown=host_parts,
-                device_memory=dev, host_memory=host, prefill_seconds=prefill_s, decode_ms_per_token=per_tok,
-                decode_seconds=per_tok * decode_tokens / 1e3, fits=fits, reason=reason,
-                allow_offload=allow_offload, offload_available=offload_available, notes=notes)
+                chunk_size=min(chunks) if chunks is not None else None, breakdown_chunk=report_chunk,
+                kv_capacity=cap, resident_layers=list(range(n_resident)), host_layers=list(range(n_resident, L)),
+                device_breakdown=parts, host_breakdown=host_parts, device_memory=dev, host_memory=host,
+                prefill_seconds=prefill_s, decode_ms_per_token=per_tok, decode_seconds=decode_s, fits=fits_all,
+                reason=reason, allow_offload=allow_offload, offload_available=offload_available, notes=notes,
+                chunk_schedule=chunks, peak_layer=peak_layer, device=kind, past=past, calibration=cal,
+                shape_bytes=shape_bytes,
+                rates_from="no CPU rates measured" if cpu else RATES_FROM)

@@ -16,6 +16,7 @@ from .adapters import LayerBinding, ModelBinding
 from .attention import block_attention
 from .cache import ChunkKVCache, KVBuffers
 from .kv_offload import LayerStreamer
+from .model_devices import unhooked
 
 _PREFILL_HEADROOM = 1024  # spare cache positions after a prefill, so the first decode steps do not grow it
 
@@ -52,7 +53,7 @@ class _Rope:
         pos = self.pos[:, c0:c1]
         if self.global_max is not None:
             pos = torch.cat([pos, self.global_max], dim=1)
-        rotary = self.mb.rotary
+        rotary = unhooked(self.mb.rotary)  # computed where the layer runs (accelerate's hook would move it)
         cos, sin = rotary(self.x, pos) if key is None else rotary(self.x, pos, key)
         if self.global_max is not None:
             cos, sin = cos[:, :-1], sin[:, :-1]
@@ -195,10 +196,23 @@ def run_decode_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs, st
         _Layer(mb, lb, cache.layers[li], inp, rope, act_buf).decode_block(step)
 
 
-def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
+def _cross_to(inp: LoopInputs, device: torch.device) -> None:
+    """The residual stream (and the positions) go to the next layer's device: the whole stream once
+    per device boundary, never per chunk."""
+    inp.hidden = inp.hidden.to(device)
+    inp.position_ids = inp.position_ids.to(device)
+
+
+def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.Tensor:
     """Run every decoder layer over inp.hidden in place; afterwards each cache layer holds start + S
     positions. Rows of the last layer before ``last_rows_from`` are left stale (only their K, V count).
-    If anything raises, the cache keeps its previous length (positions written past it are ignored)."""
+    If anything raises, the cache keeps its previous length (positions written past it are ignored).
+    Each layer runs on its own device (its KV and work buffers there too); returns the residual
+    stream, which ends on the last layer's device (inp.hidden follows it)."""
+    devices = mb.devices.layers
+    if devices[0] != inp.hidden.device:
+        _cross_to(inp, devices[0])
+    here = devices[0]
     hidden = inp.hidden
     b, s, _ = hidden.shape
     chunk = inp.chunk
@@ -220,6 +234,12 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
         for li, lb in enumerate(mb.layers):
             if inp.hidden_states is not None:
                 inp.hidden_states.append(hidden.clone())
+            if devices[li] != here:
+                here = devices[li]
+                _cross_to(inp, here)
+                hidden = inp.hidden
+                rope = _Rope(mb, inp)
+                act_buf = _act_buffer(mb, hidden, b * min(chunk, s))
             streamed = streamer is not None and streamer.is_streamed(li)
             if streamed:
                 kv = streamer.begin(li)
@@ -230,11 +250,12 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
             first = lf if li == last else 0
             steps = [(layer.kv_only, r0, min(r0 + chunk, first)) for r0 in range(0, first, chunk)]
             steps += [(layer.block, r0, min(r0 + chunk, s)) for r0 in range(first, s, chunk)]
-            for fn, r0, r1 in steps:
-                fn(r0, r1)
-                if inp.progress is not None:
-                    done += 1
-                    inp.progress(done, total)
+            with mb.devices.onloaded(li):  # accelerate-offloaded weights: loaded once for all chunks
+                for fn, r0, r1 in steps:
+                    fn(r0, r1)
+                    if inp.progress is not None:
+                        done += 1
+                        inp.progress(done, total)
             if streamed:
                 streamer.finish(li)
         failed = False
@@ -243,3 +264,4 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
             streamer.close(failed)
     for layer in cache.layers:
         layer.length = end
+    return inp.hidden

@@ -61,11 +61,11 @@ def build_state(model: nn.Module, chunk_size: int | None = None, cuda_graphs: bo
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
     binding = bind(model)
-    offload = _offload_settings(kv_offload, memory_budget, resident_layers, len(binding.layers))
-    if offload is not None and not binding.devices.single:
+    if kv_offload is True and not binding.devices.single:
         raise ValueError(f"chunkinfer.convert: kv_offload=True needs the whole model on one device with no "
                          f"offloaded weights; this one runs {binding.devices.describe()}"
                          + (" with accelerate-offloaded weights" if binding.devices.offloaded else ""))
+    offload = _offload_settings(kv_offload, memory_budget, resident_layers, len(binding.layers))
     device = binding.devices.main
     if chunk_size is None:
         chunk_size = default_chunk_size(device)

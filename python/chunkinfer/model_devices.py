@@ -114,7 +114,11 @@ class ModelDevices:
     @property
     def single(self) -> bool:
         """Everything on one device, no weight offloaded."""
-        return not self.offloaded and len({self.embed, self.head, self.final_norm, *self.layers}) == 1
+        if self.offloaded:
+            return False
+        first = self.probes[0].device
+        return (all(p.device == first for p in self.probes) and self.embed == first and self.head == first
+                and self.final_norm == first)
 
     @property
     def main(self) -> torch.device:
@@ -141,7 +145,7 @@ class ModelDevices:
 
 def _module_device(module: nn.Module) -> torch.device:
     """Where calling ``module`` computes: its hook's execution device, else its weight's device."""
-    dev = _execution_device(module)
+    dev = _execution_device(module) if hasattr(module, "_hf_hook") else None
     return dev if dev is not None else module.weight.device
 
 

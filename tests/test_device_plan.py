@@ -85,8 +85,8 @@ def test_cpu_entries_are_offloaded_to_the_gpu_unless_the_main_device_is_cpu():
     assert offloaded.load("cpu").layers == [] and "KV resident" not in offloaded.load("cpu").parts
     head = 128256 * 4096 * 2  # the largest offloaded part: the LM head (bf16), loaded on cuda:0 for the head
     assert offloaded.load(0).parts["offloaded part loaded"] == head
-    assert offloaded.load("cpu").parts["weights"] == 12 * (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336 + 2 * 4096) * 2 \
-        + 4096 * 2 + head
+    layer = (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336 + 2 * 4096) * 2  # qkv, o, MLP, two norms
+    assert offloaded.load("cpu").parts["weights"] == 12 * layer + 4096 * 2 + head
     split = plan_devices(cfg, 65536, dmap, main_device="cpu")
     assert split.load(0).layers == list(range(20)) and split.load("cpu").layers == list(range(20, 32))
     assert "offloaded part loaded" not in split.load(0).parts

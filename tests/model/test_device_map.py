@@ -15,6 +15,7 @@ import chunkinfer
 from chunkinfer import layer_loop
 from chunkinfer.device_plan import plan_devices
 from chunkinfer.model_devices import ModelDevices
+from chunkinfer.verify import reference_step_logits
 from conftest import left_padded_batch, make_model, max_rel_err
 
 accelerate = pytest.importorskip("accelerate")
@@ -140,6 +141,34 @@ def test_token_logprobs_on_offloaded_model(tmp_path):
     assert (out - ref).abs().max().item() < 1e-4
 
 
+def check_reference_step(model, n: int = 120):
+    """verify.reference_step_logits (the million-token runs' check) on a spread model vs stock."""
+    g = torch.Generator().manual_seed(torch.randint(0, 1 << 30, ()).item())
+    ids = torch.randint(3, 256, (1, n + 1), generator=g)
+    with torch.no_grad():
+        ref = model(ids).logits[0, -1].double()
+        chunkinfer.convert(model, chunk_size=50)
+        cache = model(ids[:, :n], use_cache=True).past_key_values
+    got = reference_step_logits(model, cache, ids[:, n:], dtype=torch.float64, kv_block=32)
+    assert (got.cpu() - ref.cpu()).abs().max() <= 1e-4 * ref.abs().max().cpu()
+
+
+def test_reference_step_on_a_dispatched_model():
+    model = make_model("gemma3", layers=4)
+    dispatch_model(model, layer_map(4, "cpu", "cpu", 2), force_hooks=True)
+    check_reference_step(model)
+
+
+def test_reference_step_refuses_offloaded_weights(tmp_path):
+    model = make_model("llama", layers=2)
+    dispatch_model(model, layer_map(2, "cpu", "disk", 1), offload_dir=str(tmp_path))
+    chunkinfer.convert(model)
+    with torch.no_grad():
+        cache = model(torch.randint(3, 256, (1, 8)), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="offloaded weights are not supported"):
+        reference_step_logits(model, cache, torch.ones(1, 1, dtype=torch.long))
+
+
 def test_residual_moves_once_per_device_boundary(monkeypatch):
     """Layers faked over two devices ("cpu" and "cpu:0" compare unequal, and both are the CPU): the
     residual stream crosses once per call, for a prompt of many chunks and for each decode step."""
@@ -246,6 +275,14 @@ def test_cuda_bf16_split_decodes_without_graphs(dmap, main):
     assert not model._chunkinfer.graphs._by_batch  # a graph would need the whole model on one device
     first, ref_first = out.logits[0].float(), ref.logits[0].float()
     assert ((first - ref_first).abs().max() / ref_first.abs().max()).item() < 2e-2
+
+
+@cuda_test
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_cuda_reference_step_on_a_cuda_cpu_split(arch):
+    model = make_model(arch, layers=4)
+    dispatch_model(model, layer_map(4, 0, "cpu", 2), main_device="cpu")
+    check_reference_step(model, n=300)
 
 
 @cuda_test

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .model_devices import ModelDevices, resolve_devices
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -83,6 +85,7 @@ class ModelBinding:
     norm_eps: float
     final_softcap: float | None
     rope_needs_global_max: bool  # dynamic / longrope: frequencies depend on the call's max position
+    devices: ModelDevices | None = None  # where each part runs (set by bind)
 
 
 def _eps(norm: nn.Module) -> float:
@@ -159,7 +162,6 @@ def bind(model: nn.Module) -> ModelBinding:
         _eps(lb.input_norm)
         if lb.n_q % lb.n_kv:
             raise ValueError(f"layer {lb.index}: {lb.n_q} query heads not a multiple of {lb.n_kv} KV heads")
-    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if meta:
-        raise ValueError(f"chunkinfer.convert: parameters on the meta device (offloaded?), e.g. {meta[0]}")
+    binding.devices = resolve_devices(model, list(inner.layers[: config.num_hidden_layers]), inner.embed_tokens,
+                                      inner.norm, model.lm_head)
     return binding

@@ -66,10 +66,14 @@ def build_state(model: nn.Module, chunk_size: int | None = None, cuda_graphs: bo
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
     binding = bind(model)
+    if kv_offload is True and not binding.devices.single:
+        raise ValueError(f"chunkinfer.convert: kv_offload=True needs the whole model on one device with no "
+                         f"offloaded weights; this one runs {binding.devices.describe()}"
+                         + (" with accelerate-offloaded weights" if binding.devices.offloaded else ""))
     budget = _memory_budget(memory_budget)
     offload = _offload_settings(kv_offload, budget, resident_layers, len(binding.layers))
     cpu_share = parse_cpu_attention(cpu_attention)
-    device = binding.embed.weight.device
+    device = binding.devices.main
     host = None
     if offload is not None:
         from .kv_offload import HostKV
@@ -114,6 +118,12 @@ def convert(model: nn.Module, *, chunk_size: int | None = None, cuda_graphs: boo
     streams everything.
     ``progress``: called as ``progress(done, total)`` after each chunk of a prompt (layers x chunks),
     e.g. to drive a progress bar over a long prefill.
+
+    Models spread over devices (accelerate's ``from_pretrained(device_map=...)`` / ``dispatch_model``,
+    or layers moved by hand): each decoder layer runs on the device its weights are on, with its KV
+    there; the residual stream moves once per device boundary. Weights accelerate offloaded to cpu /
+    disk are loaded by their hooks once per layer per call. Convert after dispatching; each decoder
+    layer must sit on one device. CUDA graphs need the whole model on one device, ``kv_offload`` too.
     """
     state = build_state(model, chunk_size, cuda_graphs, kv_offload, memory_budget, resident_layers, progress,
                         cpu_attention)
@@ -124,8 +134,13 @@ def convert(model: nn.Module, *, chunk_size: int | None = None, cuda_graphs: boo
 
     forward.__wrapped__ = original  # inspect.signature (generate's logits_to_keep check) sees the stock one
     forward.__doc__ = original.__doc__
+    # Dispatched by accelerate: the model's own hook wraps ``_old_forward`` (moving inputs to the main
+    # device and outputs back, as for the stock forward); the converted forward goes in its place.
+    slot = "_old_forward" if getattr(model, "_hf_hook", None) is not None and "_old_forward" in vars(model) \
+        else "forward"
+    state.replaced = model._chunkinfer.replaced if is_converted(model) else (slot, vars(model).get(slot))
     model._chunkinfer = state
-    model.forward = types.MethodType(forward, model)
+    setattr(model, slot, types.MethodType(forward, model))
     return model
 
 
@@ -133,6 +148,10 @@ def revert(model: nn.Module) -> nn.Module:
     """Undo convert(): the model runs transformers' own forward again."""
     if not is_converted(model):
         raise ValueError("chunkinfer.revert: this model was not converted")
-    del model.forward
+    slot, previous = model._chunkinfer.replaced
+    if previous is None:
+        delattr(model, slot)
+    else:
+        setattr(model, slot, previous)
     del model._chunkinfer
     return model

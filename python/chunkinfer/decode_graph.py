@@ -31,9 +31,10 @@ class _Captured:
 
 def graph_decode_supported(mb: ModelBinding, device: torch.device, dtype: torch.dtype) -> bool:
     """CUDA, fp16/bf16, head dims the decode kernel has, and rotary frequencies that do not depend on
-    the call (dynamic/longrope read the maximum position on the host, which a replayed graph cannot)."""
+    the call (dynamic/longrope read the maximum position on the host, which a replayed graph cannot);
+    the whole model on one device (one graph, no offloaded weights loaded by hooks)."""
     return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not mb.rope_needs_global_max
-            and all(ops.decode_kernel_supports(lb.head_dim, device) for lb in mb.layers))
+            and mb.devices.single and all(ops.decode_kernel_supports(lb.head_dim, device) for lb in mb.layers))
 
 
 def _buffers(cache: ChunkKVCache) -> tuple:

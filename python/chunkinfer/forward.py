@@ -20,6 +20,7 @@ from .layer_loop import LoopInputs, run_layers
 from .placement import OffloadSettings, PromptCall, place, plan_prompt
 from .plan import CHUNK_LIMITS, Calibration, Plan
 from .loss import ChunkedCrossEntropy, shifted_targets
+from .model_devices import moves_inputs
 
 _HANDLED_KWARGS = {"output_hidden_states", "output_attentions", "num_items_in_batch", "shift_labels",
                    "return_dict"}
@@ -43,6 +44,7 @@ class ConvertedState:
     host: object | None = None               # kv_offload.HostKV: pinned arena + transfer engine
     graphs: DecodeGraphs = field(default_factory=DecodeGraphs)
     warned: set = field(default_factory=set)
+    replaced: tuple = ("forward", None)      # (attribute, what it held) that convert() replaced: revert() restores
 
 
 class _Fallback(Exception):
@@ -98,10 +100,10 @@ def _check_inputs(model, a: dict, past: int) -> tuple[int, int]:
         b, s = emb.shape[:2]
     if s == 0 or b == 0:
         raise ValueError(f"empty input (batch {b}, sequence {s})")
-    device = model.model.embed_tokens.weight.device
+    embed = model.model.embed_tokens
     x = ids if ids is not None else emb
-    if x.device != device:
-        raise ValueError(f"inputs are on {x.device} but the model is on {device}")
+    if x.device != embed.weight.device and not moves_inputs(embed):  # accelerate's hooks move inputs
+        raise ValueError(f"inputs are on {x.device} but the model is on {embed.weight.device}")
     mask = a.get("attention_mask")
     if mask is not None and tuple(mask.shape) != (b, past + s):
         raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected (batch, past + seq) = "
@@ -223,13 +225,12 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
     emb = a.get("inputs_embeds")
     pos = a.get("position_ids")
     if pos is None:
-        pos = torch.arange(past, past + s, device=mb.embed.weight.device)[None]
+        pos = torch.arange(past, past + s, device=mb.devices.embed)[None]
     if (state.cuda_graphs and s == 1 and past > 0 and emb is None and labels is None and not want_hidden
             and isinstance(ltk, int) and not cache.streamed_layers()
-            and graph_decode_supported(mb, mb.embed.weight.device, mb.embed.weight.dtype)):
+            and graph_decode_supported(mb, mb.devices.embed, mb.embed.weight.dtype)):
         return _graph_decode(state, cache, a["input_ids"], pos, past, key_starts, mask is not None,
                              use_cache or pkv is not None)
-    hidden = mb.embed(a["input_ids"]) if emb is None else emb.clone()
     last_rows_from = 0
     if isinstance(ltk, int) and 0 < ltk < s and labels is None and not want_hidden:
         last_rows_from = s - ltk
@@ -237,11 +238,13 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
     call = PromptCall(b, past, s, weight.dtype, weight.device, last_rows_from == 0, logits_rows)
     chunk, chunks = _plan_chunks(model, state, cache, call)
 
-    inp = LoopInputs(hidden=hidden, position_ids=pos, start=past, key_starts=key_starts,
-                     chunk=chunk, last_rows_from=last_rows_from, chunks=chunks,
+    # no reference to the embedded stream is kept here: on a model spread over devices, the copy on
+    # each device is freed once the stream has moved on
+    inp = LoopInputs(hidden=mb.embed(a["input_ids"]) if emb is None else emb.clone(), position_ids=pos,
+                     start=past, key_starts=key_starts, chunk=chunk, last_rows_from=last_rows_from, chunks=chunks,
                      hidden_states=[] if want_hidden else None, progress=state.progress if s > 1 else None)
     cache.key_starts, cache.key_starts_known = key_starts, mask is not None
-    run_layers(mb, cache, inp)
+    hidden = run_layers(mb, cache, inp)
 
     head_chunk = head_chunk_rows(chunk, model.config.vocab_size)
     hidden_states = None

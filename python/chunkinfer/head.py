@@ -18,7 +18,12 @@ def head_chunk_rows(chunk_size: int, vocab_size: int) -> int:
 
 
 def final_norm(mb: ModelBinding, x: torch.Tensor) -> torch.Tensor:
-    return ops.rms_norm(x, mb.final_norm.weight, mb.norm_eps, gemma=mb.adapter.gemma_norms)
+    """The final norm of rows x, computed on the LM head's device: on a model spread over devices, the
+    rows move there once (the norm's weight, one vector, comes along if it lives elsewhere)."""
+    x = x.to(mb.devices.head)
+    with mb.devices.onloaded("final_norm"):
+        weight = mb.final_norm.weight.to(x.device)
+        return ops.rms_norm(x, weight, mb.norm_eps, gemma=mb.adapter.gemma_norms)
 
 
 def logits_of(mb: ModelBinding, normed: torch.Tensor) -> torch.Tensor:

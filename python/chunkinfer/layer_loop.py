@@ -18,6 +18,7 @@ from .attention import block_attention
 from .cache import ChunkKVCache, KVBuffers
 from .host_attention import SplitStep, split_decode_attention
 from .kv_offload import LayerStreamer
+from .model_devices import unhooked
 
 _PREFILL_HEADROOM = 1024  # spare cache positions after a prefill, so the first decode steps do not grow it
 
@@ -56,7 +57,7 @@ class _Rope:
         pos = self.pos[:, c0:c1]
         if self.global_max is not None:
             pos = torch.cat([pos, self.global_max], dim=1)
-        rotary = self.mb.rotary
+        rotary = unhooked(self.mb.rotary)  # computed where the layer runs (accelerate's hook would move it)
         cos, sin = rotary(self.x, pos) if key is None else rotary(self.x, pos, key)
         if self.global_max is not None:
             cos, sin = cos[:, :-1], sin[:, :-1]
@@ -209,11 +210,26 @@ def _layer_chunks(inp: LoopInputs, n_layers: int) -> list[int]:
     return list(inp.chunks)
 
 
-def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
+def _cross_to(inp: LoopInputs, device: torch.device) -> None:
+    """The residual stream (and the positions) go to the next layer's device: the whole stream once
+    per device boundary, never per chunk."""
+    inp.hidden = inp.hidden.to(device)
+    inp.position_ids = inp.position_ids.to(device)
+    if inp.write_index is not None:
+        inp.write_index = inp.write_index.to(device)
+
+
+def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.Tensor:
     """Run every decoder layer over inp.hidden in place; afterwards each cache layer holds start + S
     positions. Rows of the last layer before ``last_rows_from`` are left stale (only their K, V count).
     Layer li runs in chunks of ``inp.chunks[li]`` rows when a schedule is given (chunking is exact).
-    If anything raises, the cache keeps its previous length (positions written past it are ignored)."""
+    If anything raises, the cache keeps its previous length (positions written past it are ignored).
+    Each layer runs on its own device (its KV and work buffers there too); returns the residual
+    stream, which ends on the last layer's device (inp.hidden follows it)."""
+    devices = mb.devices.layers
+    if devices[0] != inp.hidden.device:
+        _cross_to(inp, devices[0])
+    here = devices[0]
     hidden = inp.hidden
     b, s, _ = hidden.shape
     chunks = _layer_chunks(inp, len(mb.layers))
@@ -253,6 +269,12 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
                 act_buf = layer = None  # the schedule stepped down: free the larger buffer before this layer's KV
             if inp.hidden_states is not None:
                 inp.hidden_states.append(hidden.clone())
+            if devices[li] != here:
+                here = devices[li]
+                _cross_to(inp, here)
+                hidden = inp.hidden
+                rope = _Rope(mb, inp)
+                act_buf = layer = None  # the work buffer lives on the layer's device
             streamed = streamer is not None and streamer.is_streamed(li)
             if streamed:
                 kv = streamer.begin(li)
@@ -271,11 +293,12 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
                 split = functools.partial(layer.split_decode, cache.layers[li], split_for(lb, n_cpu),
                                           cache.host.cpu_share)
                 steps = [(split, 0, s)]
-            for fn, r0, r1 in steps:
-                fn(r0, r1)
-                if inp.progress is not None:
-                    done += 1
-                    inp.progress(done, total)
+            with mb.devices.onloaded(li):  # accelerate-offloaded weights: loaded once for all chunks
+                for fn, r0, r1 in steps:
+                    fn(r0, r1)
+                    if inp.progress is not None:
+                        done += 1
+                        inp.progress(done, total)
             if streamed:
                 streamer.finish(li)
         failed = False
@@ -284,3 +307,4 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> None:
             streamer.close(failed)
     for layer in cache.layers:
         layer.length = end
+    return inp.hidden

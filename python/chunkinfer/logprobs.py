@@ -31,7 +31,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     else:  # generate()'s convention: positions count real tokens
         pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     inp = LoopInputs(hidden=hidden, position_ids=pos, start=0, key_starts=key_starts, chunk=state.chunk_size)
-    run_layers(mb, cache, inp)
+    hidden = run_layers(mb, cache, inp)  # on a model spread over devices: the last layer's device
     del cache
     out = torch.empty(b, s - 1, dtype=torch.float32, device=hidden.device)
     head_chunk = head_chunk_rows(state.chunk_size, model.config.vocab_size)

@@ -11,15 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import bind
+from .model_devices import unhooked
 
 
 def _norm(x: torch.Tensor, module, eps: float, gemma: bool) -> torch.Tensor:
-    w = module.weight.to(x.dtype)
+    w = module.weight.to(x.device, x.dtype)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * ((1 + w) if gemma else w)
 
 
 def _linear(x: torch.Tensor, m) -> torch.Tensor:
-    return F.linear(x, m.weight.to(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
+    return F.linear(x, m.weight.to(x.device, x.dtype), None if m.bias is None else m.bias.to(x.device, x.dtype))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -51,16 +52,20 @@ def _attend(q, k_new, v_new, k_buf, v_buf, lo: int, past: int, scale: float, blo
 def reference_step_logits(model, cache, token: torch.Tensor, *, dtype: torch.dtype = torch.float32,
                           kv_block: int = 65536) -> torch.Tensor:
     """Logits [V] of ``token`` [1, 1] placed after the ``cache.get_seq_length()`` cached positions,
-    recomputed in ``dtype``. Reads the cache, never writes it."""
+    recomputed in ``dtype``. Reads the cache, never writes it. On a model spread over devices each
+    layer is recomputed on its own device (weights offloaded by accelerate are not supported)."""
     mb = bind(model)
     if token.shape != (1, 1):
         raise ValueError(f"token must be [1, 1], got {tuple(token.shape)}")
     past = cache.get_seq_length()
-    dev = mb.embed.weight.device
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError("reference_step_logits reads weights directly: accelerate-offloaded weights are not supported")
+    dev = mb.devices.embed
     gemma, eps = mb.adapter.gemma_norms, mb.norm_eps
     x = mb.embed(token.to(dev)).to(dtype)                               # [1, 1, H]
     pos = torch.tensor([[past]], device=dev)
-    for lb, layer in zip(mb.layers, cache.layers):
+    for lb, layer, layer_dev in zip(mb.layers, cache.layers, mb.devices.layers):
+        x, pos = x.to(layer_dev), pos.to(layer_dev)
         h = _norm(x, lb.input_norm, eps, gemma)
         if len(lb.qkv) == 1:
             qkv = _linear(h, lb.qkv[0])
@@ -74,7 +79,7 @@ def reference_step_logits(model, cache, token: torch.Tensor, *, dtype: torch.dty
         if lb.q_norm is not None:
             q, k = _norm(q, lb.q_norm, eps, gemma), _norm(k, lb.k_norm, eps, gemma)
         args = (x, pos) if lb.rope_key is None else (x, pos, lb.rope_key)
-        cos, sin = (t.to(dtype).view(1, -1) for t in mb.rotary(*args))
+        cos, sin = (t.to(dtype).view(1, -1) for t in unhooked(mb.rotary)(*args))
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         lo = 0 if lb.window is None else max(0, past + 1 - lb.window)
         g = lb.n_q // lb.n_kv

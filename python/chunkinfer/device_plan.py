@@ -203,8 +203,11 @@ def plan_devices(config, seq_len: int, device_map: dict, *, budgets: dict | None
             parts["residual stream"] = residual
         if layers:
             parts["KV resident"] = len(layers) * layer_kv + growth_kv
-            w = work_bytes(shape, rows, batch, elt, layer_kv if L - 1 in layers else 0)
-            parts["chunk work buffers"] = w["effective"]
+            w = work_bytes(shape, rows, batch, elt)
+            # the last layer's own KV is allocated while only its K, V-only work is alive (plan.py)
+            last_kv = layer_kv if L - 1 in layers else 0
+            parts["chunk work buffers"] = w.activation + (max(w.block - last_kv, w.kv_only) if L > 1
+                                                          else max(w.block, w.kv_only))
         elif run_on["lm_head"] == dev:
             parts["LM head rows and logits"] = batch * (rows * shape.hidden + shape.vocab) * elt
         if dev.startswith("cuda"):

@@ -44,9 +44,10 @@ class _Rope:
     """
 
     def __init__(self, mb: ModelBinding, inp: LoopInputs):
-        self.mb, self.pos, self.x = mb, inp.position_ids, inp.hidden
+        # positions where the stream is (generate() may build them on the inputs' device, not the layer's)
+        self.mb, self.pos, self.x = mb, inp.position_ids.to(inp.hidden.device), inp.hidden
         # dynamic / longrope pick frequencies from the call's max position: give every chunk that max
-        self.global_max = inp.position_ids.amax(1, keepdim=True) if mb.rope_needs_global_max else None
+        self.global_max = self.pos.amax(1, keepdim=True) if mb.rope_needs_global_max else None
         self.single_chunk = inp.position_ids.shape[1] <= inp.chunk
         self.memo: dict = {}
 

@@ -221,6 +221,12 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
     labels = a.get("labels")
     ltk = a.get("logits_to_keep", 0)
     want_hidden = bool(extra.get("output_hidden_states") or model.config.output_hidden_states)
+    last_rows_from = 0
+    if isinstance(ltk, int) and 0 < ltk < s and labels is None and not want_hidden:
+        last_rows_from = s - ltk
+    logits_rows = len(ltk) if torch.is_tensor(ltk) else (s if ltk == 0 else min(ltk, s))
+    call = PromptCall(b, past, s, weight.dtype, weight.device, last_rows_from == 0, logits_rows)
+    chunk, chunks = _plan_chunks(model, state, cache, call)  # before any allocation of the call
 
     emb = a.get("inputs_embeds")
     pos = a.get("position_ids")
@@ -231,12 +237,6 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
             and graph_decode_supported(mb, mb.devices.embed, mb.embed.weight.dtype)):
         return _graph_decode(state, cache, a["input_ids"], pos, past, key_starts, mask is not None,
                              use_cache or pkv is not None)
-    last_rows_from = 0
-    if isinstance(ltk, int) and 0 < ltk < s and labels is None and not want_hidden:
-        last_rows_from = s - ltk
-    logits_rows = len(ltk) if torch.is_tensor(ltk) else (s if ltk == 0 else min(ltk, s))
-    call = PromptCall(b, past, s, weight.dtype, weight.device, last_rows_from == 0, logits_rows)
-    chunk, chunks = _plan_chunks(model, state, cache, call)
 
     # no reference to the embedded stream is kept here: on a model spread over devices, the copy on
     # each device is freed once the stream has moved on

@@ -43,15 +43,6 @@ def generate_row(model, ids, label, new_tokens: int) -> dict:
     return row(label, ids.shape[1], decode_s, tokens=new_tokens - 1, ms_per_token=decode_s / (new_tokens - 1) * 1e3)
 
 
-def warm_up(model) -> None:
-    """cuBLAS/cuDNN plans, allocator pools and graph captures, so the first timed length is not cold."""
-    ids = torch.randint(0, model.config.vocab_size, (1, 4096), device="cuda")
-    out = model(ids, use_cache=True, logits_to_keep=1)
-    model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-    del out
-    reset_memory()
-
-
 @torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser()

@@ -73,8 +73,8 @@ def test_schedule_decreases_as_the_kv_grows_in_a_continuation():
     # 262,144 tokens cached, 65,536 appended: each layer's buffer grows when the loop reaches it
     past, seq = 262144, 65536
     roomy = H200(seq, past=past)
-    assert roomy.fits and roomy.chunk_schedule == [16384] * 32  # room for the cap everywhere
-    tight_hi = H200(seq, past=past, chunk_size=16384).device_bytes
+    assert roomy.fits and roomy.chunk_schedule == [8192] * 32  # room for the cap everywhere
+    tight_hi = H200(seq, past=past, chunk_size=8192).device_bytes
     tight_lo = H200(seq, past=past, chunk_size=1024).device_bytes
     mid = H200(seq, past=past, device_memory=(tight_lo + tight_hi) // 2, allow_offload=False)
     s = mid.chunk_schedule

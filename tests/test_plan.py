@@ -125,7 +125,7 @@ def test_1m_on_80gib_needs_offload():
 
 
 def test_chunk_choice():
-    assert H200(131072).chunk_size == 16384        # plenty of room: the cap
+    assert H200(131072).chunk_size == 8192         # plenty of room: the cap
     assert H200(3000).chunk_size == 4096           # at most seq_len rounded up to a power of two
     assert H200(100).chunk_size == 1024            # the floor
     # a budget between what chunk 8192 and chunk 16384 need: 8192 is chosen

@@ -100,7 +100,7 @@ def convert(model: nn.Module, *, chunk_size: int | None = None, cuda_graphs: boo
     ``chunk_size=None``: before each prompt the planner (chunkinfer.plan) picks a chunk per layer
     within ``memory_budget`` ("auto": the memory the device has free for this model, on the CPU
     the RSS the process can reach; or bytes / "80GiB"): the largest power of two in
-    ``plan.CHUNK_LIMITS`` (CUDA 1024-16384, CPU 256-1024) whose predicted peak fits, shrinking layer
+    ``plan.CHUNK_LIMITS`` (CUDA 1024-8192, CPU 256-1024) whose predicted peak fits, shrinking layer
     by layer as the KV grows. A given ``chunk_size`` is used as is for every layer (with a byte
     budget, a call it does not fit is refused). With "auto", a prompt the plan says does not fit
     runs with the smallest chunk; with a byte budget it raises ``InsufficientMemoryError`` before

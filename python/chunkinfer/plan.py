@@ -48,11 +48,11 @@ GiB = 1 << 30
 # fit_prefill_rates / fit_decode_rates below on every "chunkinfer prefill" / "chunkinfer decode" row
 # (least squares on the relative error; tests/test_plan.py re-fits them and checks these values).
 # prefill seconds = linear-layer FLOPs / H200_LINEAR_FLOPS + attention FLOPs / H200_ATTENTION_FLOPS
-H200_LINEAR_FLOPS = 4.225e14          # effective FLOP/s of the projections + MLP (incl. norms, rope, launches)
-H200_ATTENTION_FLOPS = 6.408e14       # effective FLOP/s of causal attention (QK^T and PV)
+H200_LINEAR_FLOPS = 3.985e14          # effective FLOP/s of the projections + MLP (incl. norms, rope, launches)
+H200_ATTENTION_FLOPS = 6.593e14       # effective FLOP/s of causal attention (QK^T and PV)
 # decode ms/token = bytes read (weights + KV at that length) / H200_DECODE_BYTES_PER_S + H200_DECODE_STEP_MS
-H200_DECODE_BYTES_PER_S = 3.795e12
-H200_DECODE_STEP_MS = 2.353
+H200_DECODE_BYTES_PER_S = 3.763e12
+H200_DECODE_STEP_MS = 2.141
 # host KV crosses PCIe once per decode step (or is attended where it lives): pinned host->device copy rate
 H200_H2D_BYTES_PER_S = 55.4e9         # ../shared/ANCHORS.md, 2 GiB pinned copies
 RATES_FROM = "H200 measurements, bench/results/model_h200.jsonl"
@@ -93,7 +93,8 @@ CUDA_CALIBRATION = Calibration(_RUNTIME_FIXED, 1.0, "H200 rows, bench/results/mo
 CPU_CALIBRATION = Calibration(8 << 20, 1.108, "2 SmolLM2-shape CPU prefills (fp32, glibc malloc)")
 
 CHUNK_FLOOR = 1024
-CHUNK_CAP = 16384
+CHUNK_CAP = 8192  # 16384 was measured 3% faster at 131k and equal at 262k, but the allocator then
+#                   reserved 30.0 GiB for 18.6 GiB allocated at 131k (8192: 18.3 for 17.7): bench/results/bench_h200.md
 _OFFLOAD_CHUNK_CAP = 8192   # with host offload the chunk is not grown past the measured default
 
 

@@ -30,7 +30,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         pos = torch.arange(s, device=hidden.device)[None]
     else:  # generate()'s convention: positions count real tokens
         pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    inp = LoopInputs(hidden=hidden, position_ids=pos, start=0, key_starts=key_starts, chunk=state.chunk_size)
+    inp = LoopInputs(hidden=hidden, position_ids=pos, start=0, key_starts=key_starts, chunk=state.chunk_size,
+                     progress=state.progress)
     hidden = run_layers(mb, cache, inp)  # on a model spread over devices: the last layer's device
     del cache
     out = torch.empty(b, s - 1, dtype=torch.float32, device=hidden.device)

@@ -11,6 +11,7 @@
 
 #include "../dispatch.h"
 #include "../ops.h"
+#include "device_util.cuh"
 #include "torch_types.cuh"
 
 namespace chunkinfer::cuda {
@@ -36,20 +37,6 @@ struct RotaryParams {
   int T, Hq, Hkv, D, R, cap;
 };
 
-template <typename T>
-__device__ __forceinline__ float f32(T x) { return static_cast<float>(x); }
-template <>
-__device__ __forceinline__ float f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float f32(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float x) { return static_cast<T>(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __forceinline__ __half from_f32(float x) { return __float2half(x); }
-
 // One block per token; threads walk its work items: q pairs, k pairs, k's unrotated tail, v.
 template <typename E>
 __global__ void rotary_kv_write_kernel(const RotaryParams<E> p) {
@@ -68,12 +55,12 @@ __global__ void rotary_kv_write_kernel(const RotaryParams<E> p) {
       const int w = is_q ? i : i - nq;
       const int h = w / half, j = w % half;
       const E* x = is_q ? p.q + b * p.q_sb + t * p.q_st + h * p.q_sh : p.k + b * p.k_sb + t * p.k_st + h * p.k_sh;
-      const float x0 = f32(x[j]), x1 = f32(x[j + half]);
-      const float y0 = x0 * f32(cs[j]) + x1 * f32(sn[j]);
-      const float y1 = x1 * f32(cs[j + half]) + x0 * f32(sn[j + half]);
+      const float x0 = to_float(x[j]), x1 = to_float(x[j + half]);
+      const float y0 = x0 * to_float(cs[j]) + x1 * to_float(sn[j]);
+      const float y1 = x1 * to_float(cs[j + half]) + x0 * to_float(sn[j + half]);
       E* y = is_q ? p.q + b * p.q_sb + t * p.q_st + h * p.q_sh : p.k_cache + b * p.kc_sb + h * p.kc_sh + pos * p.kc_sp;
-      y[j] = from_f32<E>(y0);
-      y[j + half] = from_f32<E>(y1);
+      y[j] = from_float<E>(y0);
+      y[j + half] = from_float<E>(y1);
     } else if (i < nq + nk + nkt) {  // k dims past the rotary dim (partial rotary): copied
       const int w = i - nq - nk, h = w / tail, j = p.R + w % tail;
       p.k_cache[b * p.kc_sb + h * p.kc_sh + pos * p.kc_sp + j] = p.k[b * p.k_sb + t * p.k_st + h * p.k_sh + j];

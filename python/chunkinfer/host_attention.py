@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
+from .plan import H200_H2D_BYTES_PER_S as H2D_BYTES_PER_S  # pinned host->device copies, measured
 
-H2D_BYTES_PER_S = 55.4e9      # pinned host->device copies on the H200 machine (../shared/ANCHORS.md)
 CPU_BYTES_PER_S_PRIOR = 66e9  # bf16 K, V read by the CPU kernel on the H200 host's 16 cores while the
 #                               H2D copies run (bench/results/host_decode_h200.md); refined by measurement
 _ALIGN = 256                  # split positions on this grid: whole staging rows, tidy copies

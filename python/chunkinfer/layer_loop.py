@@ -92,8 +92,7 @@ class _Layer:
         if len(lb.qkv) == 1:
             qkv = _linear(h, lb.qkv[0])
             nq, nk = lb.n_q * lb.head_dim, lb.n_kv * lb.head_dim
-            q = qkv[..., :nq] if want_q else None
-            k, v = qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
         else:
             q = _linear(h, lb.qkv[0]) if want_q else None
             k, v = _linear(h, lb.qkv[1]), _linear(h, lb.qkv[2])
@@ -107,42 +106,44 @@ class _Layer:
                 q = self._norm(q, lb.q_norm)
         return q, k, v  # [B, c, heads, D]
 
-    def _project_and_write(self, x: torch.Tensor, r0: int, r1: int, index: torch.Tensor,
-                           want_q: bool = True) -> torch.Tensor | None:
-        """Input norm and q, k, v of rows x (cache rows [r0, r1)); rotary on q and k and K, V written
-        into the cache at ``index`` in one fused op. Returns q [B, Hq, c, D], or None without want_q."""
-        q, k, v = self._qkv(self._norm(x, self.lb.input_norm), want_q)
+    def _rotate_and_write(self, q, k, v, r0: int, r1: int, index: torch.Tensor) -> None:
+        """Rotary on q (in place) and k; k, v into the cache at ``index``: one fused op."""
         cos, sin = self.rope.get(self.lb.rope_key, r0, r1)
         ops.rotary_kv_write(q, k, v, cos, sin, self.cache.k_buf, self.cache.v_buf, index)
-        return None if q is None else q.transpose(1, 2)
 
     def kv_only(self, r0: int, r1: int) -> None:
         """Write this layer's K, V for rows [r0, r1) without computing anything else."""
-        self._project_and_write(self.inp.hidden[:, r0:r1], r0, r1, self.inp.write_index[r0:r1], want_q=False)
+        h = self._norm(self.inp.hidden[:, r0:r1], self.lb.input_norm)
+        _, k, v = self._qkv(h, want_q=False)
+        self._rotate_and_write(None, k, v, r0, r1, self.inp.write_index[r0:r1])
 
     def block(self, r0: int, r1: int) -> None:
         """The whole layer on rows [r0, r1): attention (K, V into the cache), MLP, residual in place."""
         lb, inp = self.lb, self.inp
         x = inp.hidden[:, r0:r1]
-        q = self._project_and_write(x, r0, r1, inp.write_index[r0:r1])
+        q, k, v = self._qkv(self._norm(x, lb.input_norm), want_q=True)
+        self._rotate_and_write(q, k, v, r0, r1, inp.write_index[r0:r1])
         q_start = inp.start + r0
         keys, values = self.cache.view(q_start + x.shape[1])
-        self._finish(x, block_attention(q, keys, values, q_start, inp.key_starts, lb.window, lb.scale))
+        self._finish(x, block_attention(q.transpose(1, 2), keys, values, q_start, inp.key_starts, lb.window,
+                                        lb.scale))
 
     def split_decode(self, host_layer, split: SplitStep, share, r0: int, r1: int) -> None:
         """One new token per sequence on a host-resident layer: its first cached positions attended
         on the CPU where they live, the staged rest on the GPU, merged (host_attention.py)."""
-        x = self.inp.hidden
-        q = self._project_and_write(x, r0, r1, self.inp.write_index[r0:r1])
-        self._finish(x, split_decode_attention(q, self.cache, host_layer, split, self.lb.scale, share))
+        lb, x = self.lb, self.inp.hidden
+        q, k, v = self._qkv(self._norm(x, lb.input_norm), want_q=True)
+        self._rotate_and_write(q, k, v, r0, r1, self.inp.write_index[r0:r1])
+        self._finish(x, split_decode_attention(q.transpose(1, 2), self.cache, host_layer, split, lb.scale, share))
 
     def decode_block(self, step: "DeviceStep") -> None:
         """One new token per sequence with its position, write index and lengths in device tensors,
         so the same launches serve every step: what a CUDA graph captures and replays."""
         lb = self.lb
         x = self.inp.hidden  # [B, 1, H]
-        q = self._project_and_write(x, 0, 1, step.write_index)
-        attn, _ = ops.decode_attention(q, self.cache.k_buf, self.cache.v_buf, step.seq_lens, step.starts,
+        q, k, v = self._qkv(self._norm(x, lb.input_norm), want_q=True)
+        self._rotate_and_write(q, k, v, 0, 1, step.write_index)
+        attn, _ = ops.decode_attention(q.transpose(1, 2), self.cache.k_buf, self.cache.v_buf, step.seq_lens, step.starts,
                                        scale=lb.scale, window=lb.window or 0)
         self._finish(x, attn)
 

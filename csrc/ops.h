@@ -93,4 +93,21 @@ RotaryArgs check_rotary_kv_write_args(const char* op, const std::optional<at::Te
                                       const at::Tensor& k_cache, const at::Tensor& v_cache,
                                       const at::Tensor& index);
 
+// ---- small-batch matrix-vector products (csrc/cpu/gemv.cpp, csrc/cuda/gemv.cu; checks in
+// csrc/gemv_checks.cpp) ----
+// x [..., K] contiguous with n = 1..kGemvMaxRows rows; weights [M, K] contiguous. gemv: out [..., sum M]
+// (the weights' outputs side by side, each + its bias); gemv_act_and_mul: act(x gate^T) * (x up^T)
+// [..., M]. Each projection is rounded to x's dtype before its epilogue, as the unfused ops round it.
+constexpr int64_t kGemvMaxRows = 4;
+constexpr int64_t kGemvMaxSegments = 4;
+struct GemvArgs {
+  int64_t n = 0, K = 0, rows = 0;  // rows: output features (all segments)
+};
+GemvArgs check_gemv_x(const char* op, const at::Tensor& x);
+GemvArgs check_gemv_args(const char* op, const at::Tensor& x, at::TensorList weights,
+                         const c10::List<std::optional<at::Tensor>>& biases);
+GemvArgs check_gemv_act_and_mul_args(const char* op, const at::Tensor& x, const at::Tensor& gate,
+                                     const at::Tensor& up);
+Activation parse_activation(const char* op, const std::string& activation, const std::string& approximate);
+
 }  // namespace chunkinfer

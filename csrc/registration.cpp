@@ -25,6 +25,10 @@ TORCH_LIBRARY(chunkinfer, m) {
   // rotary embedding of the new tokens' q (in place) and k, and k, v written into the cache at index[t]:
   // q [B, T, Hq, D] or None, k, v [B, T, Hkv, D], cos/sin [1 or B, T, R] (sin's first half negated),
   // k_cache/v_cache [B, Hkv, cap, D], index [T] int64 on the device (one CUDA graph serves every step)
+  // decode-step projections of x [..., K] with 1-4 rows: the weights' outputs side by side (+ biases);
+  // act(gate proj) * up proj. Each projection rounded as F.linear rounds it
+  m.def("gemv(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor");
+  m.def("gemv_act_and_mul(Tensor x, Tensor gate, Tensor up, str activation, str approximate='none') -> Tensor");
   m.def("rotary_kv_write(Tensor(a!)? q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor index) -> ()");
 }
 

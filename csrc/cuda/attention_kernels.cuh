@@ -17,6 +17,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "device_util.cuh"
+
 #include <cstdint>
 #include <type_traits>
 
@@ -132,18 +134,10 @@ __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bf
 template <>
 __device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
 
-// Programmatic dependent launch (sm_90+): pass 2 is launched while pass 1 still runs and waits for it
-// on the device, which hides the launch gap between the two. No-ops on older architectures.
-__device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait_for_prerequisite_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
+// Programmatic dependent launch (device_util.cuh): pass 2 is launched while pass 1 still runs and
+// waits for it on the device, which hides the launch gap between the two.
+using ::chunkinfer::cuda::allow_dependent_launch;
+using ::chunkinfer::cuda::wait_for_prerequisite_grid;
 
 // exp2 of a difference whose reference may be -inf (nothing seen yet): 0 instead of NaN.
 __device__ __forceinline__ float safe_ref(float m) { return m == -INFINITY ? 0.f : m; }

@@ -26,6 +26,7 @@ __global__ void rms_norm_kernel(T* out,                        // [rows, h] at o
   constexpr int VEC = kVec ? kVecElems<T> : 1;
   __shared__ float scratch[32];
   const int64_t nvec = h / VEC;
+  allow_dependent_launch();  // a decode step's projection after it may start streaming its weights
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* x = in + in_rows.offset(row);
     T* r = kFused ? residual + res_rows.offset(row) : nullptr;

@@ -37,7 +37,8 @@ struct RotaryParams {
   int T, Hq, Hkv, D, R, cap;
 };
 
-// One block per token; threads walk its work items: q pairs, k pairs, k's unrotated tail, v.
+// Blocks (token, part); the threads of a token's parts walk its work items: q pairs, k pairs, k's
+// unrotated tail, v.
 template <typename E>
 __global__ void rotary_kv_write_kernel(const RotaryParams<E> p) {
   const int b = blockIdx.x / p.T, t = blockIdx.x % p.T;
@@ -49,7 +50,7 @@ __global__ void rotary_kv_write_kernel(const RotaryParams<E> p) {
   const int nq = p.q ? p.Hq * half : 0, nk = p.Hkv * half, tail = p.D - p.R;
   const int nkt = p.Hkv * tail, nv = p.Hkv * p.D;
   const int total = nq + (write ? nk + nkt + nv : 0);
-  for (int i = threadIdx.x; i < total; i += blockDim.x) {
+  for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < total; i += blockDim.x * gridDim.y) {
     if (i < nq + nk) {  // a rotated pair (j, j + half) of a q or k head
       const bool is_q = i < nq;
       const int w = is_q ? i : i - nq;
@@ -102,7 +103,11 @@ void rotary_kv_write(const std::optional<at::Tensor>& q, const at::Tensor& k, co
     p.vc_sb = v_cache.stride(0), p.vc_sh = v_cache.stride(1), p.vc_sp = v_cache.stride(2);
     p.T = int(a.T), p.Hq = int(a.Hq), p.Hkv = int(a.Hkv), p.D = int(a.D), p.R = int(a.R);
     p.cap = int(std::min<int64_t>(a.cap, std::numeric_limits<int>::max()));
-    rotary_kv_write_kernel<T><<<unsigned(a.B * a.T), 256, 0, stream>>>(p);
+    // A few tokens (a decode step): their items spread over several blocks each, or one block
+    // walks ~3.5k items in 14 dependent rounds (7 us per layer measured on the H200).
+    const int64_t items = a.Hq * (a.R / 2) + a.Hkv * (a.R / 2 + (a.D - a.R) + a.D);
+    const int64_t parts = a.B * a.T >= 132 ? 1 : std::min<int64_t>((items + 255) / 256, 16);
+    rotary_kv_write_kernel<T><<<dim3(unsigned(a.B * a.T), unsigned(parts)), 256, 0, stream>>>(p);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

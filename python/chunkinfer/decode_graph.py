@@ -59,10 +59,11 @@ class DecodeGraphs:
     def clear(self) -> None:
         self._by_batch.clear()
 
-    def step(self, mb: ModelBinding, cache: ChunkKVCache, ids: torch.Tensor, positions: torch.Tensor,
+    def step(self, mb: ModelBinding, cache: ChunkKVCache, ids: torch.Tensor, positions: torch.Tensor | None,
              past: int, key_starts: list[int] | None) -> torch.Tensor:
         """Run one decode step (ids [B, 1]) on a cache holding ``past`` positions; returns logits
-        [B, 1, V]. The caller has reserved capacity for position ``past``."""
+        [B, 1, V]. ``positions`` [1 or B, 1] are the rotary positions, None for ``past``. The caller
+        has reserved capacity for position ``past``."""
         b = ids.shape[0]
         starts_host = tuple(key_starts) if key_starts else None
         cap = self._by_batch.get(b)
@@ -70,7 +71,10 @@ class DecodeGraphs:
             cap = self._capture(mb, cache, ids, positions, past, starts_host)
             self._by_batch[b] = cap
         cap.ids.copy_(ids)
-        cap.positions.copy_(positions.expand(b, 1))
+        if positions is None:  # the default: the token's cache position
+            cap.positions.fill_(past)
+        else:
+            cap.positions.copy_(positions.expand(b, 1))
         cap.step.write_index.fill_(past)
         cap.step.seq_lens.fill_(past + 1)
         cap.graph.replay()
@@ -84,7 +88,8 @@ class DecodeGraphs:
             starts=None if starts_host is None else torch.tensor(starts_host, dtype=torch.int32, device=device),
         )
         static_ids = ids.clone()
-        static_pos = positions.expand(b, 1).clone()
+        static_pos = (torch.full((b, 1), past, dtype=torch.long, device=device) if positions is None
+                      else positions.expand(b, 1).clone())
         # Warm-up on a side stream (cuBLAS workspaces, lazy inits). Writing this step's K, V is
         # idempotent, so running the step here and again at the replay changes nothing.
         side = torch.cuda.Stream(device)

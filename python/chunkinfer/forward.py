@@ -230,13 +230,13 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
 
     emb = a.get("inputs_embeds")
     pos = a.get("position_ids")
-    if pos is None:
-        pos = torch.arange(past, past + s, device=mb.devices.embed)[None]
     if (state.cuda_graphs and s == 1 and past > 0 and emb is None and labels is None and not want_hidden
             and isinstance(ltk, int) and not cache.streamed_layers()
             and graph_decode_supported(mb, mb.devices.embed, mb.embed.weight.dtype)):
         return _graph_decode(state, cache, a["input_ids"], pos, past, key_starts, mask is not None,
                              use_cache or pkv is not None)
+    if pos is None:
+        pos = torch.arange(past, past + s, device=mb.devices.embed)[None]
 
     # no reference to the embedded stream is kept here: on a model spread over devices, the copy on
     # each device is freed once the stream has moved on
@@ -307,7 +307,7 @@ def _plan_chunks(model, state: ConvertedState, cache: ChunkKVCache, call: Prompt
     return min(chunks), chunks
 
 
-def _graph_decode(state: ConvertedState, cache: ChunkKVCache, ids: torch.Tensor, pos: torch.Tensor, past: int,
+def _graph_decode(state: ConvertedState, cache: ChunkKVCache, ids: torch.Tensor, pos: torch.Tensor | None, past: int,
                   key_starts: list[int] | None, mask_given: bool, return_cache: bool) -> CausalLMOutputWithPast:
     """One new token per sequence through the captured decode step (decode_graph.py)."""
     mb = state.binding

@@ -74,6 +74,23 @@ def _linear(x: torch.Tensor, m) -> torch.Tensor:
     return F.linear(x, m.weight, m.bias)
 
 
+def _one_row_gemv(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a projection of x goes to the gemv ops: one row (a batch-1 decode step). Measured on
+    the H200 (bench/results/gemv_h200.md): they beat cuBLAS for q|k|v (three weights, one launch) and
+    act(gate)*up, not for o_proj or down alone, nor from 2 rows on, which stay with F.linear."""
+    return x.numel() == x.shape[-1] and ops.gemv_supports(x, *weights)
+
+
+def _gemv(x: torch.Tensor, modules) -> torch.Tensor | None:
+    """The projections of a decode step's row by every module, side by side, in one launch; None
+    where the gemv ops do not serve it (more rows, layouts), for F.linear to do."""
+    weights = [m.weight for m in modules]
+    if not _one_row_gemv(x, *weights):
+        return None
+    return ops.gemv(x, weights, [m.bias for m in modules])
+
+
+
 class _Layer:
     """One layer's computations on a block of rows (bound per call to keep the inner loop flat)."""
 
@@ -89,10 +106,14 @@ class _Layer:
     def _qkv(self, h: torch.Tensor, want_q: bool):
         lb = self.lb
         b, c, _ = h.shape
-        if len(lb.qkv) == 1:
-            qkv = _linear(h, lb.qkv[0])
-            nq, nk = lb.n_q * lb.head_dim, lb.n_kv * lb.head_dim
-            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+        mods = lb.qkv if want_q or len(lb.qkv) == 1 else lb.qkv[1:]
+        qkv = _gemv(h, mods)  # a decode step: every projection in one launch
+        if qkv is None and len(mods) == 1:
+            qkv = _linear(h, mods[0])
+        if qkv is not None:
+            nq = lb.n_q * lb.head_dim if mods[0] is lb.qkv[0] else 0
+            nk = lb.n_kv * lb.head_dim
+            q, k, v = qkv[..., :nq] if want_q else None, qkv[..., nq:nq + nk], qkv[..., nq + nk:]
         else:
             q = _linear(h, lb.qkv[0]) if want_q else None
             k, v = _linear(h, lb.qkv[1]), _linear(h, lb.qkv[2])
@@ -157,15 +178,25 @@ class _Layer:
             ops.fused_add_rms_norm(o, x, lb.pre_ff_norm.weight, self.eps, gemma=True)
         else:
             ops.fused_add_rms_norm(o, x, lb.post_attn_norm.weight, self.eps)
-        down = self._mlp(o)
+        down = _linear(self._act(o), lb.down)
         if lb.post_ff_norm is not None:
             down = self._norm(down, lb.post_ff_norm)
         x.add_(down)
 
-    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up of the MLP: into the reused buffer, or for a decode step in one launch."""
         lb, mb = self.lb, self.mb
         b, c, _ = h.shape
         inter = lb.down.weight.shape[1]
+        if len(lb.gate_up) == 1:
+            w = lb.gate_up[0].weight
+            gate_w, up_w, biased = w[:inter], w[inter:], lb.gate_up[0].bias is not None
+        else:
+            gate_w, up_w = lb.gate_up[0].weight, lb.gate_up[1].weight
+            biased = lb.gate_up[0].bias is not None or lb.gate_up[1].bias is not None
+        if not biased and _one_row_gemv(h, gate_w, up_w):
+            return ops.gemv_act_and_mul(h, gate_w, up_w, mb.act,
+                                        approximate=mb.act_approximate)
         act = self.act_buf[: b * c * inter].view(b, c, inter)
         if len(lb.gate_up) == 1:
             gate, up = _linear(h, lb.gate_up[0]), None
@@ -175,7 +206,7 @@ class _Layer:
             ops.silu_and_mul(gate, up, out=act)
         else:
             ops.gelu_and_mul(gate, up, approximate=mb.act_approximate, out=act)
-        return _linear(act, lb.down)
+        return act
 
 
 def _act_buffer(mb: ModelBinding, hidden: torch.Tensor, rows: int) -> torch.Tensor:

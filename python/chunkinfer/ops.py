@@ -25,6 +25,8 @@ SCHEMAS = {
     "decode_attention_out": "decode_attention_out(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0) -> ()",
     "merge_attn_states": "merge_attn_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)",
     "merge_attn_states_out": "merge_attn_states_out(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> ()",
+    "gemv": "gemv(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor",
+    "gemv_act_and_mul": "gemv_act_and_mul(Tensor x, Tensor gate, Tensor up, str activation, str approximate='none') -> Tensor",
     "rotary_kv_write": "rotary_kv_write(Tensor(a!)? q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor index) -> ()",
 }
 
@@ -85,7 +87,7 @@ def _register_reference_ops() -> None:
         "rms_norm": reference.rms_norm, "rms_norm_out": rms_out, "fused_add_rms_norm": fused,
         "decode_attention": reference.decode_attention, "decode_attention_out": decode_out,
         "merge_attn_states": reference.merge_attn_states, "merge_attn_states_out": merge_out,
-        "rotary_kv_write": rotary_write,
+        "rotary_kv_write": rotary_write, "gemv": reference.gemv, "gemv_act_and_mul": reference.gemv_act_and_mul,
     }
     for name, fn in impls.items():
         lib.impl(name, fn, "CompositeExplicitAutograd")
@@ -111,6 +113,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("chunkinfer::merge_attn_states")
     def _(out_a, lse_a, out_b, lse_b):
         return out_a.new_empty(out_a.shape), out_a.new_empty(out_a.shape[:-1], dtype=torch.float32)
+
+    @torch.library.register_fake("chunkinfer::gemv")
+    def _(x, weights, biases):
+        return x.new_empty([*x.shape[:-1], sum(w.shape[0] for w in weights)])
+
+    @torch.library.register_fake("chunkinfer::gemv_act_and_mul")
+    def _(x, gate, up, activation, approximate="none"):
+        return x.new_empty([*x.shape[:-1], gate.shape[0]])
 
     for name in ("silu_and_mul_out", "gelu_and_mul_out", "rms_norm_out", "fused_add_rms_norm",
                  "decode_attention_out", "merge_attn_states_out", "rotary_kv_write"):
@@ -211,6 +221,40 @@ def rotary_kv_write(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, co
     All last dims contiguous, one dtype; fp32 math with one rounding per output.
     """
     torch.ops.chunkinfer.rotary_kv_write(q, k, v, cos, sin, k_cache, v_cache, index)
+
+
+GEMV_MAX_ROWS = 4  # rows of x the gemv ops take (csrc/ops.h kGemvMaxRows); more are a matrix product
+
+
+def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """x [..., K] (1 to GEMV_MAX_ROWS rows, contiguous) projected by each weight [M_i, K] (+ its bias),
+    the outputs side by side: [..., sum M_i] (q, k and v of a decode step in one launch on CUDA).
+    Each projection is rounded to x's dtype as F.linear rounds it. See :func:`gemv_supports`."""
+    return torch.ops.chunkinfer.gemv(x, weights, [None] * len(weights) if biases is None else biases)
+
+
+def gemv_act_and_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str = "silu", *,
+                     approximate: str = "none") -> torch.Tensor:
+    """act(x gate^T) * (x up^T) for x [..., K] with 1 to GEMV_MAX_ROWS rows: the decode step's gate and up
+    projections and their activation in one launch on CUDA; activation "silu" or "gelu" (``approximate``
+    "none" or "tanh"). Each projection rounded to x's dtype first, as F.linear and silu_and_mul do."""
+    return torch.ops.chunkinfer.gemv_act_and_mul(x, gate, up, activation, approximate)
+
+
+def gemv_supports(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the gemv ops take x and these weights: 1 to GEMV_MAX_ROWS contiguous rows of a float
+    dtype, weights [M, K] contiguous on x's device in its dtype; on CUDA also K a multiple of one
+    16-byte vector and every pointer 16-byte aligned. Callers use a matrix product otherwise."""
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not x.is_contiguous() or x.dim() == 0:
+        return False
+    k = x.shape[-1]
+    if k == 0 or not 1 <= x.numel() // k <= GEMV_MAX_ROWS:
+        return False
+    cuda = x.device.type == "cuda"
+    if cuda and (k % (16 // x.element_size()) or x.data_ptr() % 16):
+        return False
+    return all(w.dim() == 2 and w.shape[1] == k and w.dtype == x.dtype and w.device == x.device
+               and w.is_contiguous() and not (cuda and w.data_ptr() % 16) for w in weights)
 
 
 CUDA_DECODE_HEAD_DIMS = (64, 128, 256)  # head dims decode_attention's CUDA kernel is built for

@@ -131,3 +131,22 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     out = x.to(ct).clone()
     out[..., :r] = xr * c + xr.roll(r // 2, -1) * s
     return out.to(x.dtype)
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x w^T (+ b) in the compute dtype, rounded once to x's dtype (as F.linear rounds it)."""
+    ct = _compute_dtype(x)
+    return F.linear(x.to(ct), w.to(ct), None if b is None else b.to(ct)).to(x.dtype)
+
+
+def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> torch.Tensor:
+    """The projections of x [..., K] by each weight [M_i, K] (+ its bias), side by side: [..., sum M_i]."""
+    return torch.cat([_project(x, w, b) for w, b in zip(weights, biases)], dim=-1)
+
+
+def gemv_act_and_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
+                     approximate: str = "none") -> torch.Tensor:
+    """act(x gate^T) * (x up^T), each projection rounded to x's dtype first."""
+    g, u = _project(x, gate), _project(x, up)
+    return silu_and_mul(g, u) if activation == "silu" else gelu_and_mul(g, u, approximate)
+

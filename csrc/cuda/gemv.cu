@@ -1,0 +1,110 @@
+// CUDA entry points of the gemv ops; kernels in gemv_kernels.cuh.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../dispatch.h"
+#include "../ops.h"
+#include "gemv_kernels.cuh"
+#include "torch_types.cuh"
+
+namespace chunkinfer::cuda {
+namespace {
+
+static_assert(kGemvMaxRows == ::chunkinfer::kGemvMaxRows && kGemvMaxSegments == ::chunkinfer::kGemvMaxSegments,
+              "gemv_kernels.cuh and ops.h must agree on the limits");
+
+// The kernel reads 16-byte vectors: x's rows and every weight row must start on 16-byte boundaries.
+void check_vectorised(const char* op, const GemvArgs& a, const at::Tensor& x, at::TensorList weights) {
+  CHUNKINFER_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  const int64_t vec = 16 / static_cast<int64_t>(x.element_size());
+  CHUNKINFER_CHECK(a.K % vec == 0, op, ": on CUDA in_features (", a.K, ") must be a multiple of ", vec,
+                   " for ", x.scalar_type());
+  CHUNKINFER_CHECK(aligned16(x.const_data_ptr()), op, ": x must be 16-byte aligned");
+  for (const at::Tensor& w : weights) {
+    CHUNKINFER_CHECK(aligned16(w.const_data_ptr()), op, ": every weight must be 16-byte aligned");
+  }
+}
+
+// Programmatic dependent launch where the device has it (compute capability 9.0+).
+bool programmatic(const at::Tensor& x) {
+  int cc_major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, x.device().index()));
+  return cc_major >= 9;
+}
+
+template <typename scalar_t>
+GemvWeights<cuda_t<scalar_t>> weights_of(at::TensorList weights, const c10::List<std::optional<at::Tensor>>* biases) {
+  GemvWeights<cuda_t<scalar_t>> w{};
+  int64_t end = 0;
+  w.segments = static_cast<int>(weights.size());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    w.w[i] = cuda_ptr(weights[i].const_data_ptr<scalar_t>());
+    end += weights[i].size(0);
+    w.row_end[i] = end;
+    const std::optional<at::Tensor> b = biases ? biases->get(i) : std::nullopt;
+    w.bias[i] = b.has_value() && b->defined() ? cuda_ptr(b->const_data_ptr<scalar_t>()) : nullptr;
+  }
+  return w;
+}
+
+at::Tensor gemv(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases) {
+  const GemvArgs a = check_gemv_args("gemv", x, weights, biases);
+  check_vectorised("gemv", a, x, weights);
+  auto sizes = x.sizes().vec();
+  sizes.back() = a.rows;
+  at::Tensor out = at::empty(sizes, x.options());
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  CHUNKINFER_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    launch_gemv<cuda_t<scalar_t>, GemvEpilogue::kStore>(cuda_ptr(out.mutable_data_ptr<scalar_t>()), a.rows,
+                                                        cuda_ptr(x.const_data_ptr<scalar_t>()), a.K,
+                                                        static_cast<int>(a.n), weights_of<scalar_t>(weights, &biases),
+                                                        a.rows, stream, programmatic(x));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+template <ActKind A>
+void launch_act(const at::Tensor& out, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
+                const GemvArgs& a, cudaStream_t stream) {
+  const std::vector<at::Tensor> both{gate, up};
+  CHUNKINFER_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    launch_gemv<cuda_t<scalar_t>, GemvEpilogue::kActMul, A>(cuda_ptr(out.mutable_data_ptr<scalar_t>()), a.rows,
+                                                            cuda_ptr(x.const_data_ptr<scalar_t>()), a.K,
+                                                            static_cast<int>(a.n), weights_of<scalar_t>(both, nullptr),
+                                                            a.rows, stream, programmatic(x));
+  });
+}
+
+at::Tensor gemv_act_and_mul(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
+                            const std::string& activation, const std::string& approximate) {
+  const char* op = "gemv_act_and_mul";
+  const GemvArgs a = check_gemv_act_and_mul_args(op, x, gate, up);
+  const Activation act = parse_activation(op, activation, approximate);
+  check_vectorised(op, a, x, {gate, up});
+  auto sizes = x.sizes().vec();
+  sizes.back() = a.rows;
+  at::Tensor out = at::empty(sizes, x.options());
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (act == Activation::kSilu) {
+    launch_act<ActKind::kSilu>(out, x, gate, up, a, stream);
+  } else if (act == Activation::kGeluErf) {
+    launch_act<ActKind::kGeluErf>(out, x, gate, up, a, stream);
+  } else {
+    launch_act<ActKind::kGeluTanh>(out, x, gate, up, a, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+}  // namespace chunkinfer::cuda
+
+TORCH_LIBRARY_IMPL(chunkinfer, CUDA, m) {
+  m.impl("gemv", &chunkinfer::cuda::gemv);
+  m.impl("gemv_act_and_mul", &chunkinfer::cuda::gemv_act_and_mul);
+}

@@ -1,0 +1,72 @@
+// Argument validation of the gemv ops, shared by their CPU and CUDA kernels.
+#include "ops.h"
+
+namespace chunkinfer {
+namespace {
+
+void check_weight(const char* op, const char* arg, const at::Tensor& w, const at::Tensor& x, int64_t K) {
+  check_float_tensor(op, arg, w);
+  check_same(op, arg, w, "x", x);
+  CHUNKINFER_CHECK(w.dim() == 2 && w.size(1) == K, op, ": ", arg, " must be [out_features, ", K,
+                   "] (x's last dimension), got ", w.sizes());
+  CHUNKINFER_CHECK(w.is_contiguous(), op, ": ", arg, " must be contiguous");
+}
+
+}  // namespace
+
+GemvArgs check_gemv_x(const char* op, const at::Tensor& x) {
+  check_float_tensor(op, "x", x);
+  CHUNKINFER_CHECK(x.is_contiguous(), op, ": x must be contiguous, got strides ", x.strides());
+  GemvArgs a;
+  a.K = x.size(-1);
+  CHUNKINFER_CHECK(a.K >= 1, op, ": x's last dimension (in_features) must be >= 1");
+  a.n = x.numel() / a.K;
+  CHUNKINFER_CHECK(a.n >= 1 && a.n <= kGemvMaxRows, op, ": x must have 1 to ", kGemvMaxRows,
+                   " rows (the leading dimensions' product), got ", a.n, "; use a matrix product for more");
+  return a;
+}
+
+GemvArgs check_gemv_args(const char* op, const at::Tensor& x, at::TensorList weights,
+                         const c10::List<std::optional<at::Tensor>>& biases) {
+  GemvArgs a = check_gemv_x(op, x);
+  const int64_t s = static_cast<int64_t>(weights.size());
+  CHUNKINFER_CHECK(s >= 1 && s <= kGemvMaxSegments, op, ": takes 1 to ", kGemvMaxSegments, " weights, got ", s);
+  CHUNKINFER_CHECK(static_cast<int64_t>(biases.size()) == s, op, ": biases must have one entry (a tensor or None) "
+                   "per weight: ", s, " weights, ", biases.size(), " biases");
+  for (int64_t i = 0; i < s; ++i) {
+    const std::string name = "weights[" + std::to_string(i) + "]";
+    check_weight(op, name.c_str(), weights[i], x, a.K);
+    const std::optional<at::Tensor> b = biases.get(i);
+    if (b.has_value() && b->defined()) {
+      const std::string bname = "biases[" + std::to_string(i) + "]";
+      check_float_tensor(op, bname.c_str(), *b);
+      check_same(op, bname.c_str(), *b, "x", x);
+      CHUNKINFER_CHECK(b->dim() == 1 && b->size(0) == weights[i].size(0) && b->is_contiguous(), op, ": ", bname,
+                       " must be a contiguous [", weights[i].size(0), "] (its weight's out_features), got ",
+                       b->sizes());
+    }
+    a.rows += weights[i].size(0);
+  }
+  return a;
+}
+
+GemvArgs check_gemv_act_and_mul_args(const char* op, const at::Tensor& x, const at::Tensor& gate,
+                                     const at::Tensor& up) {
+  GemvArgs a = check_gemv_x(op, x);
+  check_weight(op, "gate", gate, x, a.K);
+  check_weight(op, "up", up, x, a.K);
+  CHUNKINFER_CHECK(gate.size(0) == up.size(0), op, ": gate and up must have the same out_features, got ",
+                   gate.size(0), " and ", up.size(0));
+  a.rows = gate.size(0);
+  return a;
+}
+
+Activation parse_activation(const char* op, const std::string& activation, const std::string& approximate) {
+  if (activation == "silu") return Activation::kSilu;
+  CHUNKINFER_CHECK(activation == "gelu", op, ": activation must be 'silu' or 'gelu', got '", activation, "'");
+  if (approximate == "none") return Activation::kGeluErf;
+  CHUNKINFER_CHECK(approximate == "tanh", op, ": approximate must be 'none' or 'tanh', got '", approximate, "'");
+  return Activation::kGeluTanh;
+}
+
+}  // namespace chunkinfer

@@ -1,0 +1,123 @@
+"""gemv / gemv_act_and_mul against the float64 reference: every dtype, row count, epilogue."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chunkinfer import ops, reference
+from tests.conftest import DEVICES, TOLERANCE, poisoned, randn, rel_err
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def shapes(device):
+    """(K, segment out_features): a decode step's q|k|v and o_proj; odd widths on the CPU only (the
+    CUDA kernel reads 16-byte vectors)."""
+    out = [(64, (96,)), (256, (128, 32, 32)), (4096, (4096, 1024, 1024))]
+    if device == "cpu":
+        out += [(5, (3, 7)), (1, (1,))]
+    else:
+        out += [(14336, (4096,)), (8, (1, 2, 3, 4))]
+    return out
+
+
+def poison_allocator(device, nbytes: int) -> None:
+    """On CUDA, fill a block the caching allocator hands out next with NaN, so a freshly allocated
+    output with an element left unwritten fails rel_err's finiteness check."""
+    if device == "cuda":
+        torch.full((nbytes // 4 + 1024,), float("nan"), device=device)  # freed at once, reused next
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_gemv_matches_float64(device, dtype, rows, gen):
+    for k, outs in shapes(device):
+        x = randn((rows, 1, k), dtype, device, gen)
+        ws = [randn((m, k), dtype, device, gen, scale=k ** -0.5) for m in outs]
+        bs = [randn((m,), dtype, device, gen) if i % 2 else None for i, m in enumerate(outs)]
+        poison_allocator(device, rows * sum(outs) * x.element_size())
+        got = ops.gemv(x, ws, bs)
+        assert got.shape == (rows, 1, sum(outs)) and got.dtype == dtype
+        want = reference.gemv(x.double(), [w.double() for w in ws], [None if b is None else b.double() for b in bs])
+        err = rel_err(got, want)
+        assert err <= TOLERANCE[dtype], f"K={k} outs={outs}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation,approximate", [("silu", "none"), ("gelu", "none"), ("gelu", "tanh")])
+def test_gemv_act_and_mul_matches_float64(device, dtype, activation, approximate, gen):
+    sizes = [(64, 96), (4096, 14336)] if device == "cuda" else [(64, 96), (37, 11)]
+    for rows in (1, 3, 4):
+        for k, inter in sizes:
+            x = randn((rows, k), dtype, device, gen)
+            gate = randn((inter, k), dtype, device, gen, scale=3 * k ** -0.5)
+            up = randn((inter, k), dtype, device, gen, scale=k ** -0.5)
+            poison_allocator(device, rows * inter * x.element_size())
+            got = ops.gemv_act_and_mul(x, gate, up, activation, approximate=approximate)
+            want = reference.gemv_act_and_mul(x.double(), gate.double(), up.double(), activation, approximate)
+            err = rel_err(got, want)
+            assert err <= TOLERANCE[dtype], f"rows={rows} K={k} I={inter}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemv_equals_the_unfused_projections(device, gen):
+    """In fp32 the fused epilogues are the unfused ops up to summation order."""
+    k, inter = 64, 80
+    x = randn((2, 1, k), torch.float32, device, gen)
+    wq, wk, bk = randn((64, k), torch.float32, device, gen), randn((16, k), torch.float32, device, gen), \
+        randn((16,), torch.float32, device, gen)
+    got = ops.gemv(x, [wq, wk], [None, bk])
+    torch.testing.assert_close(got, torch.cat([x @ wq.T, x @ wk.T + bk], -1), rtol=1e-5, atol=1e-5)
+    gate, up = randn((inter, k), torch.float32, device, gen), randn((inter, k), torch.float32, device, gen)
+    torch.testing.assert_close(ops.gemv_act_and_mul(x, gate, up),
+                               ops.silu_and_mul(x @ gate.T, x @ up.T), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_arguments_are_named(device, gen):
+    x = randn((2, 64), torch.float32, device, gen)
+    w = randn((32, 64), torch.float32, device, gen)
+    cases = [
+        (lambda: ops.gemv(randn((5, 64), torch.float32, device, gen), [w]), "1 to 4 rows"),
+        (lambda: ops.gemv(x, [randn((32, 63), torch.float32, device, gen)]), "x's last dimension"),
+        (lambda: ops.gemv(x, [w.half()]), "dtype"),
+        (lambda: ops.gemv(x, [w.T.contiguous().T]), "contiguous"),
+        (lambda: ops.gemv(x.T.contiguous().T, [w]), "x must be contiguous"),
+        (lambda: ops.gemv(x, [w], [randn((31,), torch.float32, device, gen)]), "biases[0]"),
+        (lambda: ops.gemv(x, [w], []), "one entry"),
+        (lambda: ops.gemv(x, [w] * 5), "1 to 4 weights"),
+        (lambda: ops.gemv_act_and_mul(x, w, w[:16]), "same out_features"),
+        (lambda: ops.gemv_act_and_mul(x, w, w, "relu"), "'silu' or 'gelu'"),
+        (lambda: ops.gemv_act_and_mul(x, w, w, "gelu", approximate="fast"), "'none' or 'tanh'"),
+    ]
+    for call, words in cases:
+        with pytest.raises((RuntimeError, ValueError), match=words.replace("[", r"\[").replace("]", r"\]")):
+            call()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_needs_whole_vectors_and_gemv_supports_says_so(gen):
+    x = randn((1, 60), torch.bfloat16, "cuda", gen)  # 60 bf16 = 7.5 vectors of 16 bytes
+    w = randn((8, 60), torch.bfloat16, "cuda", gen)
+    assert not ops.gemv_supports(x, w)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ops.gemv(x, [w])
+    x64, w64 = randn((1, 64), torch.bfloat16, "cuda", gen), randn((8, 64), torch.bfloat16, "cuda", gen)
+    shifted = w64.view(-1)[1:1 + 7 * 64].view(7, 64)  # contiguous, 2 bytes off a 16-byte boundary
+    assert ops.gemv_supports(x64, w64) and not ops.gemv_supports(x64, shifted)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        ops.gemv(x64, [shifted])
+
+
+def test_gemv_supports_rows_dtypes_and_layouts(gen):
+    x = randn((4, 1, 32), torch.float32, "cpu", gen)
+    w = randn((8, 32), torch.float32, "cpu", gen)
+    assert ops.gemv_supports(x, w, w)
+    assert not ops.gemv_supports(randn((5, 32), torch.float32, "cpu", gen), w)  # a matrix product's job
+    assert not ops.gemv_supports(x, w.double())
+    assert not ops.gemv_supports(x, w.T.contiguous().T)
+    assert not ops.gemv_supports(x, randn((8, 31), torch.float32, "cpu", gen))
+    assert not ops.gemv_supports(x.transpose(0, 2))

@@ -64,6 +64,7 @@ def main() -> None:
             model(warm, use_cache=True, logits_to_keep=1)
             r, out = prefill(model, ids, label, base, base)
             r.update(_plan(model, length, kw.get("resident_layers")))
+            print(json.dumps(r), flush=True)  # before the slower runs below, should they not finish
             if out is not None and "streamed" in label:
                 r["host_pinned_bytes"] = model._chunkinfer.host.arena.bytes_reserved
                 # again with the arena's slabs already pinned (the first call pinned them during the prefill)

@@ -48,13 +48,17 @@ GiB = 1 << 30
 # fit_prefill_rates / fit_decode_rates below on every "chunkinfer prefill" / "chunkinfer decode" row
 # (least squares on the relative error; tests/test_plan.py re-fits them and checks these values).
 # prefill seconds = linear-layer FLOPs / H200_LINEAR_FLOPS + attention FLOPs / H200_ATTENTION_FLOPS
-H200_LINEAR_FLOPS = 3.985e14          # effective FLOP/s of the projections + MLP (incl. norms, rope, launches)
-H200_ATTENTION_FLOPS = 6.593e14       # effective FLOP/s of causal attention (QK^T and PV)
+H200_LINEAR_FLOPS = 4.332e14          # effective FLOP/s of the projections + MLP (incl. norms, rope, launches)
+H200_ATTENTION_FLOPS = 6.435e14       # effective FLOP/s of causal attention (QK^T and PV)
 # decode ms/token = bytes read (weights + KV at that length) / H200_DECODE_BYTES_PER_S + H200_DECODE_STEP_MS
-H200_DECODE_BYTES_PER_S = 3.763e12
-H200_DECODE_STEP_MS = 2.141
+H200_DECODE_BYTES_PER_S = 3.544e12
+H200_DECODE_STEP_MS = 0.825
 # host KV crosses PCIe once per decode step (or is attended where it lives): pinned host->device copy rate
 H200_H2D_BYTES_PER_S = 55.4e9         # ../shared/ANCHORS.md, 2 GiB pinned copies
+# with the CPU attending part of the host KV where it lives (convert's cpu_attention), the host part of a
+# step reads at H2D + this: fitted to 131,072 tokens all on the host (177 ms, host_decode_h200.md); at
+# 524,288 it predicts 695 ms for a measured 803 (offload_h200.md, one step after two warm-ups)
+H200_SPLIT_CPU_BYTES_PER_S = 44e9
 RATES_FROM = "H200 measurements, bench/results/model_h200.jsonl"
 
 # ---- Allocation constants -----------------------------------------------------------------------------
@@ -508,7 +512,7 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
          decode_tokens: int = 0, chunk_size: int | None = None, allow_offload: bool = True,
          resident_layers: int | None = None, device="cuda", past: int = 0, past_capacity: int | None = None,
          process_baseline: int | None = None, calibration: Calibration | None = None,
-         last_layer_block: bool = False, logits_rows: int = 1) -> Plan:
+         last_layer_block: bool = False, logits_rows: int = 1, cpu_attention: bool = True) -> Plan:
     """Predict device / host memory, chunk sizes and times of a prefill of ``seq_len`` tokens (plus
     ``decode_tokens`` generated ones) with chunkinfer. Memories: bytes or strings like "139GiB".
 
@@ -524,7 +528,8 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
 
     ``past``: positions already cached (a continuation), in buffers of ``past_capacity`` positions
     (default: as a prefill of ``past`` tokens leaves them). ``calibration``: a measured correction
-    (calibrate.py); default ``CUDA_CALIBRATION`` / ``CPU_CALIBRATION``.
+    (calibrate.py); default ``CUDA_CALIBRATION`` / ``CPU_CALIBRATION``. ``cpu_attention``: decode
+    steps attend part of the host KV on the CPU (convert's default), else they stream all of it.
 
     ``device="cpu"``: predicts the process's peak RSS. ``device_memory`` is then the RSS the process
     may reach (default: physical memory), nothing is offloaded, and ``process_baseline`` is the RSS
@@ -538,6 +543,8 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         chunk_size = _positive_int(chunk_size, "chunk_size")
     if not isinstance(allow_offload, bool):
         raise TypeError(f"allow_offload must be a bool, got {type(allow_offload).__name__}")
+    if not isinstance(cpu_attention, bool):
+        raise TypeError(f"cpu_attention must be a bool, got {type(cpu_attention).__name__}")
     if calibration is not None and not isinstance(calibration, Calibration):
         raise TypeError(f"calibration must be a chunkinfer Calibration, got {type(calibration).__name__}")
     kind = device_kind(device)
@@ -687,7 +694,8 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
     fits_all = not reason
     if fits_all and n_host:
         notes.append(f"layers {n_resident}..{L - 1} keep their KV in pinned host memory (kv_offload=True); "
-                     "each decode step streams it to the device once")
+                     + ("each decode step attends part of it on the CPU and streams the rest to the device"
+                        if cpu_attention else "each decode step streams it to the device once"))
     if chunks is not None and len(set(chunks)) > 1:
         notes.append("the chunk shrinks layer by layer as the KV grows (peak at layer "
                      f"{peak_layer}); convert() with chunk_size=None runs this schedule")
@@ -708,8 +716,10 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         mean = end + decode_tokens // 2
         length = int(end + decode_tokens / 2) if decode_tokens else end
         per_tok = decode_bytes(shape, length, batch, elt) * 1e3 / H200_DECODE_BYTES_PER_S + H200_DECODE_STEP_MS
-        # the host part crosses PCIe each step, overlapped with the resident part's reads
-        per_tok += n_host * batch * mean * shape.kv_bytes_per_token_layer(elt) * 1e3 / H200_H2D_BYTES_PER_S
+        # the host part crosses PCIe each step (or part of it is attended by the CPU meanwhile),
+        # overlapped with the resident part's reads
+        host_rate = H200_H2D_BYTES_PER_S + (H200_SPLIT_CPU_BYTES_PER_S if cpu_attention else 0.0)
+        per_tok += n_host * batch * mean * shape.kv_bytes_per_token_layer(elt) * 1e3 / host_rate
         decode_s = per_tok * decode_tokens / 1e3
     return Plan(model_type=shape.model_type, seq_len=seq_len, batch=batch, dtype=_dtype_name(dt),
                 chunk_size=min(chunks) if chunks is not None else None, breakdown_chunk=report_chunk,

@@ -61,6 +61,12 @@ GemvArgs check_gemv_act_and_mul_args(const char* op, const at::Tensor& x, const 
   return a;
 }
 
+at::Tensor gemv_output(const at::Tensor& x, int64_t rows) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = rows;
+  return at::empty(sizes, x.options());
+}
+
 Activation parse_activation(const char* op, const std::string& activation, const std::string& approximate) {
   if (activation == "silu") return Activation::kSilu;
   CHUNKINFER_CHECK(activation == "gelu", op, ": activation must be 'silu' or 'gelu', got '", activation, "'");

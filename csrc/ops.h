@@ -109,5 +109,7 @@ GemvArgs check_gemv_args(const char* op, const at::Tensor& x, at::TensorList wei
 GemvArgs check_gemv_act_and_mul_args(const char* op, const at::Tensor& x, const at::Tensor& gate,
                                      const at::Tensor& up);
 Activation parse_activation(const char* op, const std::string& activation, const std::string& approximate);
+// x's shape with `rows` output features in its last dimension
+at::Tensor gemv_output(const at::Tensor& x, int64_t rows);
 
 }  // namespace chunkinfer

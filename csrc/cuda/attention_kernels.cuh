@@ -525,19 +525,9 @@ bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool pr
     const size_t combine_smem = (size_t(p.splits) + (kCombineThreads / (kD / 4)) * kD + 32) * sizeof(float);
     const unsigned combine_rows = unsigned(int64_t(p.B) * p.Hq * p.T);
     const auto combine = decode_attention_combine_kernel<T, kD>;
-    if (programmatic_launch) {
-      cudaLaunchConfig_t cfg{};
-      cfg.gridDim = dim3(combine_rows);
-      cfg.blockDim = dim3(kCombineThreads);
-      cfg.dynamicSmemBytes = combine_smem;
-      cfg.stream = stream;
-      cudaLaunchAttribute attr{};
-      attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr.val.programmaticStreamSerializationAllowed = 1;
-      cfg.attrs = &attr;
-      cfg.numAttrs = 1;
-      if (cudaLaunchKernelEx(&cfg, combine, p) == cudaSuccess) return;
-      cudaGetLastError();  // not available here: an ordinary launch below
+    if (programmatic_launch && ::chunkinfer::cuda::launch_programmatic(combine, dim3(combine_rows), dim3(kCombineThreads),
+                                                                        combine_smem, stream, p)) {
+      return;
     }
     combine<<<combine_rows, kCombineThreads, combine_smem, stream>>>(p);
   });

@@ -52,9 +52,7 @@ GemvWeights<cuda_t<scalar_t>> weights_of(at::TensorList weights, const c10::List
 at::Tensor gemv(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases) {
   const GemvArgs a = check_gemv_args("gemv", x, weights, biases);
   check_vectorised("gemv", a, x, weights);
-  auto sizes = x.sizes().vec();
-  sizes.back() = a.rows;
-  at::Tensor out = at::empty(sizes, x.options());
+  at::Tensor out = gemv_output(x, a.rows);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   CHUNKINFER_DISPATCH_FLOATING(x.scalar_type(), [&] {
@@ -85,9 +83,7 @@ at::Tensor gemv_act_and_mul(const at::Tensor& x, const at::Tensor& gate, const a
   const GemvArgs a = check_gemv_act_and_mul_args(op, x, gate, up);
   const Activation act = parse_activation(op, activation, approximate);
   check_vectorised(op, a, x, {gate, up});
-  auto sizes = x.sizes().vec();
-  sizes.back() = a.rows;
-  at::Tensor out = at::empty(sizes, x.options());
+  at::Tensor out = gemv_output(x, a.rows);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (act == Activation::kSilu) {

@@ -138,18 +138,9 @@ void launch_gemv_rows(T* out, int64_t out_stride, const T* x, int64_t K, int n, 
                       int64_t rows, cudaStream_t stream, bool programmatic_launch) {
   const auto kernel = gemv_kernel<T, kRows, E, A>;
   const unsigned grid = static_cast<unsigned>((rows * 32 + kGemvThreads - 1) / kGemvThreads);
-  if (programmatic_launch) {
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(kGemvThreads);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr.val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, kernel, out, out_stride, x, K, n, wts, rows) == cudaSuccess) return;
-    cudaGetLastError();  // not available here: an ordinary launch below
+  if (programmatic_launch &&
+      launch_programmatic(kernel, dim3(grid), dim3(kGemvThreads), 0, stream, out, out_stride, x, K, n, wts, rows)) {
+    return;
   }
   kernel<<<grid, kGemvThreads, 0, stream>>>(out, out_stride, x, K, n, wts, rows);
 }

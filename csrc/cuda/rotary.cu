@@ -106,7 +106,9 @@ void rotary_kv_write(const std::optional<at::Tensor>& q, const at::Tensor& k, co
     // A few tokens (a decode step): their items spread over several blocks each, or one block
     // walks ~3.5k items in 14 dependent rounds (7 us per layer measured on the H200).
     const int64_t items = a.Hq * (a.R / 2) + a.Hkv * (a.R / 2 + (a.D - a.R) + a.D);
-    const int64_t parts = a.B * a.T >= 132 ? 1 : std::min<int64_t>((items + 255) / 256, 16);
+    int num_sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, k.device().index()));
+    const int64_t parts = a.B * a.T >= num_sms ? 1 : std::min<int64_t>((items + 255) / 256, 16);
     rotary_kv_write_kernel<T><<<dim3(unsigned(a.B * a.T), unsigned(parts)), 256, 0, stream>>>(p);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

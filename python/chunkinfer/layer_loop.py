@@ -90,7 +90,6 @@ def _gemv(x: torch.Tensor, modules) -> torch.Tensor | None:
     return ops.gemv(x, weights, [m.bias for m in modules])
 
 
-
 class _Layer:
     """One layer's computations on a block of rows (bound per call to keep the inner loop flat)."""
 

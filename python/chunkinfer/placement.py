@@ -85,6 +85,7 @@ def plan_prompt(model, call: PromptCall, cache, *, chunk_size: int | None, memor
             host += (arena.bytes_reserved - arena.bytes_used) + host_kv
         p = plan(model.config, call.seq_len, device_memory=budget, host_memory=host,
                  allow_offload=offload is not None,
+                 cpu_attention=getattr(cache.host, "cpu_share", None) is not None,
                  resident_layers=offload.resident_layers if offload is not None else None, **common)
         where = f"(device budget {budget / GiB:.2f} GiB, host available {host / GiB:.2f} GiB)"
     else:

@@ -81,7 +81,8 @@ def main() -> None:
            "tokens_per_s": args.length / prefill_s, "peak_alloc_beyond_weights": peak,
            "peak_reserved": torch.cuda.max_memory_reserved(), "weights": weights,
            "resident_layers": len(cache.layers) - len(cache.streamed_layers()),
-           "host_layers": len(cache.streamed_layers()), "pinned_reserved": host.arena.bytes_reserved,
+           "host_layers": len(cache.streamed_layers()), "cpu_attention": host.cpu_share is not None,
+           "pinned_reserved": host.arena.bytes_reserved,
            "pinned_used": host.arena.bytes_used, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "pred_peak_alloc_beyond_weights": p.peak_alloc_beyond_weights, "pred_prefill_seconds": p.prefill_seconds,
            "pred_ms_per_token": p.decode_ms_per_token, "pred_resident_layers": len(p.resident_layers)}

@@ -69,11 +69,12 @@ numel * itemsize bytes (rounded up to 256). Zero elements: an ordinary empty ten
 the background grower has finished; while growth is in flight and no slab can serve the request,
 it waits for the grower rather than pinning a slab of its own. ValueError for a negative size.
 )doc")
-      .def("grow_async", &PinnedArena::grow_async, py::arg("total_bytes"), py::arg("slab_bytes") = 0, release_gil(), R"doc(
+      .def("grow_async", &PinnedArena::grow_async, py::arg("total_bytes"), py::arg("region_bytes") = 0, release_gil(), R"doc(
 Starts (or extends) a background thread that allocates/pins slabs until bytes_reserved
 >= total_bytes, so that pinning (slow: ~2.6 GiB/s) overlaps GPU work. Returns at once.
-slab_bytes: the size of the slabs it pins (0: the arena's normal size); pass the size of the
-regions about to be allocated when they are bigger than a normal slab, so each grown slab holds one.
+region_bytes: the size of the regions about to be allocated (0: unknown, slabs of the normal size).
+The grown slabs then hold a whole number of such regions (one if a region is bigger than a normal
+slab), so a region a little over half a slab does not leave the other half unused.
 )doc")
       .def("wait_grown", &PinnedArena::wait_grown, release_gil(), R"doc(
 Blocks until the background growth has ended; raises RuntimeError with what it failed on (bytes
@@ -87,7 +88,15 @@ requested, bytes reserved, the CUDA error), once.
       .def_property_readonly("slab_bytes", &PinnedArena::slab_bytes, "A normal slab's size in bytes.")
       .def_property_readonly("pinned", &PinnedArena::pinned, "Whether the slabs are page-locked.")
       .def_property_readonly("device", &PinnedArena::device, "The device pinned for (-1 when not pinned).")
-      .def_property_readonly("growing", &PinnedArena::growing, "Whether background growth is in flight.");
+      .def_property_readonly("growing", &PinnedArena::growing, "Whether background growth is in flight.")
+      .def_property_readonly(
+          "pinning_seconds",
+          [](const PinnedArena& a) {
+            const auto t = a.pinning_seconds();
+            return py::make_tuple(t.fault_in_seconds, t.register_seconds);
+          },
+          "(faulting pages in, cudaHostRegister): seconds summed over the slabs pinned so far; (0, 0) when\n"
+          "not pinned. Both run on the grower thread (or in allocate when no grown slab serves a request).");
 }
 
 void bind_kv_transfer_engine(py::module_& m) {

@@ -14,9 +14,16 @@ inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; 
 // device, or `device` out of range.
 void check_pinned_supported(int device);
 
+// Where a pinned slab's time went: the kernel faulting its pages in, and cudaHostRegister.
+struct SlabTiming {
+  double fault_in_seconds = 0;
+  double register_seconds = 0;
+};
+
 // `bytes` is a positive multiple of kSlabAlign. Throws with the size asked for on failure.
-// For pinned slabs the calling thread's current device is set to `device` for the call.
-void* alloc_host_slab(int64_t bytes, bool pinned, int device);
+// For pinned slabs the calling thread's current device is set to `device` for the call, and
+// `timing` (if given) receives where the time went.
+void* alloc_host_slab(int64_t bytes, bool pinned, int device, SlabTiming* timing = nullptr);
 // Never throws (it runs in destructors, possibly at interpreter exit).
 void free_host_slab(void* p, int64_t bytes, bool pinned) noexcept;
 

@@ -25,13 +25,23 @@ std::optional<Region> first_fit(ArenaState& s, int64_t bytes) {
   return std::nullopt;
 }
 
-// The caller holds s.mu; the new slab's first `bytes` are taken before anyone else can see it.
-Region add_slab_and_take(ArenaState& s, void* base, int64_t slab_size, int64_t bytes) {
+// The caller holds s.mu; the new slab's first `bytes` (none if 0) are taken before anyone else can see it.
+Region add_slab_and_take(ArenaState& s, void* base, int64_t slab_size, int64_t bytes, const SlabTiming& timing) {
   s.slabs.push_back(std::make_unique<Slab>(static_cast<char*>(base), slab_size));
   s.reserved += slab_size;
+  s.pinning.fault_in_seconds += timing.fault_in_seconds;
+  s.pinning.register_seconds += timing.register_seconds;
   Slab* slab = s.slabs.back().get();
   const int64_t offset = bytes > 0 ? *slab->free.take(bytes) : 0;
   return Region{slab, offset};
+}
+
+// A slab for regions of `region` bytes (already a multiple of kRegionAlign): as many whole regions as
+// a normal slab holds, at least one. A fixed slab size wastes up to half of each slab on regions a
+// little over half its size (one 514 MiB region per 1 GiB slab: 262k tokens of an 8B model's KV).
+int64_t slab_for(int64_t region, int64_t normal) {
+  const int64_t per = std::max<int64_t>(1, normal / region);
+  return round_up(per * region, kSlabAlign);
 }
 
 int64_t checked_nbytes(const std::vector<int64_t>& shape, at::ScalarType dtype) {
@@ -68,15 +78,15 @@ void grow_loop(std::shared_ptr<ArenaState> s) {
     const int64_t bytes = s->grow_slab;
     lk.unlock();
     void* p = nullptr;
+    SlabTiming timing;
     try {
-      p = alloc_host_slab(bytes, s->pinned, s->device);
+      p = alloc_host_slab(bytes, s->pinned, s->device, &timing);
     } catch (const std::exception& e) {
       error = error_text(e);
     }
     lk.lock();
     if (p == nullptr) break;
-    s->slabs.push_back(std::make_unique<Slab>(static_cast<char*>(p), bytes));
-    s->reserved += bytes;
+    add_slab_and_take(*s, p, bytes, 0, timing);
     s->cv.notify_all();
   }
   if (!error.empty()) {
@@ -137,12 +147,12 @@ at::Tensor PinnedArena::allocate(const std::vector<int64_t>& shape, at::ScalarTy
     if (region) s.used += bytes;
   }
   if (!region) {
-    // A request bigger than a normal slab gets a slab of its own size.
-    const int64_t slab_size = bytes > s.slab_bytes ? round_up(bytes, kSlabAlign) : s.slab_bytes;
-    void* base = alloc_host_slab(slab_size, s.pinned, s.device);
+    const int64_t slab_size = slab_for(bytes, s.slab_bytes);
+    SlabTiming timing;
+    void* base = alloc_host_slab(slab_size, s.pinned, s.device, &timing);
     {
       const std::lock_guard<std::mutex> lk(s.mu);
-      region = add_slab_and_take(s, base, slab_size, bytes);
+      region = add_slab_and_take(s, base, slab_size, bytes, timing);
       s.used += bytes;
     }
     s.cv.notify_all();  // the rest of the new slab may serve a waiting caller
@@ -155,18 +165,26 @@ at::Tensor PinnedArena::allocate(const std::vector<int64_t>& shape, at::ScalarTy
   return at::from_blob(region->slab->base + region->offset, shape, std::move(deleter), options);
 }
 
-void PinnedArena::grow_async(int64_t total_bytes, int64_t slab_bytes) {
+void PinnedArena::grow_async(int64_t total_bytes, int64_t region_bytes) {
   CHUNKINFER_CHECK_VALUE(total_bytes >= 0, "PinnedArena.grow_async: total_bytes must be >= 0, got ",
                          total_bytes);
-  CHUNKINFER_CHECK_VALUE(slab_bytes >= 0, "PinnedArena.grow_async: slab_bytes must be >= 0, got ", slab_bytes);
+  CHUNKINFER_CHECK_VALUE(region_bytes >= 0, "PinnedArena.grow_async: region_bytes must be >= 0, got ",
+                         region_bytes);
   ArenaState& s = *state_;
   const std::lock_guard<std::mutex> tl(thread_mu_);
   {
     const std::lock_guard<std::mutex> lk(s.mu);
+    int64_t slab = s.slab_bytes, usable = s.slab_bytes;
+    if (region_bytes > 0) {
+      const int64_t region = round_up(region_bytes, kRegionAlign);
+      slab = slab_for(region, s.slab_bytes);
+      usable = slab / region * region;  // a slab's tail smaller than a region holds none
+    }
+    // Enough slabs that their whole regions cover what is missing.
+    const int64_t missing = std::max<int64_t>(0, total_bytes - s.reserved);
+    const int64_t target = s.reserved + (missing + usable - 1) / usable * slab;
     // A running grower sees a raised target; a new one starts from this target alone.
-    s.grow_target = s.growing ? std::max(s.grow_target, total_bytes) : total_bytes;
-    // Regions bigger than a normal slab each get a slab of their own: grow in slabs that fit them.
-    const int64_t slab = slab_bytes > 0 ? round_up(slab_bytes, kSlabAlign) : s.slab_bytes;
+    s.grow_target = s.growing ? std::max(s.grow_target, target) : target;
     s.grow_slab = s.growing ? std::max(s.grow_slab, slab) : slab;
     if (s.growing || s.reserved >= s.grow_target) return;
     s.growing = true;
@@ -232,6 +250,11 @@ int64_t PinnedArena::slab_count() const {
 bool PinnedArena::growing() const {
   const std::lock_guard<std::mutex> lk(state_->mu);
   return state_->growing;
+}
+
+SlabTiming PinnedArena::pinning_seconds() const {
+  const std::lock_guard<std::mutex> lk(state_->mu);
+  return state_->pinning;
 }
 
 }  // namespace chunkinfer::offload

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "free_list.h"
+#include "host_memory.h"
 
 namespace chunkinfer::offload {
 
@@ -48,6 +49,7 @@ struct ArenaState {
   int64_t grow_slab = 0;  // size of the slabs the grower pins (a multiple of 2 MiB)
   bool growing = false, stop = false;
   std::string grow_error;  // the background thread's failure, raised by wait_grown
+  SlabTiming pinning;      // summed over every pinned slab this arena made
 
   void release(Slab* slab, int64_t offset, int64_t bytes);
 };
@@ -62,8 +64,9 @@ class __attribute__((visibility("hidden"))) PinnedArena {
 
   // A contiguous CPU tensor over a fresh region of exactly numel * itemsize bytes (uninitialised).
   at::Tensor allocate(const std::vector<int64_t>& shape, at::ScalarType dtype);
-  // Pins slabs on a background thread until bytes_reserved >= total_bytes.
-  void grow_async(int64_t total_bytes, int64_t slab_bytes = 0);
+  // Pins slabs on a background thread until bytes_reserved >= total_bytes; with region_bytes > 0,
+  // slabs that hold a whole number of regions of that size (one if it exceeds a normal slab).
+  void grow_async(int64_t total_bytes, int64_t region_bytes = 0);
   // Blocks until the background growth has ended; raises what it failed on, if anything.
   void wait_grown();
   // Frees every slab with no live region; returns the bytes freed.
@@ -76,6 +79,8 @@ class __attribute__((visibility("hidden"))) PinnedArena {
   bool pinned() const { return state_->pinned; }
   int device() const { return state_->device; }
   bool growing() const;
+  // Seconds spent pinning so far: faulting pages in, and cudaHostRegister (0, 0 when not pinned).
+  SlabTiming pinning_seconds() const;
 
  private:
   std::shared_ptr<ArenaState> state_;

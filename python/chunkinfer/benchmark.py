@@ -200,6 +200,7 @@ def decode_ms(model, out, steps: int, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()  # a converted model runs stock transformers' forward while autograd records
 def warm_up(model, length: int = 4096, **forward_kw) -> None:
     """cuBLAS/cuDNN plans, allocator pools and graph captures, so the first timed length is not cold."""
     device = model.get_input_embeddings().weight.device

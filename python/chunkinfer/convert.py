@@ -73,6 +73,9 @@ def build_state(model: nn.Module, chunk_size: int | None = None, cuda_graphs: bo
     budget = _memory_budget(memory_budget)
     offload = _offload_settings(kv_offload, budget, resident_layers, len(binding.layers))
     cpu_share = parse_cpu_attention(cpu_attention)
+    if cpu_share is not None and cpu_attention != "auto" and offload is None:
+        raise ValueError(f"cpu_attention={cpu_attention!r} splits the decode over host-resident KV: pass "
+                         f"kv_offload=True too (without it every layer's KV stays on the device)")
     device = binding.devices.main
     host = None
     if offload is not None:

@@ -126,7 +126,7 @@ class LayerStreamer:
                 need += 2 * b * h * cap * d * elt
                 region = max(region, b * h * cap * d * elt)
         if need:  # pinning is slow (~2.6 GiB/s): start it now, on the arena's thread
-            host.arena.grow_async(host.arena.bytes_used + need, region if region > host.arena.slab_bytes else 0)
+            host.arena.grow_async(host.arena.bytes_used + need, region)
         cpu_keys = {}
         if host.cpu_share is not None and end - start == 1 and not need:
             n_cpu = host.cpu_share.cpu_positions(start)

@@ -149,6 +149,24 @@ def test_failure_midway_keeps_the_cache_usable(monkeypatch):
     assert torch.equal(a2.logits, b2.logits)
 
 
+@torch.no_grad()
+def test_host_regions_a_little_over_half_a_slab_are_packed():
+    # 262,144 tokens of an 8B model: 514 MiB K or V regions and 1 GiB slabs, which took one region per
+    # slab (64 GiB pinned for 32 GiB of KV). The same proportions here: 8 MiB slabs, 5.75 MiB regions
+    # (4 KV heads x 64 dims x 4 bytes x 5,888 positions, the prefill's 4,864 plus headroom).
+    from chunkinfer.transfer import PinnedArena
+    model = make_model("llama", layers=4, num_key_value_heads=4, head_dim=64)
+    model = chunkinfer.convert(model, chunk_size=1024, kv_offload=True, resident_layers=0, cpu_attention=False)
+    arena = model._chunkinfer.host.arena = PinnedArena(slab_bytes=8 << 20, pinned=False)
+    out = model(_ids(1, 4864, "cpu", 9), use_cache=True, logits_to_keep=1)
+    arena.wait_grown()
+    regions = [t for layer in out.past_key_values.layers for t in (layer.k_buf, layer.v_buf)]
+    assert all(t.nbytes == 5888 * 1024 for t in regions)  # over half a slab: what the test is about
+    held = sum(t.nbytes for t in regions)
+    assert arena.bytes_used == held
+    assert arena.bytes_reserved <= 1.05 * held, (arena.bytes_reserved, held)  # one 8 MiB slab each: 1.39x
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @torch.no_grad()
@@ -235,3 +253,12 @@ def test_cpu_attention_argument_is_checked(bad, exc):
     with pytest.raises(exc, match="cpu_attention"):
         chunkinfer.convert(model, kv_offload=True, cpu_attention=bad)
     assert not hasattr(model, "_chunkinfer")
+
+
+def test_cpu_attention_share_needs_kv_offload():
+    model = make_model("llama", layers=2, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="cpu_attention=0.5 .*kv_offload=True"):
+        chunkinfer.convert(model, cpu_attention=0.5)
+    assert not hasattr(model, "_chunkinfer")
+    chunkinfer.convert(model, cpu_attention=False)  # nothing to split, nothing asked: fine
+    chunkinfer.convert(model)  # the default "auto" applies only once KV is offloaded

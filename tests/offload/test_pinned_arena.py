@@ -139,6 +139,7 @@ def test_grow_async_reaches_the_target():
     arena.grow_async(8 * MiB)  # already there: nothing to do
     arena.wait_grown()
     assert arena.bytes_reserved == 20 * MiB
+    assert arena.pinning_seconds == (0.0, 0.0)  # nothing pinned
 
 
 def test_allocate_during_growth_uses_the_grown_slabs(gen):
@@ -158,8 +159,9 @@ def test_allocate_during_growth_uses_the_grown_slabs(gen):
 def test_grow_failure_is_raised_by_wait_grown():
     # A 4 EiB slab exceeds any process's address space: the background allocation fails.
     arena = PinnedArena(1 << 62, pinned=False)
-    arena.grow_async(1)
-    with pytest.raises(RuntimeError, match=r"growing to 1 bytes stopped with 0 bytes reserved.*4611686018427387904 bytes"):
+    arena.grow_async(1)  # growth aims at whole slabs: one
+    with pytest.raises(RuntimeError, match=r"growing to 4611686018427387904 bytes stopped with 0 bytes reserved.*"
+                                           r"allocating 4611686018427387904 bytes"):
         arena.wait_grown()
     arena.wait_grown()  # raised once
     assert arena.bytes_reserved == 0 and not arena.growing
@@ -276,6 +278,10 @@ def test_pinned_grow_async_then_allocate():
     arena.wait_grown()
     assert arena.bytes_reserved == 64 * MiB and arena.slab_count == 8
     assert all(t.is_pinned() for t in tensors)
+    # every slab starts on a 2 MiB boundary (so it can be backed by huge pages) and was timed
+    assert all(t.data_ptr() % (2 * MiB) == 0 for t in tensors[::8])
+    fault_in, register = arena.pinning_seconds
+    assert fault_in > 0 and register > 0
     del tensors
     assert arena.trim() == 64 * MiB and arena.slab_count == 0
 

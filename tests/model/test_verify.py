@@ -27,6 +27,7 @@ def test_reference_step_matches_stock(arch):
     assert out.past_key_values.get_seq_length() == 150  # read, not written
 
 
+@torch.no_grad()
 def test_reference_step_rejects_a_batch():
     model = chunkinfer.convert(make_model("llama", layers=1))
     out = model(torch.randint(3, 256, (1, 8)), use_cache=True)

@@ -78,13 +78,14 @@ def main() -> None:
             model(warm, use_cache=True, logits_to_keep=1)
             r, out = prefill(model, ids, label, base, base)
             r.update(_plan(model, length, kw.get("resident_layers")))
-            if out is not None and "streamed" in label:
+            streamed = out is not None and "streamed" in label
+            if streamed:
                 arena = model._chunkinfer.host.arena
                 r["host_pinned_bytes"] = arena.bytes_reserved
                 r["pinning_seconds"] = dict(zip(("fault_in", "register"), arena.pinning_seconds))
                 r.update(_huge_pages())
             print(json.dumps(r), flush=True)  # before the slower runs below, should they not finish
-            if out is not None and "streamed" in label:
+            if streamed:
                 # again with the arena's slabs already pinned (the first call pinned them during the prefill)
                 cache = out.past_key_values
                 del out, cache

@@ -15,7 +15,7 @@ from chunkinfer.plan import (H200_ATTENTION_FLOPS, H200_DECODE_BYTES_PER_S, H200
                              H200_LINEAR_FLOPS, Shape, fit_decode_rates, fit_prefill_rates, parse_memory)
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "model_h200.jsonl"
+RESULTS = ROOT / "bench" / "results"
 GiB = 1 << 30
 
 
@@ -24,9 +24,14 @@ def llama8b():
                                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
 
 
+def read_rows(name: str) -> list[dict]:
+    """The JSON rows of bench/results/<name>."""
+    lines = (RESULTS / name).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def rows(what: str) -> list[dict]:
-    out = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    return [r for r in out if r["what"] == what and r["error"] is None]
+    return [r for r in read_rows("model_h200.jsonl") if r["what"] == what and r["error"] is None]
 
 
 def current_decode_rows() -> list[dict]:
@@ -283,15 +288,12 @@ def test_cli_in_process(tmp_path, capsys):
 def host_decode_rows() -> list[tuple[int, bool, float]]:
     """(length, CPU attention on, measured ms): bench_offload (streaming only before the CPU split
     existed; with it, convert's default, since) and bench_host_decode's fixed-share / auto runs."""
-    results = ROOT / "bench" / "results"
     out = []
-    for line in (results / "offload_h200.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in read_rows("offload_h200.jsonl"):
         if r["what"] == "chunkinfer all-streamed decode":
             # rows without the field predate the CPU split: streaming only
             out.append((r["length"], r.get("cpu_attention", False) is not False, r["ms_per_token"]))
-    for line in (results / "host_decode_h200.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in read_rows("host_decode_h200.jsonl"):
         if r["what"] in ("decode, CPU share 0", "decode, CPU share auto"):
             out.append((r["length"], r["what"].endswith("auto"), r["ms_per_token"]))
     return out
@@ -309,12 +311,7 @@ def test_host_decode_rows_cover_both_ways():
 
 
 # ---- (e) the capacity run: 1,572,864 tokens, all 32 layers, on the H200 -----------------------------------
-def capacity_rows() -> list[dict]:
-    lines = (ROOT / "bench" / "results" / "capacity_h200.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-@pytest.mark.parametrize("row", capacity_rows(), ids=lambda r: f"{r['length']}-{r.get('cpu_attention', False)}")
+@pytest.mark.parametrize("row", read_rows("capacity_h200.jsonl"), ids=lambda r: f"{r['length']}-{r.get('cpu_attention', False)}")
 def test_capacity_run_predicted(row):
     # the run's plan read the device (nvidia-smi: 143,771 MiB) and host (125 GiB); rows without the
     # cpu_attention field predate the CPU split and streamed every host layer
@@ -330,4 +327,4 @@ def test_capacity_run_predicted(row):
 
 
 def test_capacity_rows_include_the_current_code():
-    assert any(r["length"] == 1572864 and r.get("cpu_attention") for r in capacity_rows())
+    assert any(r["length"] == 1572864 and r.get("cpu_attention") for r in read_rows("capacity_h200.jsonl"))

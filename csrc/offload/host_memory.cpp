@@ -39,7 +39,7 @@ void* map_faulted_in(int64_t bytes) {
   const uintptr_t lo = reinterpret_cast<uintptr_t>(raw);
   const uintptr_t base = (lo + align - 1) / align * align;
   if (base > lo) munmap(raw, base - lo);
-  if (lo + align > base) munmap(reinterpret_cast<void*>(base + n), lo + align - base);
+  munmap(reinterpret_cast<void*>(base + n), lo + align - base);  // base - lo < align: never empty
   char* p = reinterpret_cast<char*>(base);
   (void)madvise(p, n, MADV_HUGEPAGE);  // advice only: without THP the pages are 4 KiB
   if (madvise(p, n, MADV_POPULATE_WRITE) != 0) {

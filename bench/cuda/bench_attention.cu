@@ -6,10 +6,11 @@
 //   nvcc -O3 -std=c++17 --use_fast_math -gencode=arch=compute_90a,code=sm_90a \
 //        -o bench_attention bench/cuda/bench_attention.cu && ./bench_attention [L ...]
 // Default lengths: 8192 32768 131072 524288. Prints one line per length. SPLITS=n overrides the
-// library's split count (to sweep it).
+// library's split count (to sweep it); KERNEL=fma runs pass 1 on FMAs instead of tensor cores.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "../../csrc/cuda/attention_kernels.cuh"
@@ -39,6 +40,8 @@ int main(int argc, char** argv) {
   const int B = 1, Hq = 32, Hkv = 8, T = 1, D = 128;
   const char* pdl_env = std::getenv("PDL");  // PDL=0: pass 2 as an ordinary launch, to compare
   const bool pdl = !(pdl_env && std::atoi(pdl_env) == 0);
+  const char* kernel_env = std::getenv("KERNEL");  // KERNEL=fma: pass 1 without tensor cores, to compare
+  const bool tensor_cores = !(kernel_env && std::string(kernel_env) == "fma");
   int dev = 0, sms = 0, l2 = 0;
   CHECK_CUDA(cudaGetDevice(&dev));
   CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -53,8 +56,8 @@ int main(int argc, char** argv) {
   const double copy_gbps = 2.0 * copy_bytes / (copy_ms * 1e6);
   CHECK_CUDA(cudaFree(src));
   CHECK_CUDA(cudaFree(dst));
-  std::printf("device-to-device copy: %.0f GB/s (read + written), %d SMs, L2 %d MB, programmatic launch %s\n",
-              copy_gbps, sms, l2 >> 20, pdl ? "on" : "off");
+  std::printf("device-to-device copy: %.0f GB/s (read + written), %d SMs, L2 %d MB, programmatic launch %s, pass 1 on %s\n",
+              copy_gbps, sms, l2 >> 20, pdl ? "on" : "off", tensor_cores ? "tensor cores" : "FMAs");
 
   for (const int L : lengths) {
     const size_t kv_elems = size_t(B) * Hkv * L * D;
@@ -81,7 +84,7 @@ int main(int argc, char** argv) {
     DecodeParams p{};
     p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.T = T, p.D = D, p.cap = L, p.window = 0;
     p.scale_log2 = chunkinfer::attention::kLog2e / 11.313708498984761f;
-    p.splits = chunkinfer::attention::decode_attention_num_splits<bf16>(B, Hq, Hkv, T, D, L, sms);
+    p.splits = chunkinfer::attention::decode_attention_num_splits<bf16>(B, Hq, Hkv, T, D, L, sms, tensor_cores);
     if (const char* env = std::getenv("SPLITS")) p.splits = std::atoi(env);  // to sweep the split count
     const size_t part_rows = size_t(B) * Hq * T * p.splits;
     CHECK_CUDA(cudaMalloc(&work, part_rows * (D + 1) * sizeof(float)));
@@ -99,7 +102,7 @@ int main(int argc, char** argv) {
           p.k = ks[next];
           p.v = vs[next];
           next = (next + 1) % copies;
-          chunkinfer::attention::launch_decode_attention<bf16>(p, 0, pdl);
+          chunkinfer::attention::launch_decode_attention<bf16>(p, 0, pdl, tensor_cores);
           CHECK_CUDA(cudaGetLastError());
         },
         200);

@@ -32,6 +32,7 @@ struct Case {
 };
 
 int failures = 0;
+bool tensor_cores = true;  // main runs every case with and without them
 
 template <typename T>
 void run(const Case& c, const char* name, double tol, bool graph = false) {
@@ -52,7 +53,7 @@ void run(const Case& c, const char* name, double tol, bool graph = false) {
   DecodeParams p{};
   p.B = c.B, p.Hq = c.Hq, p.Hkv = c.Hkv, p.T = c.T, p.D = c.D, p.cap = c.cap, p.window = c.window;
   p.scale_log2 = scale * kLog2e;
-  p.splits = decode_attention_num_splits<T>(c.B, c.Hq, c.Hkv, c.T, c.D, c.cap, sms);
+  p.splits = decode_attention_num_splits<T>(c.B, c.Hq, c.Hkv, c.T, c.D, c.cap, sms, tensor_cores);
   T *dq, *dk, *dv, *dout;
   float *dlse, *work;
   int *dlens, *dstarts;
@@ -85,7 +86,7 @@ void run(const Case& c, const char* name, double tol, bool graph = false) {
     cudaGraph_t g;
     cudaGraphExec_t ge;
     CHECK_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-    launch_decode_attention<T>(p, s);
+    launch_decode_attention<T>(p, s, false, tensor_cores);
     CHECK_CUDA(cudaStreamEndCapture(s, &g));
     CHECK_CUDA(cudaGraphInstantiate(&ge, g, 0));
     CHECK_CUDA(cudaGraphLaunch(ge, s));
@@ -95,7 +96,7 @@ void run(const Case& c, const char* name, double tol, bool graph = false) {
     CHECK_CUDA(cudaStreamSynchronize(s));
   } else {
     CHECK_CUDA(cudaMemcpy(dlens, c.lens.data(), c.B * sizeof(int), cudaMemcpyHostToDevice));
-    launch_decode_attention<T>(p, 0);
+    launch_decode_attention<T>(p, 0, false, tensor_cores);
   }
   CHECK_CUDA(cudaGetLastError());
   CHECK_CUDA(cudaDeviceSynchronize());
@@ -143,38 +144,43 @@ void run(const Case& c, const char* name, double tol, bool graph = false) {
   const double rel = std::sqrt(num / std::max(den, 1e-30));
   const bool ok = bad == 0 && rel <= tol && lse_err <= 1e-3;
   failures += !ok;
-  std::printf("%-4s %-34s splits=%3d rel=%.2e lse_err=%.1e nan=%d%s\n", ok ? "ok" : "FAIL", name, p.splits, rel,
-              lse_err, bad, graph ? " (graph replay)" : "");
+  std::printf("%-4s %-34s %-3s splits=%3d rel=%.2e lse_err=%.1e nan=%d%s\n", ok ? "ok" : "FAIL", name,
+              tensor_cores ? "mma" : "fma", p.splits, rel, lse_err, bad, graph ? " (graph replay)" : "");
   for (void* ptr : {(void*)dq, (void*)dk, (void*)dv, (void*)dout, (void*)dlse, (void*)work, (void*)dlens, (void*)dstarts})
     CHECK_CUDA(cudaFree(ptr));
 }
 
 int main() {
-  const Case base{2, 8, 2, 1, 128, 4200, 0, {4097, 7}, {0, 2}};
-  for (int D : {64, 128, 256}) {
-    Case c = base;
-    c.D = D;
-    char name[64];
-    std::snprintf(name, sizeof(name), "bf16 D=%d lens 4097,7", D);
-    run<__nv_bfloat16>(c, name, 1e-2);
-    std::snprintf(name, sizeof(name), "fp16 D=%d lens 4097,7", D);
-    run<__half>(c, name, 1e-2);
-    std::snprintf(name, sizeof(name), "fp32 D=%d lens 4097,7", D);
-    run<float>(c, name, 2e-5);
-  }
-  run<__nv_bfloat16>({3, 4, 1, 1, 64, 16, 0, {1, 0, 9}, {0, 0, 9}}, "bf16 lens 1,0,9 (empty rows)", 1e-2);
-  for (int T : {1, 4})
-    for (int w : {1, 5, 300}) {
+  for (const bool tc : {true, false}) {
+    tensor_cores = tc;
+    const Case base{2, 8, 2, 1, 128, 4200, 0, {4097, 7}, {0, 2}};
+    for (int D : {64, 128, 256}) {
+      Case c = base;
+      c.D = D;
       char name[64];
-      std::snprintf(name, sizeof(name), "bf16 T=%d window=%d starts 3,0", T, w);
-      run<__nv_bfloat16>({2, 4, 2, T, 128, 4200, w, {4097, 610}, {3, 0}}, name, 1e-2);
-    }
-  run<__nv_bfloat16>({2, 6, 3, 1, 64, 2000, 0, {1500, 77}, {10, 0}}, "bf16 g=2", 1e-2);
-  run<__nv_bfloat16>({2, 6, 2, 1, 64, 2000, 0, {1500, 77}, {10, 0}}, "bf16 g=3", 1e-2);
-  run<__nv_bfloat16>({2, 32, 2, 1, 64, 2000, 0, {1500, 77}, {10, 0}}, "bf16 g=16 (two row chunks)", 1e-2);
-  run<__nv_bfloat16>({2, 16, 1, 2, 64, 2000, 0, {1500, 77}, {10, 0}}, "bf16 g=16 T=2 (four chunks)", 1e-2);
-  run<__nv_bfloat16>({1, 32, 8, 1, 128, 131072, 0, {131072}, {0}}, "bf16 Hq32/Hkv8 L=131072", 1e-2);
-  run<__nv_bfloat16>({2, 32, 8, 2, 128, 16384, 4000, {9000, 16384}, {1, 300}}, "bf16 T=2 window", 1e-2, true);
+      std::snprintf(name, sizeof(name), "bf16 D=%d lens 4097,7", D);
+      run<__nv_bfloat16>(c, name, 1e-2);
+      std::snprintf(name, sizeof(name), "fp16 D=%d lens 4097,7", D);
+      run<__half>(c, name, 1e-2);
+      std::snprintf(name, sizeof(name), "fp32 D=%d lens 4097,7", D);
+      run<float>(c, name, 2e-5);
+  }
+    run<__nv_bfloat16>({3, 4, 1, 1, 64, 16, 0, {1, 0, 9}, {0, 0, 9}}, "bf16 lens 1,0,9 (empty rows)", 1e-2);
+    for (int T : {1, 4})
+      for (int w : {1, 5, 300}) {
+        char name[64];
+        std::snprintf(name, sizeof(name), "bf16 T=%d window=%d starts 3,0", T, w);
+        run<__nv_bfloat16>({2, 4, 2, T, 128, 4200, w, {4097, 610}, {3, 0}}, name, 1e-2);
+      }
+    run<__nv_bfloat16>({2, 6, 3, 1, 64, 2000, 0, {1500, 77}, {10, 0}}, "bf16 g=2", 1e-2);
+    run<__nv_bfloat16>({2, 6, 2, 1, 64, 2000, 0, {1500, 77}, {10, 0}}, "bf16 g=3", 1e-2);
+    run<__nv_bfloat16>({2, 32, 2, 1, 64, 2000, 0, {1500, 77}, {10, 0}}, "bf16 g=16 (two row chunks)", 1e-2);
+    run<__nv_bfloat16>({2, 16, 1, 2, 64, 2000, 0, {1500, 77}, {10, 0}}, "bf16 g=16 T=2 (four chunks)", 1e-2);
+    run<__nv_bfloat16>({1, 32, 8, 1, 128, 131072, 0, {131072}, {0}}, "bf16 Hq32/Hkv8 L=131072", 1e-2);
+    run<__nv_bfloat16>({2, 32, 8, 2, 128, 16384, 4000, {9000, 16384}, {1, 300}}, "bf16 T=2 window", 1e-2, true);
+    run<__half>({2, 64, 8, 1, 256, 3000, 0, {2999, 1}, {0, 0}}, "fp16 D=256 g=8", 1e-2, true);
+    run<__half>({1, 16, 1, 3, 64, 700, 0, {700}, {5}}, "fp16 g=16 T=3 (three 16-row chunks)", 1e-2);
+  }
   std::printf("%s\n", failures ? "FAILED" : "all passed");
   return failures ? 1 : 0;
 }

@@ -57,6 +57,7 @@ void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tenso
   int num_sms = 0, cc_major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q.device().index()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
+  const bool tensor_cores = cc_major >= 8;  // mma.sync m16n8k16 for fp16/bf16
 
   CHUNKINFER_DISPATCH_FLOATING(q.scalar_type(), [&] {
     using T = typename CudaType<scalar_t>::type;
@@ -70,7 +71,7 @@ void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tenso
     p.window = int(a.window > 0 ? a.window : 0);
     p.scale_log2 = float(a.scale) * attention::kLog2e;
     // fixed by shapes and capacity alone, so a captured graph's workspace fits every replay
-    p.splits = attention::decode_attention_num_splits<T>(p.B, p.Hq, p.Hkv, p.T, p.D, p.cap, num_sms);
+    p.splits = attention::decode_attention_num_splits<T>(p.B, p.Hq, p.Hkv, p.T, p.D, p.cap, num_sms, tensor_cores);
     const int64_t part_rows = a.B * a.Hq * a.T * p.splits;
     at::Tensor workspace = at::empty({part_rows * (a.D + 1)}, q.options().dtype(at::kFloat));
     p.part_out = workspace.data_ptr<float>();
@@ -87,7 +88,7 @@ void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tenso
     p.v_sb = v_cache.stride(0), p.v_sh = v_cache.stride(1), p.v_sp = v_cache.stride(2);
     p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_st = out.stride(2);
     p.l_sb = lse.stride(0), p.l_sh = lse.stride(1), p.l_st = lse.stride(2);
-    attention::launch_decode_attention<T>(p, stream, /*programmatic_launch=*/cc_major >= 9);
+    attention::launch_decode_attention<T>(p, stream, /*programmatic_launch=*/cc_major >= 9, tensor_cores);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

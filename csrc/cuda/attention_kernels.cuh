@@ -143,10 +143,13 @@ using ::chunkinfer::cuda::wait_for_prerequisite_grid;
 __device__ __forceinline__ float safe_ref(float m) { return m == -INFINITY ? 0.f : m; }
 
 // ---------------------------------------------------------------------------------------------
-// pass 1: one block per (row chunk, split) x kv head x batch; partial (out, lse) per split
+// pass 1 on FMAs (fp32, or when tensor cores are not asked for): one block per (row chunk, split)
+// x kv head x batch; partial (out, lse) per split
 
 template <typename T, int D, int ROWS>
 struct DecodeConfig {
+  static constexpr int kThreads = kDecodeThreads;
+  static constexpr int kRows = ROWS;
   static constexpr int kThreadsPerRow = D / kVec;                 // threads sharing one key
   static constexpr int kGroups = kDecodeThreads / kThreadsPerRow; // keys in flight per load step
   static constexpr int kUnroll = sizeof(T) == 4 ? 2 : 4;          // keys per group per step
@@ -449,9 +452,327 @@ __global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kern
 }
 
 // ---------------------------------------------------------------------------------------------
+// pass 1 on tensor cores (16-bit K, V): QK^T and PV by mma.sync m16n8k16, the way flash-decoding
+// does it. The FMA kernel above issues ~40 instructions per key for a GQA group of 4 and keeps only
+// ~84% of the copy rate at 131k; here a warp spends ~8 per key. The block's query rows (g*T, at most
+// 16) are the mma's 16 rows: rows past g*T are zeros, which costs tensor throughput we have spare.
+// Each warp streams its own tiles of K, V (cp.async into a swizzled per-warp ring of shared
+// memory, read back with ldmatrix), keeps its own online softmax, and the block's warps merge once
+// at the end, as the FMA kernel's do.
+
+__device__ __forceinline__ void cp_async16_zfill(unsigned smem, const void* gmem, bool valid) {
+  const int bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled, nothing is read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(bytes));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// c += a (16x16, row-major) * b (16x8, column-major), fp32 accumulators
+template <typename T>
+__device__ __forceinline__ void mma_16816(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();  // sm_80+ only: the dispatch never picks this kernel on older devices
+#endif
+}
+
+// two floats as one register of T pairs (lo in the low half: the lower column)
+template <typename T>
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+  unsigned r;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    r = *reinterpret_cast<unsigned*>(&h);
+  } else {
+    __half2 h = __floats2half2_rn(lo, hi);
+    r = *reinterpret_cast<unsigned*>(&h);
+  }
+  return r;
+}
+
+// two consecutive 16-bit elements as one register, whatever their address's alignment
+__device__ __forceinline__ unsigned load_pair16(const void* p) {
+  const unsigned short* s = static_cast<const unsigned short*>(p);
+  return unsigned(s[0]) | (unsigned(s[1]) << 16);
+}
+
+template <int D, bool UPPER>
+struct MmaDecodeConfig {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRows = UPPER ? 16 : 8;           // query rows a block serves
+  static constexpr int kTileKeys = D == 64 ? 32 : 16;   // keys per warp step
+  static constexpr int kStages = D == 256 ? 2 : 3;      // per-warp ring: ~2 tiles per warp in flight
+  static constexpr int kRowBytes = D * 2;
+  static constexpr int kChunks = D / 8;                 // 16-byte pieces of a K or V row
+  static constexpr int kTileBytes = kTileKeys * kRowBytes;  // K (or V) of one tile
+  static constexpr int kStageBytes = 2 * kTileBytes;
+  static constexpr int kCopies = kTileBytes / (16 * 32);    // 16-byte copies per lane per tile, K or V
+  static constexpr int kKeysPerStep = kWarps * kTileKeys;   // a block's keys per step
+  static constexpr int kPipeBytes = kWarps * kStages * kStageBytes;
+  static constexpr int kReduceBytes = kWarps * 16 * (D + 2) * 4;
+  static constexpr int kSmemBytes = kPipeBytes > kReduceBytes ? kPipeBytes : kReduceBytes;
+  static constexpr int kNT = kTileKeys / 8;   // QK^T n-tiles (8 keys each)
+  static constexpr int kKS = D / 16;          // QK^T k-steps (16 dims each)
+  static constexpr int kDT = D / 8;           // PV n-tiles (8 dims each)
+  static_assert(kChunks >= 8 && kTileBytes % (16 * 32) == 0, "head dim must be 64, 128 or 256");
+};
+
+// swizzled byte offset of a 16-byte piece in a tile: piece ^ (row % 8) puts the 8 rows an ldmatrix
+// reads at one logical piece in 8 different bank groups
+__device__ __forceinline__ unsigned tile_offset(int row, int piece, int row_bytes) {
+  return unsigned(row * row_bytes + ((piece ^ (row & 7)) << 4));
+}
+
+template <typename T, int D, bool UPPER>
+__global__ void __launch_bounds__(MmaDecodeConfig<D, UPPER>::kThreads)
+decode_attention_mma_kernel(const DecodeParams p) {
+  using C = MmaDecodeConfig<D, UPPER>;
+  constexpr int W = C::kWarps, ROWS = C::kRows, TK = C::kTileKeys, NT = C::kNT, KS = C::kKS, DT = C::kDT;
+  constexpr int HALVES = UPPER ? 2 : 1;
+  allow_dependent_launch();
+
+  const int g = p.Hq / p.Hkv;
+  const int rows_total = g * p.T;
+  const int n_chunks = (rows_total + ROWS - 1) / ROWS;
+  const int chunk = blockIdx.x % n_chunks;
+  const int split = blockIdx.x / n_chunks;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int gq = lane >> 2, cq = lane & 3;  // the mma fragments' row group and column pair
+
+  const int len = min(max(p.seq_lens[b], 0), p.cap);
+  const int start = p.starts ? min(max(p.starts[b], 0), len) : 0;
+  const int lo = p.window > 0 ? max(start, len - p.T - p.window + 1) : start;
+  const int n = len - lo;
+  const int per_split =
+      n > 0 ? ((n + p.splits - 1) / p.splits + C::kKeysPerStep - 1) / C::kKeysPerStep * C::kKeysPerStep : 0;
+  const int k0 = lo + min(split * per_split, max(n, 0));
+  const int k1 = min(len, k0 + per_split);
+
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+
+  extern __shared__ uint4 smem_raw[];
+  const unsigned ring = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw)) +
+                        unsigned(warp * C::kStages * C::kStageBytes);
+  // warp w takes the block's tiles w, w + W, ...
+  const int n_tiles = k1 > k0 ? (k1 - k0 + TK - 1) / TK : 0;
+  const int my_tiles = n_tiles > warp ? (n_tiles - warp + W - 1) / W : 0;
+  auto issue = [&](int i) {  // this warp's i-th tile; one commit group per call, empty past the end
+    if (i < my_tiles) {
+      const int key0 = k0 + (warp + i * W) * TK;
+      const unsigned st = ring + unsigned((i % C::kStages) * C::kStageBytes);
+#pragma unroll
+      for (int j = 0; j < C::kCopies; ++j) {
+        const int idx = lane + 32 * j, row = idx / C::kChunks, piece = idx % C::kChunks;
+        const int key = key0 + row;
+        const bool ok = key < k1;  // past the split's end: zeros (finite, and masked below)
+        const unsigned off = tile_offset(row, piece, C::kRowBytes);
+        cp_async16_zfill(st + off, kb + (ok ? int64_t(key) * p.k_sp + piece * 8 : 0), ok);
+        cp_async16_zfill(st + C::kTileBytes + off, vb + (ok ? int64_t(key) * p.v_sp + piece * 8 : 0), ok);
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < C::kStages - 1; ++s) issue(s);
+
+  // query rows of this thread's fragments: block row gq (+ 8); row = head_in_group * T + t
+  int row_lo[HALVES], row_hi[HALVES];
+  unsigned qa[KS][4];
+#pragma unroll
+  for (int hf = 0; hf < HALVES; ++hf) {
+    const int row = chunk * ROWS + hf * 8 + gq;
+    row_lo[hf] = 0;
+    row_hi[hf] = 0;  // an empty key range for padding rows
+    const T* qp = nullptr;
+    if (row < rows_total) {
+      const int hq = h * g + row / p.T, t = row % p.T;
+      const int pos = len - p.T + t;
+      row_hi[hf] = pos + 1;
+      row_lo[hf] = p.window > 0 ? max(start, pos - p.window + 1) : start;
+      qp = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh + t * p.q_st;
+    }
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      qa[ks][hf] = qp ? load_pair16(qp + ks * 16 + 2 * cq) : 0u;
+      qa[ks][2 + hf] = qp ? load_pair16(qp + ks * 16 + 8 + 2 * cq) : 0u;
+    }
+  }
+  if constexpr (!UPPER) {
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) qa[ks][1] = qa[ks][3] = 0u;
+  }
+
+  float m[HALVES], l[HALVES], o[DT][4];
+#pragma unroll
+  for (int hf = 0; hf < HALVES; ++hf) {
+    m[hf] = -INFINITY;
+    l[hf] = 0.f;
+  }
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+
+  const int ld_row = lane & 7, ld_mat = lane >> 3;  // ldmatrix: the row this lane addresses, of which matrix
+  for (int i = 0; i < my_tiles; ++i) {
+    __syncwarp();  // every lane's ldmatrix of the slot refilled next is done
+    issue(i + C::kStages - 1);
+    cp_async_wait<C::kStages - 1>();
+    __syncwarp();  // the tile's pieces copied by the other lanes are visible
+    const unsigned ks_base = ring + unsigned((i % C::kStages) * C::kStageBytes);
+    const unsigned vs_base = ks_base + C::kTileBytes;
+    const int key0 = k0 + (warp + i * W) * TK;
+
+    // S = Q K^T: the tile's keys are the n dimension
+    float s[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int ks2 = 0; ks2 < KS / 2; ++ks2) {
+        unsigned r[4];
+        ldmatrix_x4(r, ks_base + tile_offset(nt * 8 + ld_row, 4 * ks2 + ld_mat, C::kRowBytes));
+        mma_16816<T>(s[nt], qa[2 * ks2], r[0], r[1]);
+        mma_16816<T>(s[nt], qa[2 * ks2 + 1], r[2], r[3]);
+      }
+    }
+
+    // online softmax, base 2; s[nt][2*hf + j] is row gq + 8*hf, key key0 + nt*8 + 2*cq + j
+#pragma unroll
+    for (int hf = 0; hf < HALVES; ++hf) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int key = key0 + nt * 8 + 2 * cq + j;
+          const bool ok = key < k1 && key >= row_lo[hf] && key < row_hi[hf];
+          const float x = ok ? s[nt][2 * hf + j] * p.scale_log2 : -INFINITY;
+          s[nt][2 * hf + j] = x;
+          mx = fmaxf(mx, x);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[hf], mx);
+      const float ref = safe_ref(m_new);
+      const float corr = exp2f(m[hf] - ref);
+      m[hf] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float e = exp2f(s[nt][2 * hf + j] - ref);
+          s[nt][2 * hf + j] = e;
+          sum += e;
+        }
+      l[hf] = l[hf] * corr + sum;
+      if (__any_sync(0xffffffffu, corr != 1.f)) {  // the running maximum rarely moves after the first tiles
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          o[dt][2 * hf] *= corr;
+          o[dt][2 * hf + 1] *= corr;
+        }
+      }
+    }
+
+    // O += P V: P's fragments are S's accumulators (same layout), V^T by ldmatrix.trans
+#pragma unroll
+    for (int kk = 0; kk < TK / 16; ++kk) {
+      unsigned pa[4];
+      pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = UPPER ? pack2<T>(s[2 * kk][2], s[2 * kk][3]) : 0u;
+      pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = UPPER ? pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]) : 0u;
+#pragma unroll
+      for (int dt2 = 0; dt2 < DT / 2; ++dt2) {
+        unsigned r[4];
+        ldmatrix_x4_trans(r, vs_base + tile_offset(kk * 16 + (ld_mat & 1) * 8 + ld_row, 2 * dt2 + (ld_mat >> 1),
+                                                   C::kRowBytes));
+        mma_16816<T>(o[2 * dt2], pa, r[0], r[1]);
+        mma_16816<T>(o[2 * dt2 + 1], pa, r[2], r[3]);
+      }
+    }
+  }
+
+  // each row's sum over the four lanes that share it
+#pragma unroll
+  for (int hf = 0; hf < HALVES; ++hf) {
+    l[hf] += __shfl_xor_sync(0xffffffffu, l[hf], 1);
+    l[hf] += __shfl_xor_sync(0xffffffffu, l[hf], 2);
+  }
+
+  // merge the warps through shared memory (the rings, now drained)
+  cp_async_wait<0>();
+  __syncthreads();
+  float(*sm_m)[16] = reinterpret_cast<float(*)[16]>(smem_raw);
+  float(*sm_l)[16] = sm_m + W;
+  float(*sm_o)[16][D] = reinterpret_cast<float(*)[16][D]>(sm_l + W);
+#pragma unroll
+  for (int hf = 0; hf < HALVES; ++hf) {
+    const int r = hf * 8 + gq;
+    if (cq == 0) {
+      sm_m[warp][r] = m[hf];
+      sm_l[warp][r] = l[hf];
+    }
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      sm_o[warp][r][dt * 8 + 2 * cq] = o[dt][2 * hf];
+      sm_o[warp][r][dt * 8 + 2 * cq + 1] = o[dt][2 * hf + 1];
+    }
+  }
+  __syncthreads();
+  const int64_t S = p.splits;
+  for (int idx = tid; idx < ROWS * D; idx += C::kThreads) {
+    const int r = idx / D, d = idx % D;
+    const int row = chunk * ROWS + r;
+    if (row >= rows_total) break;  // rows grow with idx
+    float mt = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < W; ++w) mt = fmaxf(mt, sm_m[w][r]);
+    const float ref = safe_ref(mt);
+    float lt = 0.f, acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      const float c = exp2f(sm_m[w][r] - ref);
+      lt += c * sm_l[w][r];
+      acc += c * sm_o[w][r][d];
+    }
+    const int hq = h * g + row / p.T, t = row % p.T;
+    const int64_t prow = ((int64_t(b) * p.Hq + hq) * p.T + t) * S + split;
+    p.part_out[prow * D + d] = lt > 0.f ? acc / lt : 0.f;
+    if (d == 0) p.part_lse[prow] = lt > 0.f ? mt + __log2f(lt) : -INFINITY;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // host side
 
-// query rows a decode block holds in registers: g * T rounded up to 1, 2, 4 or 8
+// query rows an FMA decode block holds in registers: g * T rounded up to 1, 2, 4 or 8
 inline int decode_block_rows(int rows_total) {
   return rows_total <= 1 ? 1 : rows_total <= 2 ? 2 : rows_total <= 4 ? 4 : 8;
 }
@@ -476,61 +797,101 @@ bool dispatch_decode_shape(int D, int rows_total, F&& f) {
   }
 }
 
+// The pass-1 kernel chosen for a shape, with what the launch and the split count need.
+struct DecodeKernel {
+  void (*kernel)(DecodeParams);
+  int threads, smem, rows, keys_per_step, blocks_per_sm;
+};
+
+template <typename C, void (*Kernel)(DecodeParams)>
+DecodeKernel describe_decode_kernel() {
+  static const int blocks_per_sm = [] {  // once per kernel and process
+    int n = 0;
+    if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, C::kThreads, C::kSmemBytes) != cudaSuccess ||
+        n < 1) {
+      cudaGetLastError();
+      n = 1;
+    }
+    return n;
+  }();
+  return {Kernel, C::kThreads, C::kSmemBytes, C::kRows, C::kKeysPerStep, blocks_per_sm};
+}
+
+// Tensor cores (mma.sync, compute capability 8.0+) for fp16/bf16; the FMA kernel for fp32, or
+// where `tensor_cores` is false. False if D is not 64, 128 or 256.
+template <typename T>
+bool select_decode_kernel(int D, int rows_total, bool tensor_cores, DecodeKernel& k) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (tensor_cores) {
+      auto mma = [&](auto d) {
+        constexpr int kD = decltype(d)::value;
+        k = rows_total > 8
+                ? describe_decode_kernel<MmaDecodeConfig<kD, true>, decode_attention_mma_kernel<T, kD, true>>()
+                : describe_decode_kernel<MmaDecodeConfig<kD, false>, decode_attention_mma_kernel<T, kD, false>>();
+      };
+      switch (D) {
+        case 64: mma(std::integral_constant<int, 64>{}); return true;
+        case 128: mma(std::integral_constant<int, 128>{}); return true;
+        case 256: mma(std::integral_constant<int, 256>{}); return true;
+        default: return false;
+      }
+    }
+  }
+  return dispatch_decode_shape(D, rows_total, [&](auto d, auto rows) {
+    constexpr int kD = decltype(d)::value, kRows = decltype(rows)::value;
+    k = describe_decode_kernel<DecodeConfig<T, kD, kRows>, decode_attention_kernel<T, kD, kRows>>();
+  });
+}
+
 // Splits per (batch, kv head, row chunk): enough blocks for one full wave of the GPU, never
 // more than the capacity can fill with one load step each. Depends on shapes and capacity only,
 // never on seq_lens, so a captured graph's workspace stays the right size.
 template <typename T>
-int decode_attention_num_splits(int B, int Hq, int Hkv, int T_, int D, int cap, int num_sms) {
-  int splits = 1;
-  dispatch_decode_shape(D, (Hq / Hkv) * T_, [&](auto d, auto rows) {
-    constexpr int kD = decltype(d)::value, kRows = decltype(rows)::value;
-    using C = DecodeConfig<T, kD, kRows>;
-    static int blocks_per_sm = [] {
-      int n = 0;
-      const auto kernel = decode_attention_kernel<T, kD, kRows>;
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes) !=
-              cudaSuccess ||
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kDecodeThreads, C::kSmemBytes) != cudaSuccess ||
-          n < 1) {
-        cudaGetLastError();
-        n = 1;
-      }
-      return n;
-    }();
-    const int64_t chunks = ((Hq / Hkv) * T_ + kRows - 1) / kRows;
-    const int64_t base = int64_t(B) * Hkv * chunks;
-    const int64_t wave = int64_t(blocks_per_sm) * num_sms;
-    int64_t s = wave / base;
-    const int64_t fill = (int64_t(cap) + C::kKeysPerStep - 1) / C::kKeysPerStep;
-    s = s < fill ? s : fill;
-    splits = int(s < 1 ? 1 : s);
-  });
-  return splits;
+int decode_attention_num_splits(int B, int Hq, int Hkv, int T_, int D, int cap, int num_sms, bool tensor_cores = true) {
+  const int rows_total = (Hq / Hkv) * T_;
+  DecodeKernel k{};
+  if (!select_decode_kernel<T>(D, rows_total, tensor_cores, k)) return 1;
+  const int64_t chunks = (rows_total + k.rows - 1) / k.rows;
+  const int64_t base = int64_t(B) * Hkv * chunks;
+  const int64_t wave = int64_t(k.blocks_per_sm) * num_sms;
+  int64_t s = wave / base;
+  const int64_t fill = (int64_t(cap) + k.keys_per_step - 1) / k.keys_per_step;
+  s = s < fill ? s : fill;
+  return int(s < 1 ? 1 : s);
 }
 
 // Both passes on `stream`; false if the head dim is not 64, 128 or 256. p.splits and the
-// workspace must come from decode_attention_num_splits. The caller checks for launch errors.
-// `programmatic_launch` (compute capability 9.0+): pass 2 overlaps pass 1's tail.
+// workspace must come from decode_attention_num_splits with the same `tensor_cores`. The caller
+// checks for launch errors. `programmatic_launch` (compute capability 9.0+): pass 2 overlaps pass 1's tail.
 template <typename T>
-bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool programmatic_launch = false) {
+bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool programmatic_launch = false,
+                             bool tensor_cores = true) {
   const int rows_total = (p.Hq / p.Hkv) * p.T;
-  return dispatch_decode_shape(p.D, rows_total, [&](auto d, auto rows) {
-    constexpr int kD = decltype(d)::value, kRows = decltype(rows)::value;
-    const int chunks = (rows_total + kRows - 1) / kRows;
-    const dim3 grid(unsigned(chunks * p.splits), unsigned(p.Hkv), unsigned(p.B));
-    constexpr int smem = DecodeConfig<T, kD, kRows>::kSmemBytes;
-    // per launch, not once: the attribute belongs to the current device
-    cudaFuncSetAttribute(decode_attention_kernel<T, kD, kRows>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    decode_attention_kernel<T, kD, kRows><<<grid, kDecodeThreads, smem, stream>>>(p);
-    const size_t combine_smem = (size_t(p.splits) + (kCombineThreads / (kD / 4)) * kD + 32) * sizeof(float);
-    const unsigned combine_rows = unsigned(int64_t(p.B) * p.Hq * p.T);
+  DecodeKernel k{};
+  if (!select_decode_kernel<T>(p.D, rows_total, tensor_cores, k)) return false;
+  const int chunks = (rows_total + k.rows - 1) / k.rows;
+  const dim3 grid(unsigned(chunks * p.splits), unsigned(p.Hkv), unsigned(p.B));
+  // per launch, not once: the attribute belongs to the current device
+  cudaFuncSetAttribute(k.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem);
+  k.kernel<<<grid, k.threads, k.smem, stream>>>(p);
+  auto combine_for = [&](auto d) {
+    constexpr int kD = decltype(d)::value;
+    const size_t smem = (size_t(p.splits) + (kCombineThreads / (kD / 4)) * kD + 32) * sizeof(float);
+    const unsigned rows = unsigned(int64_t(p.B) * p.Hq * p.T);
     const auto combine = decode_attention_combine_kernel<T, kD>;
-    if (programmatic_launch && ::chunkinfer::cuda::launch_programmatic(combine, dim3(combine_rows), dim3(kCombineThreads),
-                                                                        combine_smem, stream, p)) {
+    if (programmatic_launch &&
+        ::chunkinfer::cuda::launch_programmatic(combine, dim3(rows), dim3(kCombineThreads), smem, stream, p)) {
       return;
     }
-    combine<<<combine_rows, kCombineThreads, combine_smem, stream>>>(p);
-  });
+    combine<<<rows, kCombineThreads, smem, stream>>>(p);
+  };
+  switch (p.D) {
+    case 64: combine_for(std::integral_constant<int, 64>{}); break;
+    case 128: combine_for(std::integral_constant<int, 128>{}); break;
+    default: combine_for(std::integral_constant<int, 256>{}); break;
+  }
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from .layer_loop import DeviceStep, LoopInputs, run_decode_layers
 class _Captured:
     graph: torch.cuda.CUDAGraph
     ids: torch.Tensor        # [B, 1] int64 (static input)
-    positions: torch.Tensor  # [B, 1] int64 rotary positions (static input)
+    positions: torch.Tensor  # [B, 1] int64 rotary positions (static input): a view of past
+    past: torch.Tensor       # [B + 1] int64: the positions, then the write index (one fill for both)
     step: DeviceStep         # write index, lengths, starts (static inputs)
     logits: torch.Tensor     # [B, 1, V] (static output)
     buffers: tuple           # data pointers of the cache buffers the graph reads and writes
@@ -55,9 +56,18 @@ class DecodeGraphs:
 
     def __init__(self) -> None:
         self._by_batch: dict[int, _Captured] = {}
+        self._supported: dict[tuple, bool] = {}
 
     def clear(self) -> None:
         self._by_batch.clear()
+        self._supported.clear()
+
+    def supported(self, mb: ModelBinding, device: torch.device, dtype: torch.dtype) -> bool:
+        """graph_decode_supported, asked once per device and dtype (the binding does not change)."""
+        key = (device, dtype)
+        if key not in self._supported:
+            self._supported[key] = graph_decode_supported(mb, device, dtype)
+        return self._supported[key]
 
     def step(self, mb: ModelBinding, cache: ChunkKVCache, ids: torch.Tensor, positions: torch.Tensor | None,
              past: int, key_starts: list[int] | None) -> torch.Tensor:
@@ -71,25 +81,27 @@ class DecodeGraphs:
             cap = self._capture(mb, cache, ids, positions, past, starts_host)
             self._by_batch[b] = cap
         cap.ids.copy_(ids)
-        if positions is None:  # the default: the token's cache position
-            cap.positions.fill_(past)
+        if positions is None:  # the default: the token's cache position, and the write index, in one fill
+            cap.past.fill_(past)
         else:
             cap.positions.copy_(positions.expand(b, 1))
-        cap.step.write_index.fill_(past)
+            cap.step.write_index.fill_(past)
         cap.step.seq_lens.fill_(past + 1)
         cap.graph.replay()
         return cap.logits.clone()  # the static output is overwritten by the next replay
 
     def _capture(self, mb, cache, ids, positions, past, starts_host) -> _Captured:
         b, device = ids.shape[0], ids.device
+        past_buf = torch.full((b + 1,), past, dtype=torch.long, device=device)  # positions, then the write index
         step = DeviceStep(
-            write_index=torch.full((1,), past, dtype=torch.long, device=device),
+            write_index=past_buf[b:],
             seq_lens=torch.full((b,), past + 1, dtype=torch.int32, device=device),
             starts=None if starts_host is None else torch.tensor(starts_host, dtype=torch.int32, device=device),
         )
         static_ids = ids.clone()
-        static_pos = (torch.full((b, 1), past, dtype=torch.long, device=device) if positions is None
-                      else positions.expand(b, 1).clone())
+        static_pos = past_buf[:b].view(b, 1)
+        if positions is not None:
+            static_pos.copy_(positions.expand(b, 1))
         # Warm-up on a side stream (cuBLAS workspaces, lazy inits). Writing this step's K, V is
         # idempotent, so running the step here and again at the replay changes nothing.
         side = torch.cuda.Stream(device)
@@ -100,4 +112,4 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits = _step_logits(mb, cache, static_ids, static_pos, step)
-        return _Captured(graph, static_ids, static_pos, step, logits, _buffers(cache), starts_host)
+        return _Captured(graph, static_ids, static_pos, past_buf, step, logits, _buffers(cache), starts_host)

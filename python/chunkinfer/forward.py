@@ -14,7 +14,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapters import ModelBinding
 from .cache import ChunkKVCache
-from .decode_graph import DecodeGraphs, graph_decode_supported
+from .decode_graph import DecodeGraphs
 from .head import final_norm, head_chunk_rows, iter_logits, logits_of
 from .layer_loop import LoopInputs, run_layers
 from .placement import OffloadSettings, PromptCall, place, plan_prompt
@@ -232,7 +232,7 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
     pos = a.get("position_ids")
     if (state.cuda_graphs and s == 1 and past > 0 and emb is None and labels is None and not want_hidden
             and isinstance(ltk, int) and not cache.streamed_layers()
-            and graph_decode_supported(mb, mb.devices.embed, mb.embed.weight.dtype)):
+            and state.graphs.supported(mb, mb.devices.embed, mb.embed.weight.dtype)):
         return _graph_decode(state, cache, a["input_ids"], pos, past, key_starts, mask is not None,
                              use_cache or pkv is not None)
     if pos is None:

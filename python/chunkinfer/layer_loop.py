@@ -145,8 +145,8 @@ class _Layer:
         self._rotate_and_write(q, k, v, r0, r1, inp.write_index[r0:r1])
         q_start = inp.start + r0
         keys, values = self.cache.view(q_start + x.shape[1])
-        self._finish(x, block_attention(q.transpose(1, 2), keys, values, q_start, inp.key_starts, lb.window,
-                                        lb.scale))
+        x.add_(self._finish(x, block_attention(q.transpose(1, 2), keys, values, q_start, inp.key_starts,
+                                               lb.window, lb.scale)))
 
     def split_decode(self, host_layer, split: SplitStep, share, r0: int, r1: int) -> None:
         """One new token per sequence on a host-resident layer: its first cached positions attended
@@ -154,21 +154,30 @@ class _Layer:
         lb, x = self.lb, self.inp.hidden
         q, k, v = self._qkv(self._norm(x, lb.input_norm), want_q=True)
         self._rotate_and_write(q, k, v, r0, r1, self.inp.write_index[r0:r1])
-        self._finish(x, split_decode_attention(q.transpose(1, 2), self.cache, host_layer, split, lb.scale, share))
+        x.add_(self._finish(x, split_decode_attention(q.transpose(1, 2), self.cache, host_layer, split, lb.scale,
+                                                      share)))
 
-    def decode_block(self, step: "DeviceStep") -> None:
+    def decode_block(self, step: "DeviceStep", pending: torch.Tensor | None) -> torch.Tensor:
         """One new token per sequence with its position, write index and lengths in device tensors,
-        so the same launches serve every step: what a CUDA graph captures and replays."""
+        so the same launches serve every step: what a CUDA graph captures and replays. ``pending`` is
+        the previous layer's MLP output, added to the residual here together with this layer's input
+        norm (one launch instead of two); returns this layer's, for the next layer (or the caller) to add."""
         lb = self.lb
         x = self.inp.hidden  # [B, 1, H]
-        q, k, v = self._qkv(self._norm(x, lb.input_norm), want_q=True)
+        if pending is None:
+            h = self._norm(x, lb.input_norm)
+        else:
+            ops.fused_add_rms_norm(pending, x, lb.input_norm.weight, self.eps, gemma=self.gemma)
+            h = pending
+        q, k, v = self._qkv(h, want_q=True)
         self._rotate_and_write(q, k, v, 0, 1, step.write_index)
         attn, _ = ops.decode_attention(q.transpose(1, 2), self.cache.k_buf, self.cache.v_buf, step.seq_lens, step.starts,
                                        scale=lb.scale, window=lb.window or 0)
-        self._finish(x, attn)
+        return self._finish(x, attn)
 
-    def _finish(self, x: torch.Tensor, attn: torch.Tensor) -> None:
-        """o_proj, the post-attention norms and the MLP for rows x [B, c, H], residual added in place."""
+    def _finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """o_proj, the post-attention norms and the MLP for rows x [B, c, H], the attention's residual
+        added in place; returns the MLP output (not yet added)."""
         lb = self.lb
         b, c, _ = x.shape
         o = _linear(attn.transpose(1, 2).reshape(b, c, lb.n_q * lb.head_dim), lb.o_proj)
@@ -180,7 +189,7 @@ class _Layer:
         down = _linear(self._act(o), lb.down)
         if lb.post_ff_norm is not None:
             down = self._norm(down, lb.post_ff_norm)
-        x.add_(down)
+        return down
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         """act(gate) * up of the MLP: into the reused buffer, or for a decode step in one launch."""
@@ -227,8 +236,10 @@ def run_decode_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs, st
     the cache layers must already have capacity for the write."""
     rope = _Rope(mb, inp)
     act_buf = _act_buffer(mb, inp.hidden, inp.hidden.shape[0])
+    pending = None
     for li, lb in enumerate(mb.layers):
-        _Layer(mb, lb, cache.layers[li], inp, rope, act_buf).decode_block(step)
+        pending = _Layer(mb, lb, cache.layers[li], inp, rope, act_buf).decode_block(step, pending)
+    inp.hidden.add_(pending)
 
 
 def _layer_chunks(inp: LoopInputs, n_layers: int) -> list[int]:

@@ -142,6 +142,31 @@ using ::chunkinfer::cuda::wait_for_prerequisite_grid;
 // exp2 of a difference whose reference may be -inf (nothing seen yet): 0 instead of NaN.
 __device__ __forceinline__ float safe_ref(float m) { return m == -INFINITY ? 0.f : m; }
 
+// The end of both pass-1 kernels: the block's W warps' partial (m, l, o) of one query row and head-dim
+// element, read from shared memory at the given strides, merged into this split's normalised output
+// and (at d == 0) its lse. row = head_in_group * T + t within kv head h.
+template <int W>
+__device__ __forceinline__ void store_split_partial(const DecodeParams& p, int b, int h, int row, int split, int d,
+                                                    const float* m, const float* l, int ml_stride,
+                                                    const float* o, int o_stride) {
+  float mt = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < W; ++w) mt = fmaxf(mt, m[w * ml_stride]);
+  const float ref = safe_ref(mt);
+  float lt = 0.f, acc = 0.f;
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+    const float c = exp2f(m[w * ml_stride] - ref);
+    lt += c * l[w * ml_stride];
+    acc += c * o[w * o_stride];
+  }
+  const int g = p.Hq / p.Hkv;
+  const int hq = h * g + row / p.T, t = row % p.T;
+  const int64_t prow = ((int64_t(b) * p.Hq + hq) * p.T + t) * p.splits + split;
+  p.part_out[prow * p.D + d] = lt > 0.f ? acc / lt : 0.f;
+  if (d == 0) p.part_lse[prow] = lt > 0.f ? mt + __log2f(lt) : -INFINITY;
+}
+
 // ---------------------------------------------------------------------------------------------
 // pass 1 on FMAs (fp32, or when tensor cores are not asked for): one block per (row chunk, split)
 // x kv head x batch; partial (out, lse) per split
@@ -356,7 +381,6 @@ decode_attention_kernel(const DecodeParams p) {
       sm_l[warp][r] = l[r];
     }
   }
-  const int64_t S = p.splits;
 #pragma unroll
   for (int r0 = 0; r0 < ROWS; r0 += C::kPassRows) {
     if (lane < TPR) {
@@ -371,21 +395,8 @@ decode_attention_kernel(const DecodeParams p) {
       const int r = r0 + idx / D, d = idx % D;
       const int row = chunk * ROWS + r;
       if (r >= ROWS || row >= rows_total) continue;
-      float mt = -INFINITY;
-#pragma unroll
-      for (int w = 0; w < C::kWarps; ++w) mt = fmaxf(mt, sm_m[w][r]);
-      const float ref = safe_ref(mt);
-      float lt = 0.f, o = 0.f;
-#pragma unroll
-      for (int w = 0; w < C::kWarps; ++w) {
-        const float c = exp2f(sm_m[w][r] - ref);
-        lt += c * sm_l[w][r];
-        o += c * sm_acc[w][r - r0][d];
-      }
-      const int hq = h * g + row / p.T, t = row % p.T;
-      const int64_t prow = ((int64_t(b) * p.Hq + hq) * p.T + t) * S + split;
-      p.part_out[prow * D + d] = lt > 0.f ? o / lt : 0.f;
-      if (d == 0) p.part_lse[prow] = lt > 0.f ? mt + __log2f(lt) : -INFINITY;
+      store_split_partial<C::kWarps>(p, b, h, row, split, d, &sm_m[0][r], &sm_l[0][r], ROWS, &sm_acc[0][r - r0][d],
+                                     C::kPassRows * D);
     }
     __syncthreads();
   }
@@ -746,26 +757,11 @@ decode_attention_mma_kernel(const DecodeParams p) {
     }
   }
   __syncthreads();
-  const int64_t S = p.splits;
   for (int idx = tid; idx < ROWS * D; idx += C::kThreads) {
     const int r = idx / D, d = idx % D;
     const int row = chunk * ROWS + r;
     if (row >= rows_total) break;  // rows grow with idx
-    float mt = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < W; ++w) mt = fmaxf(mt, sm_m[w][r]);
-    const float ref = safe_ref(mt);
-    float lt = 0.f, acc = 0.f;
-#pragma unroll
-    for (int w = 0; w < W; ++w) {
-      const float c = exp2f(sm_m[w][r] - ref);
-      lt += c * sm_l[w][r];
-      acc += c * sm_o[w][r][d];
-    }
-    const int hq = h * g + row / p.T, t = row % p.T;
-    const int64_t prow = ((int64_t(b) * p.Hq + hq) * p.T + t) * S + split;
-    p.part_out[prow * D + d] = lt > 0.f ? acc / lt : 0.f;
-    if (d == 0) p.part_lse[prow] = lt > 0.f ? mt + __log2f(lt) : -INFINITY;
+    store_split_partial<W>(p, b, h, row, split, d, &sm_m[0][r], &sm_l[0][r], 16, &sm_o[0][r][d], 16 * D);
   }
 }
 
@@ -777,24 +773,29 @@ inline int decode_block_rows(int rows_total) {
   return rows_total <= 1 ? 1 : rows_total <= 2 ? 2 : rows_total <= 4 ? 4 : 8;
 }
 
+// Calls f(integral_constant<D>); false if D is not 64, 128 or 256.
+template <typename F>
+bool dispatch_head_dim(int D, F&& f) {
+  switch (D) {
+    case 64: f(std::integral_constant<int, 64>{}); return true;
+    case 128: f(std::integral_constant<int, 128>{}); return true;
+    case 256: f(std::integral_constant<int, 256>{}); return true;
+    default: return false;
+  }
+}
+
 // Calls f(integral_constant<D>, integral_constant<ROWS>); false if D is not 64, 128 or 256.
 template <typename F>
 bool dispatch_decode_shape(int D, int rows_total, F&& f) {
   const int rows = decode_block_rows(rows_total);
-  auto with_rows = [&](auto d) {
+  return dispatch_head_dim(D, [&](auto d) {
     switch (rows) {
       case 1: f(d, std::integral_constant<int, 1>{}); break;
       case 2: f(d, std::integral_constant<int, 2>{}); break;
       case 4: f(d, std::integral_constant<int, 4>{}); break;
       default: f(d, std::integral_constant<int, 8>{}); break;
     }
-  };
-  switch (D) {
-    case 64: with_rows(std::integral_constant<int, 64>{}); return true;
-    case 128: with_rows(std::integral_constant<int, 128>{}); return true;
-    case 256: with_rows(std::integral_constant<int, 256>{}); return true;
-    default: return false;
-  }
+  });
 }
 
 // The pass-1 kernel chosen for a shape, with what the launch and the split count need.
@@ -824,18 +825,12 @@ template <typename T>
 bool select_decode_kernel(int D, int rows_total, bool tensor_cores, DecodeKernel& k) {
   if constexpr (!std::is_same_v<T, float>) {
     if (tensor_cores) {
-      auto mma = [&](auto d) {
+      return dispatch_head_dim(D, [&](auto d) {
         constexpr int kD = decltype(d)::value;
         k = rows_total > 8
                 ? describe_decode_kernel<MmaDecodeConfig<kD, true>, decode_attention_mma_kernel<T, kD, true>>()
                 : describe_decode_kernel<MmaDecodeConfig<kD, false>, decode_attention_mma_kernel<T, kD, false>>();
-      };
-      switch (D) {
-        case 64: mma(std::integral_constant<int, 64>{}); return true;
-        case 128: mma(std::integral_constant<int, 128>{}); return true;
-        case 256: mma(std::integral_constant<int, 256>{}); return true;
-        default: return false;
-      }
+      });
     }
   }
   return dispatch_decode_shape(D, rows_total, [&](auto d, auto rows) {
@@ -875,7 +870,7 @@ bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool pr
   // per launch, not once: the attribute belongs to the current device
   cudaFuncSetAttribute(k.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem);
   k.kernel<<<grid, k.threads, k.smem, stream>>>(p);
-  auto combine_for = [&](auto d) {
+  dispatch_head_dim(p.D, [&](auto d) {
     constexpr int kD = decltype(d)::value;
     const size_t smem = (size_t(p.splits) + (kCombineThreads / (kD / 4)) * kD + 32) * sizeof(float);
     const unsigned rows = unsigned(int64_t(p.B) * p.Hq * p.T);
@@ -885,12 +880,7 @@ bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool pr
       return;
     }
     combine<<<rows, kCombineThreads, smem, stream>>>(p);
-  };
-  switch (p.D) {
-    case 64: combine_for(std::integral_constant<int, 64>{}); break;
-    case 128: combine_for(std::integral_constant<int, 128>{}); break;
-    default: combine_for(std::integral_constant<int, 256>{}); break;
-  }
+  });
   return true;
 }
 

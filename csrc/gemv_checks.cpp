@@ -1,4 +1,6 @@
 // Argument validation of the gemv ops, shared by their CPU and CUDA kernels.
+#include <cmath>
+
 #include "ops.h"
 
 namespace chunkinfer {
@@ -12,7 +14,57 @@ void check_weight(const char* op, const char* arg, const at::Tensor& w, const at
   CHUNKINFER_CHECK(w.is_contiguous(), op, ": ", arg, " must be contiguous");
 }
 
+// Whether two tensors' bytes share an address (storage extents, as contiguous tensors have).
+bool overlap(const at::Tensor& a, const at::Tensor& b) {
+  const auto* pa = static_cast<const char*>(a.const_data_ptr());
+  const auto* pb = static_cast<const char*>(b.const_data_ptr());
+  return a.device() == b.device() && pa < pb + b.nbytes() && pb < pa + a.nbytes();
+}
+
+void check_like_x(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& x) {
+  check_float_tensor(op, arg, t);
+  check_same(op, arg, t, "x", x);
+  CHUNKINFER_CHECK(t.sizes() == x.sizes(), op, ": ", arg, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+  CHUNKINFER_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous, got strides ", t.strides());
+}
+
 }  // namespace
+
+GemvPrologueArgs check_gemv_prologue(const char* op, const at::Tensor& x, at::TensorList weights,
+                                     const std::optional<at::Tensor>& norm_weight, double eps, bool gemma,
+                                     const std::optional<at::Tensor>& add,
+                                     const std::optional<at::Tensor>& residual_out) {
+  GemvPrologueArgs p;
+  p.eps = eps;
+  p.gemma = gemma;
+  if (norm_weight.has_value() && norm_weight->defined()) {
+    const at::Tensor& w = *norm_weight;
+    check_float_tensor(op, "norm_weight", w);
+    check_same(op, "norm_weight", w, "x", x);
+    CHUNKINFER_CHECK(w.dim() == 1 && w.size(0) == x.size(-1) && w.is_contiguous(), op,
+                     ": norm_weight must be a contiguous [", x.size(-1), "] (x's last dimension), got ", w.sizes());
+    CHUNKINFER_CHECK(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
+    p.norm_weight = &w;
+  }
+  if (add.has_value() && add->defined()) {
+    check_like_x(op, "add", *add, x);
+    p.add = &*add;
+  }
+  if (residual_out.has_value() && residual_out->defined()) {
+    const at::Tensor& r = *residual_out;
+    check_like_x(op, "residual_out", r, x);
+    // every block of the CUDA kernel reads x and add while the first one writes residual_out
+    CHUNKINFER_CHECK(!overlap(r, x), op, ": residual_out must not share memory with x (give another buffer)");
+    CHUNKINFER_CHECK(!p.add || !overlap(r, *p.add), op, ": residual_out must not share memory with add");
+    CHUNKINFER_CHECK(!p.norm_weight || !overlap(r, *p.norm_weight), op,
+                     ": residual_out must not share memory with norm_weight");
+    for (const at::Tensor& w : weights) {
+      CHUNKINFER_CHECK(!overlap(r, w), op, ": residual_out must not share memory with a weight");
+    }
+    p.residual_out = &r;
+  }
+  return p;
+}
 
 GemvArgs check_gemv_x(const char* op, const at::Tensor& x) {
   check_float_tensor(op, "x", x);

@@ -98,16 +98,31 @@ RotaryArgs check_rotary_kv_write_args(const char* op, const std::optional<at::Te
 // x [..., K] contiguous with n = 1..kGemvMaxRows rows; weights [M, K] contiguous. gemv: out [..., sum M]
 // (the weights' outputs side by side, each + its bias); gemv_act_and_mul: act(x gate^T) * (x up^T)
 // [..., M]. Each projection is rounded to x's dtype before its epilogue, as the unfused ops round it.
+// The optional prologue of both ops: h = x (+ add), residual_out = h, then h = rms_norm(h) with
+// norm_weight (Gemma's (1 + w) when gemma); the projections are of h. On CUDA it costs no launch.
 constexpr int64_t kGemvMaxRows = 4;
 constexpr int64_t kGemvMaxSegments = 4;
+constexpr int64_t kGemvMaxXBytes = 160 * 1024;  // x's rows in one CUDA block's shared memory
 struct GemvArgs {
   int64_t n = 0, K = 0, rows = 0;  // rows: output features (all segments)
+};
+struct GemvPrologueArgs {  // null: not given
+  const at::Tensor* norm_weight = nullptr;
+  const at::Tensor* add = nullptr;
+  const at::Tensor* residual_out = nullptr;
+  double eps = 0.0;
+  bool gemma = false;
 };
 GemvArgs check_gemv_x(const char* op, const at::Tensor& x);
 GemvArgs check_gemv_args(const char* op, const at::Tensor& x, at::TensorList weights,
                          const c10::List<std::optional<at::Tensor>>& biases);
 GemvArgs check_gemv_act_and_mul_args(const char* op, const at::Tensor& x, const at::Tensor& gate,
                                      const at::Tensor& up);
+// weights: to tell residual_out apart from every input
+GemvPrologueArgs check_gemv_prologue(const char* op, const at::Tensor& x, at::TensorList weights,
+                                     const std::optional<at::Tensor>& norm_weight, double eps, bool gemma,
+                                     const std::optional<at::Tensor>& add,
+                                     const std::optional<at::Tensor>& residual_out);
 Activation parse_activation(const char* op, const std::string& activation, const std::string& approximate);
 // x's shape with `rows` output features in its last dimension
 at::Tensor gemv_output(const at::Tensor& x, int64_t rows);

@@ -26,9 +26,10 @@ TORCH_LIBRARY(chunkinfer, m) {
   // q [B, T, Hq, D] or None, k, v [B, T, Hkv, D], cos/sin [1 or B, T, R] (sin's first half negated),
   // k_cache/v_cache [B, Hkv, cap, D], index [T] int64 on the device (one CUDA graph serves every step)
   // decode-step projections of x [..., K] with 1-4 rows: the weights' outputs side by side (+ biases);
-  // act(gate proj) * up proj. Each projection rounded as F.linear rounds it
-  m.def("gemv(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor");
-  m.def("gemv_act_and_mul(Tensor x, Tensor gate, Tensor up, str activation, str approximate='none') -> Tensor");
+  // act(gate proj) * up proj. Each projection rounded as F.linear rounds it. Optional prologue: the
+  // projections are of h = rms_norm(x (+ add)) (norm_weight given), residual_out = x (+ add)
+  m.def("gemv(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor? norm_weight=None, float eps=0.0, bool gemma=False, Tensor? add=None, Tensor(a!)? residual_out=None) -> Tensor");
+  m.def("gemv_act_and_mul(Tensor x, Tensor gate, Tensor up, str activation, str approximate='none', Tensor? norm_weight=None, float eps=0.0, bool gemma=False, Tensor? add=None, Tensor(a!)? residual_out=None) -> Tensor");
   m.def("rotary_kv_write(Tensor(a!)? q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor index) -> ()");
 }
 

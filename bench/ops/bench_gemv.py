@@ -35,6 +35,19 @@ def cases(layers: list[dict], rows: int, device, dtype) -> dict:
     a = torch.randn(rows, NQ, device=device, dtype=dtype)
     m = torch.randn(rows, I, device=device, dtype=dtype) * 0.1
 
+    res, add, spare = (torch.randn(rows, H, device=device, dtype=dtype) for _ in range(3))
+    nw = torch.rand(H, device=device, dtype=dtype) + 0.5
+
+    h = add.clone()
+
+    def norm_then(project):  # the unfused decode step: residual add + norm in place, then the projection
+        def run(lw):
+            ops.fused_add_rms_norm(h, res, nw, 1e-5)  # (values drift over replays; the times do not)
+            return project(h, lw)
+        return run
+
+    prologue = ops.NormPrologue(nw, 1e-5, add=add, residual_out=spare)
+
     def every_layer(fn):
         return lambda: [fn(lw) for lw in layers]
 
@@ -50,6 +63,14 @@ def cases(layers: list[dict], rows: int, device, dtype) -> dict:
         ("silu(gate)*up", "cuBLAS x2 + silu_and_mul"): (every_layer(act_unfused), ("gate", "up")),
         ("silu(gate)*up", "chunkinfer.gemv_act_and_mul"): (every_layer(lambda lw: ops.gemv_act_and_mul(x, lw["gate"], lw["up"])),
                                                            ("gate", "up")),
+        ("add+norm, q|k|v", "fused_add_rms_norm + gemv"): (
+            every_layer(norm_then(lambda h, lw: ops.gemv(h, [lw["q"], lw["k"], lw["v"]]))), ("q", "k", "v")),
+        ("add+norm, q|k|v", "gemv with the norm prologue"): (
+            every_layer(lambda lw: ops.gemv(res, [lw["q"], lw["k"], lw["v"]], norm=prologue)), ("q", "k", "v")),
+        ("add+norm, silu(gate)*up", "fused_add_rms_norm + gemv_act_and_mul"): (
+            every_layer(norm_then(lambda h, lw: ops.gemv_act_and_mul(h, lw["gate"], lw["up"]))), ("gate", "up")),
+        ("add+norm, silu(gate)*up", "gemv_act_and_mul with the norm prologue"): (
+            every_layer(lambda lw: ops.gemv_act_and_mul(res, lw["gate"], lw["up"], norm=prologue)), ("gate", "up")),
         ("down_proj", "cuBLAS"): (every_layer(lambda lw: F.linear(m, lw["down"])), ("down",)),
         ("down_proj", "chunkinfer.gemv"): (every_layer(lambda lw: ops.gemv(m, [lw["down"]])), ("down",)),
     }

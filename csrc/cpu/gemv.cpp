@@ -1,6 +1,6 @@
 // The gemv ops on the CPU: ATen's matrix products with the same roundings as the CUDA kernels (each
 // projection in x's dtype, then the epilogue in fp32 with one rounding: the activation by chunkinfer's
-// own silu_and_mul / gelu_and_mul). On the CPU they serve the same layer code as on the GPU; there is
+// own silu_and_mul / gelu_and_mul; the norm prologue by its rms_norm). On the CPU they serve the same layer code as on the GPU; there is
 // no launch count to save.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -11,9 +11,25 @@
 namespace chunkinfer::cpu {
 namespace {
 
-at::Tensor gemv(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases) {
-  const GemvArgs a = check_gemv_args("gemv", x, weights, biases);
-  CHUNKINFER_CHECK(x.device().is_cpu(), "gemv: expected CPU tensors");
+// h = x (+ add), rounded once; residual_out = h; h = rms_norm(h) by chunkinfer's own rms_norm.
+at::Tensor prologue(const at::Tensor& x, const GemvPrologueArgs& p) {
+  at::Tensor h = p.add ? (x.to(at::kFloat) + p.add->to(at::kFloat)).to(x.scalar_type()) : x;
+  if (p.residual_out) p.residual_out->copy_(h);
+  if (!p.norm_weight) return h;
+  static const auto rms_norm =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("chunkinfer::rms_norm", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, bool)>();
+  return rms_norm.call(h, *p.norm_weight, p.eps, p.gemma);
+}
+
+at::Tensor gemv(const at::Tensor& x_in, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                const std::optional<at::Tensor>& norm_weight, double eps, bool gemma,
+                const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& residual_out) {
+  const GemvArgs a = check_gemv_args("gemv", x_in, weights, biases);
+  const GemvPrologueArgs pro = check_gemv_prologue("gemv", x_in, weights, norm_weight, eps, gemma, add, residual_out);
+  CHUNKINFER_CHECK(x_in.device().is_cpu(), "gemv: expected CPU tensors");
+  const at::Tensor x = prologue(x_in, pro);
   at::Tensor out = gemv_output(x, a.rows);
   const at::Tensor x2 = x.reshape({a.n, a.K});
   const at::Tensor o2 = out.view({a.n, a.rows});
@@ -27,11 +43,16 @@ at::Tensor gemv(const at::Tensor& x, at::TensorList weights, const c10::List<std
   return out;
 }
 
-at::Tensor gemv_act_and_mul(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
-                            const std::string& activation, const std::string& approximate) {
-  check_gemv_act_and_mul_args("gemv_act_and_mul", x, gate, up);
-  const Activation act = parse_activation("gemv_act_and_mul", activation, approximate);
-  CHUNKINFER_CHECK(x.device().is_cpu(), "gemv_act_and_mul: expected CPU tensors");
+at::Tensor gemv_act_and_mul(const at::Tensor& x_in, const at::Tensor& gate, const at::Tensor& up,
+                            const std::string& activation, const std::string& approximate,
+                            const std::optional<at::Tensor>& norm_weight, double eps, bool gemma,
+                            const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& residual_out) {
+  const char* op = "gemv_act_and_mul";
+  check_gemv_act_and_mul_args(op, x_in, gate, up);
+  const Activation act = parse_activation(op, activation, approximate);
+  const GemvPrologueArgs pro = check_gemv_prologue(op, x_in, {gate, up}, norm_weight, eps, gemma, add, residual_out);
+  CHUNKINFER_CHECK(x_in.device().is_cpu(), "gemv_act_and_mul: expected CPU tensors");
+  const at::Tensor x = prologue(x_in, pro);
   const at::Tensor g = at::linear(x, gate), u = at::linear(x, up);
   if (act == Activation::kSilu) {
     static const auto silu = c10::Dispatcher::singleton()

@@ -72,14 +72,10 @@ struct Pack8 {
   uint4 raw[sizeof(T) == 4 ? 2 : 1];
 };
 
-// 16-byte asynchronous copies global -> shared (bypassing L1): loads in flight cost no registers
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+using ::chunkinfer::cuda::cp_async16;
+using ::chunkinfer::cuda::cp_async16_zfill;
+using ::chunkinfer::cuda::cp_async_commit;
+using ::chunkinfer::cuda::cp_async_wait;
 
 template <typename T>
 __device__ __forceinline__ void cp_async_pack(Pack8<T>* smem, const T* src) {
@@ -198,6 +194,7 @@ __global__ void __launch_bounds__(kDecodeThreads, (DecodeConfig<T, D, ROWS>::kMi
 decode_attention_kernel(const DecodeParams p) {
   using C = DecodeConfig<T, D, ROWS>;
   constexpr int TPR = C::kThreadsPerRow, GROUPS = C::kGroups, U = C::kUnroll;
+  wait_for_prerequisite_grid();  // launched early (programmatic): q and the new K, V come from the kernel before
   allow_dependent_launch();
 
   const int g = p.Hq / p.Hkv;
@@ -471,11 +468,6 @@ __global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kern
 // memory, read back with ldmatrix), keeps its own online softmax, and the block's warps merge once
 // at the end, as the FMA kernel's do.
 
-__device__ __forceinline__ void cp_async16_zfill(unsigned smem, const void* gmem, bool valid) {
-  const int bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled, nothing is read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(bytes));
-}
-
 __device__ __forceinline__ void ldmatrix_x4(unsigned r[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -564,6 +556,7 @@ decode_attention_mma_kernel(const DecodeParams p) {
   using C = MmaDecodeConfig<D, UPPER>;
   constexpr int W = C::kWarps, ROWS = C::kRows, TK = C::kTileKeys, NT = C::kNT, KS = C::kKS, DT = C::kDT;
   constexpr int HALVES = UPPER ? 2 : 1;
+  wait_for_prerequisite_grid();  // launched early (programmatic): q and the new K, V come from the kernel before
   allow_dependent_launch();
 
   const int g = p.Hq / p.Hkv;
@@ -858,7 +851,8 @@ int decode_attention_num_splits(int B, int Hq, int Hkv, int T_, int D, int cap, 
 
 // Both passes on `stream`; false if the head dim is not 64, 128 or 256. p.splits and the
 // workspace must come from decode_attention_num_splits with the same `tensor_cores`. The caller
-// checks for launch errors. `programmatic_launch` (compute capability 9.0+): pass 2 overlaps pass 1's tail.
+// checks for launch errors. `programmatic_launch` (compute capability 9.0+): pass 1 is scheduled while
+// the kernel before it ends (and waits for it before reading anything), pass 2 overlaps pass 1's tail.
 template <typename T>
 bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool programmatic_launch = false,
                              bool tensor_cores = true) {
@@ -869,7 +863,10 @@ bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool pr
   const dim3 grid(unsigned(chunks * p.splits), unsigned(p.Hkv), unsigned(p.B));
   // per launch, not once: the attribute belongs to the current device
   cudaFuncSetAttribute(k.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem);
-  k.kernel<<<grid, k.threads, k.smem, stream>>>(p);
+  if (!programmatic_launch ||
+      !::chunkinfer::cuda::launch_programmatic(k.kernel, grid, dim3(k.threads), size_t(k.smem), stream, p)) {
+    k.kernel<<<grid, k.threads, k.smem, stream>>>(p);
+  }
   dispatch_head_dim(p.D, [&](auto d) {
     constexpr int kD = decltype(d)::value;
     const size_t smem = (size_t(p.splits) + (kCombineThreads / (kD / 4)) * kD + 32) * sizeof(float);

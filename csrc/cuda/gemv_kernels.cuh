@@ -1,10 +1,11 @@
-// Small-batch matrix-vector products for decode steps: y[n] = W x[n] for n <= 4 rows of x, with the
-// work around them folded in (q|k|v from three weights in one launch, act(gate)·up). Pure CUDA (see
+// Small-batch matrix-vector products for decode steps: y[n] = W h[n] for n <= 4 rows, with the work
+// around them folded in: q|k|v from three weights in one launch, act(gate)·up, and in front the
+// residual add + RMSNorm that produces h (so the norm costs no launch of its own). Pure CUDA (see
 // device_util.cuh).
 //
-// Why: a decode step reads every weight once and is bound by HBM bandwidth, but as separate
-// cuBLAS GEMVs plus elementwise kernels it costs ~14 launches per layer, and the small ones
-// (k_proj, v_proj: 8 MB) never reach full bandwidth.
+// Why: a decode step reads every weight once and is bound by HBM bandwidth, but as cuBLAS GEMVs plus
+// norms and elementwise kernels it costs ~14 launches per layer, and the small projections (q|k|v:
+// 50 MB) spend much of their time ramping up and draining.
 #pragma once
 
 #include <cstdint>
@@ -30,14 +31,29 @@ struct GemvWeights {
   int segments;
 };
 
-// A streamed weight load: read once, so it should not evict x from L1.
-__device__ __forceinline__ uint4 load_stream16(const void* p) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
-  return r;
-}
+// What the kernel multiplies: h = x, or with norm_weight h = rms_norm(x (+ add)) with the rounding
+// points of rms_norm / fused_add_rms_norm; residual_out (if set) receives x (+ add), as the residual
+// stream after the add. residual_out must not overlap x or add: every block reads them.
+template <typename T>
+struct GemvInput {
+  const T* x;            // [n, K]
+  const T* add;          // [n, K] or null
+  T* residual_out;       // [n, K] or null
+  const T* norm_weight;  // [K] or null: h = x (+ add) as it is
+  float eps;
+  bool gemma;            // scale by (1 + weight)
+  int64_t K;
+  int n;
+};
+
+constexpr int kGemvWarps = 8;
+constexpr int kGemvThreads = kGemvWarps * 32;
+constexpr int kGemvStageVecs = 2;  // 16-byte vectors per lane in one stage of a warp's stream
+constexpr int kGemvStages = 8;     // a warp's ring: 7 stages (7 KB) in flight while it computes one
+constexpr int kGemvStageElems16 = kGemvStageVecs * 32;  // 16-byte vectors per stage
+constexpr int kGemvRingBytes = kGemvWarps * kGemvStages * kGemvStageElems16 * 16;
+// x's rows staged in shared memory beside the rings; larger x is a matrix product (ops.h has the same)
+constexpr int64_t kGemvMaxXBytes = 160 * 1024;
 
 template <typename T>
 __device__ __forceinline__ float dot16(const uint4& wbits, const Vec16<T>& x) {
@@ -55,105 +71,262 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-constexpr int kGemvThreads = 256;  // 8 rows per block
+// Llama rounds x * inv to the dtype before the weight multiply; Gemma multiplies by (1 + w) in fp32
+// (as layernorm_kernels.cuh's normalise).
+template <typename T>
+__device__ __forceinline__ T gemv_normalise(float v, float inv, float w, bool gemma) {
+  if (gemma) return from_float<T>(v * inv * (1.0f + w));
+  return from_float<T>(to_float(from_float<T>(v * inv)) * w);
+}
 
-// One warp per output row: it streams the row in 16-byte loads, kUnroll in flight per lane and
-// weight, dots them with every x row, and writes the epilogue (more warps per row, reduced through
-// shared memory, measured slower on the H200). The first loads are issued before waiting for the
-// kernel that writes x (programmatic dependent launch): weights never depend on it.
-// kRows: the compile-time bound of x's rows (n <= kRows). out: [n, out_stride].
+// h into shared memory: every block builds it from x (and add, the norm) while its first weight
+// loads fly; block 0 also writes the residual. Each thread revisits only the vectors it wrote.
+template <typename T>
+__device__ void stage_input(const GemvInput<T>& in, T* hs) {
+  constexpr int VEC = kVecElems<T>;
+  __shared__ float scratch[32];
+  const int64_t nvec = in.K / VEC;
+  T* res = blockIdx.x == 0 ? in.residual_out : nullptr;
+  for (int i = 0; i < in.n; ++i) {
+    const int64_t off = i * in.K;
+    float ss = 0.0f;
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      Vec16<T> xv = load16(in.x + off + v * VEC);
+      if (in.add) {
+        const Vec16<T> av = load16(in.add + off + v * VEC);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) xv.v[k] = from_float<T>(to_float(xv.v[k]) + to_float(av.v[k]));
+      }
+      if (res) store16(res + off + v * VEC, xv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) ss += to_float(xv.v[k]) * to_float(xv.v[k]);
+      store16(hs + off + v * VEC, xv);
+    }
+    if (!in.norm_weight) continue;  // uniform over the block
+    const float inv = rsqrtf(block_sum(ss, scratch) / static_cast<float>(in.K) + in.eps);
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      Vec16<T> hv = load16(hs + off + v * VEC);
+      const Vec16<T> w = load16(in.norm_weight + v * VEC);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) hv.v[k] = gemv_normalise<T>(to_float(hv.v[k]), inv, to_float(w.v[k]), in.gemma);
+      store16(hs + off + v * VEC, hv);
+    }
+  }
+  __syncthreads();
+}
+
+// Where a warp is in its stream of weight rows: output row, piece (kActMul: gate, then up) and
+// stage within the piece, with the piece's first element.
+template <typename T, int kPieces>
+struct StreamCursor {
+  int64_t row;
+  int piece, stage;
+  const T* src;
+
+  __device__ __forceinline__ void seek(const GemvWeights<T>& wts, int64_t K) {
+    if constexpr (kPieces == 2) {
+      src = (piece ? wts.w[1] : wts.w[0]) + row * K;  // constant indices: no local copy of the weights
+    } else {
+      const T* base = wts.w[0];
+      int64_t local = row;
+#pragma unroll  // constant indices keep the weights in the parameter space (no local copy)
+      for (int s = 1; s < kGemvMaxSegments; ++s) {
+        if (s < wts.segments && row >= wts.row_end[s - 1]) {
+          base = wts.w[s];
+          local = row - wts.row_end[s - 1];
+        }
+      }
+      src = base + local * K;
+    }
+  }
+  // true where the step finished a piece
+  __device__ __forceinline__ bool advance(const GemvWeights<T>& wts, int64_t K, int stages) {
+    if (++stage < stages) return false;
+    stage = 0;
+    if (++piece == kPieces) {
+      piece = 0;
+      ++row;
+    }
+    seek(wts, K);
+    return true;
+  }
+};
+
+// Persistent: each warp owns a contiguous range of output rows (balanced over the grid) and streams
+// their weights through its own cp.async ring in shared memory, so ~7 KB per warp are in flight
+// without holding registers; every lane reads back only what it copied (no synchronisation between
+// lanes). The first stages are issued before waiting for the kernel that writes x (programmatic
+// dependent launch): weights never depend on it. kRows: the compile-time bound of x's rows.
+// out: [n, out_stride].
 template <typename T, int kRows, GemvEpilogue E, ActKind A>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(T* __restrict__ out, int64_t out_stride,
-                                                            const T* __restrict__ x, int64_t K, int n,
-                                                            const GemvWeights<T> wts, int64_t rows) {
+                                                            const GemvInput<T> in, const GemvWeights<T> wts,
+                                                            int64_t rows) {
   constexpr int VEC = kVecElems<T>;
-  constexpr int kUnroll = 4;  // 8 measured slower
-  constexpr bool kTwo = E == GemvEpilogue::kActMul;
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;
+  constexpr int kPieces = E == GemvEpilogue::kActMul ? 2 : 1;
+  constexpr int S = kGemvStages;
+  extern __shared__ __align__(16) unsigned char gemv_smem[];
+  allow_dependent_launch();  // a gemv after this one may start loading weights as this one's blocks retire
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint4* ring = reinterpret_cast<uint4*>(gemv_smem) + warp * (S * kGemvStageElems16);
+  T* hs = reinterpret_cast<T*>(gemv_smem + kGemvRingBytes);
 
-  int seg = 0;
-  if constexpr (E == GemvEpilogue::kStore) {
-    while (seg + 1 < wts.segments && row >= wts.row_end[seg]) ++seg;
-  }
-  const int64_t local = seg ? row - wts.row_end[seg - 1] : row;
-  const T* w0 = wts.w[seg] + local * K;
-  const T* w1 = kTwo ? wts.w[1] + row * K : nullptr;
+  const int64_t K = in.K, vecs = K / VEC;
+  const int stages = static_cast<int>((vecs + kGemvStageElems16 - 1) / kGemvStageElems16);
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kGemvWarps;
+  const int64_t wid = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
+  const int64_t row_begin = rows * wid / warps, row_end = rows * (wid + 1) / warps;
+  const int64_t total = (row_end - row_begin) * kPieces * stages;
 
-  float acc0[kRows], acc1[kRows];
+  StreamCursor<T, kPieces> load{row_begin, 0, 0, nullptr};
+  load.seek(wts, K);
+  auto issue = [&](int64_t t) {
+    if (t < total) {
+      uint4* slot = ring + (t % S) * kGemvStageElems16;
 #pragma unroll
-  for (int i = 0; i < kRows; ++i) acc0[i] = acc1[i] = 0.0f;
-
-  const int64_t vecs = K / VEC;
-  uint4 a[kUnroll], b[kUnroll];
-  auto load_round = [&](int64_t base) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = base + u * 32;
-      if (v < vecs) {
-        a[u] = load_stream16(w0 + v * VEC);
-        if constexpr (kTwo) b[u] = load_stream16(w1 + v * VEC);
+      for (int u = 0; u < kGemvStageVecs; ++u) {
+        const int64_t v = static_cast<int64_t>(load.stage) * kGemvStageElems16 + u * 32 + lane;
+        if (v < vecs) cp_async16(slot + u * 32 + lane, load.src + v * VEC);
       }
+      load.advance(wts, K, stages);
     }
+    cp_async_commit();  // possibly empty: keeps one group per stage
   };
-  load_round(lane);
-  wait_for_prerequisite_grid();  // x is written by the kernel before
-  for (int64_t base = lane; base < vecs; base += 32 * kUnroll) {
-    if (base != lane) load_round(base);
+  for (int t = 0; t < S - 1; ++t) issue(t);
+
+  wait_for_prerequisite_grid();  // x (and add) are written by the kernel before
+  stage_input(in, hs);
+
+  StreamCursor<T, kPieces> use{row_begin, 0, 0, nullptr};
+  use.seek(wts, K);
+  float acc[kRows], gate[kRows];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = base + u * 32;
-      if (v >= vecs) break;
+  for (int i = 0; i < kRows; ++i) acc[i] = gate[i] = 0.0f;
+  for (int64_t t = 0; t < total; ++t) {
+    cp_async_wait<S - 2>();  // this lane's copies of stage t have landed
+    const uint4* slot = ring + (t % S) * kGemvStageElems16;
 #pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        if (i < n) {
-          const Vec16<T> xv = load16(x + i * K + v * VEC);
-          acc0[i] += dot16(a[u], xv);
-          if constexpr (kTwo) acc1[i] += dot16(b[u], xv);
+    for (int u = 0; u < kGemvStageVecs; ++u) {
+      const int64_t v = static_cast<int64_t>(use.stage) * kGemvStageElems16 + u * 32 + lane;
+      if (v < vecs) {
+        const uint4 w = slot[u * 32 + lane];
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) {
+          if (i < in.n) acc[i] += dot16(w, load16(hs + i * K + v * VEC));
         }
       }
     }
-  }
+    asm volatile("" ::: "memory");  // the slot is read before the copy that refills it is issued
+    issue(t + S - 1);
 
+    const int64_t row = use.row;
+    const int piece = use.piece;
+    if (!use.advance(wts, K, stages)) continue;
+    // a piece is complete: reduce over the warp; lane i writes x row i's output
 #pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    if (i >= n) break;
-    const float s0 = warp_sum(acc0[i]);
-    const float s1 = kTwo ? warp_sum(acc1[i]) : 0.0f;
-    if (lane != i) continue;
-    // roundings as the unfused ops make them: each projection's output in T, then the epilogue
-    if constexpr (E == GemvEpilogue::kStore) {
-      const T* bias = wts.bias[seg];
-      out[i * out_stride + row] = from_float<T>(bias ? s0 + to_float(bias[local]) : s0);
-    } else {
-      const float g = to_float(from_float<T>(s0)), u = to_float(from_float<T>(s1));
-      out[i * out_stride + row] = from_float<T>(act<A>(g) * u);
+    for (int i = 0; i < kRows; ++i) {
+      if (i >= in.n) break;
+      const float s = warp_sum(acc[i]);
+      acc[i] = 0.0f;
+      // roundings as the unfused ops make them: each projection's output in T, then the epilogue
+      if constexpr (E == GemvEpilogue::kStore) {
+        if (lane != i) continue;
+        int seg = 0;
+#pragma unroll
+        for (int k = 1; k < kGemvMaxSegments; ++k) seg += k < wts.segments && row >= wts.row_end[k - 1];
+        const T* bias = nullptr;
+        int64_t local = row;
+#pragma unroll
+        for (int k = 0; k < kGemvMaxSegments; ++k) {
+          if (k == seg) {
+            bias = wts.bias[k];
+            local = k ? row - wts.row_end[k - 1] : row;
+          }
+        }
+        out[i * out_stride + row] = from_float<T>(bias ? s + to_float(bias[local]) : s);
+      } else if (piece == 0) {
+        gate[i] = to_float(from_float<T>(s));
+      } else if (lane == i) {
+        out[i * out_stride + row] = from_float<T>(act<A>(gate[i]) * to_float(from_float<T>(s)));
+      }
     }
   }
+  cp_async_wait<0>();
 }
 
+template <typename T>
+constexpr size_t gemv_smem_bytes(int64_t K, int n) {
+  return static_cast<size_t>(kGemvRingBytes) + static_cast<size_t>(n) * K * sizeof(T);
+}
+
+// How many blocks of a kernel stay resident per multiprocessor with `smem` bytes: asked once per
+// kernel, device and size (the answer does not change, and the decode step's eager path calls this
+// twice per layer).
 template <typename T, int kRows, GemvEpilogue E, ActKind A>
-void launch_gemv_rows(T* out, int64_t out_stride, const T* x, int64_t K, int n, const GemvWeights<T>& wts,
-                      int64_t rows, cudaStream_t stream, bool programmatic_launch) {
+cudaError_t resident_blocks_per_sm(size_t smem, int* per_sm) {
   const auto kernel = gemv_kernel<T, kRows, E, A>;
-  const unsigned grid = static_cast<unsigned>((rows * 32 + kGemvThreads - 1) / kGemvThreads);
-  if (programmatic_launch &&
-      launch_programmatic(kernel, dim3(grid), dim3(kGemvThreads), 0, stream, out, out_stride, x, K, n, wts, rows)) {
-    return;
+  struct Entry {
+    int device;
+    size_t smem;
+    int per_sm;
+  };
+  thread_local Entry cache[8] = {};
+  thread_local int filled = 0;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  for (int i = 0; i < filled; ++i) {
+    if (cache[i].device == device && cache[i].smem == smem) {
+      *per_sm = cache[i].per_sm;
+      return cudaSuccess;
+    }
   }
-  kernel<<<grid, kGemvThreads, 0, stream>>>(out, out_stride, x, K, n, wts, rows);
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(kGemvRingBytes + kGemvMaxXBytes));
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, kGemvThreads, smem);
+  if (err != cudaSuccess) return err;
+  cache[filled % 8] = Entry{device, smem, *per_sm};
+  filled = filled < 8 ? filled + 1 : 8;
+  return cudaSuccess;
+}
+
+// Blocks: at most as many as stay resident at once (the kernel is persistent). Where that leaves
+// fewer than half the warps to stream a last row (o_proj's 4096 rows over 3168 resident warps: 928
+// on a second row, with too few loads in flight to keep HBM busy), fewer warps take equal shares
+// (2048 warps of two rows); otherwise every resident warp streams (act(gate)*up: 1664 of 3168 on a
+// fifth row), which measured faster than equal shares there.
+template <typename T, int kRows, GemvEpilogue E, ActKind A>
+cudaError_t launch_gemv_rows(T* out, int64_t out_stride, const GemvInput<T>& in, const GemvWeights<T>& wts,
+                             int64_t rows, cudaStream_t stream, bool programmatic_launch) {
+  const auto kernel = gemv_kernel<T, kRows, E, A>;
+  const size_t smem = gemv_smem_bytes<T>(in.K, in.n);
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = resident_blocks_per_sm<T, kRows, E, A>(smem, &per_sm);
+  if (err != cudaSuccess) return err;
+  if (rows == 0 && in.residual_out == nullptr) return cudaSuccess;  // nothing to compute or write
+  const int64_t resident_warps = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1) * kGemvWarps;
+  const int64_t rows_per_warp = rows > 0 ? (rows + resident_warps - 1) / resident_warps : 1;
+  const int64_t on_last_row = rows - (rows_per_warp - 1) * resident_warps;
+  const int64_t warps = rows_per_warp > 1 && 2 * on_last_row >= resident_warps
+                           ? resident_warps
+                           : (rows + rows_per_warp - 1) / rows_per_warp;
+  const dim3 grid(static_cast<unsigned>(warps > 0 ? (warps + kGemvWarps - 1) / kGemvWarps : 1));
+  if (programmatic_launch && launch_programmatic(kernel, grid, dim3(kGemvThreads), smem, stream, out, out_stride, in,
+                                                 wts, rows)) {
+    return cudaSuccess;
+  }
+  kernel<<<grid, kGemvThreads, smem, stream>>>(out, out_stride, in, wts, rows);
+  return cudaGetLastError();
 }
 
 // `programmatic_launch` (compute capability 9.0+): may start before the kernel before it ends.
 template <typename T, GemvEpilogue E, ActKind A = ActKind::kSilu>
-void launch_gemv(T* out, int64_t out_stride, const T* x, int64_t K, int n, const GemvWeights<T>& wts,
-                 int64_t rows, cudaStream_t stream, bool programmatic_launch) {
-  if (n == 1) {
-    launch_gemv_rows<T, 1, E, A>(out, out_stride, x, K, n, wts, rows, stream, programmatic_launch);
-  } else {
-    launch_gemv_rows<T, kGemvMaxRows, E, A>(out, out_stride, x, K, n, wts, rows, stream, programmatic_launch);
-  }
+cudaError_t launch_gemv(T* out, int64_t out_stride, const GemvInput<T>& in, const GemvWeights<T>& wts, int64_t rows,
+                        cudaStream_t stream, bool programmatic_launch) {
+  if (in.n == 1) return launch_gemv_rows<T, 1, E, A>(out, out_stride, in, wts, rows, stream, programmatic_launch);
+  return launch_gemv_rows<T, kGemvMaxRows, E, A>(out, out_stride, in, wts, rows, stream, programmatic_launch);
 }
 
 }  // namespace chunkinfer::cuda

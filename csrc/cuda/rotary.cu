@@ -41,6 +41,8 @@ struct RotaryParams {
 // unrotated tail, v.
 template <typename E>
 __global__ void rotary_kv_write_kernel(const RotaryParams<E> p) {
+  wait_for_prerequisite_grid();  // q, k, v come from the kernel before (launched early: device_util.cuh)
+  allow_dependent_launch();      // the decode attention after it may be scheduled meanwhile
   const int b = blockIdx.x / p.T, t = blockIdx.x % p.T;
   const int half = p.R / 2;
   const int64_t pos = p.index[t];
@@ -109,7 +111,12 @@ void rotary_kv_write(const std::optional<at::Tensor>& q, const at::Tensor& k, co
     int num_sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, k.device().index()));
     const int64_t parts = a.B * a.T >= num_sms ? 1 : std::min<int64_t>((items + 255) / 256, 16);
-    rotary_kv_write_kernel<T><<<dim3(unsigned(a.B * a.T), unsigned(parts)), 256, 0, stream>>>(p);
+    const dim3 grid(unsigned(a.B * a.T), unsigned(parts));
+    int cc_major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, k.device().index()));
+    if (cc_major < 9 || !launch_programmatic(rotary_kv_write_kernel<T>, grid, dim3(256), 0, stream, p)) {
+      rotary_kv_write_kernel<T><<<grid, 256, 0, stream>>>(p);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -7,6 +7,7 @@ recaptured only when the cache's buffers are reallocated (capacity growth, 1.25x
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ class _Captured:
     logits: torch.Tensor     # [B, 1, V] (static output)
     buffers: tuple           # data pointers of the cache buffers the graph reads and writes
     starts_host: tuple | None
+    buffer_refs: list | None = None  # the buffer tensors last seen at those pointers (weak)
 
 
 def graph_decode_supported(mb: ModelBinding, device: torch.device, dtype: torch.dtype) -> bool:
@@ -41,6 +43,19 @@ def graph_decode_supported(mb: ModelBinding, device: torch.device, dtype: torch.
 def _buffers(cache: ChunkKVCache) -> tuple:
     # addresses and shapes: a new cache may reuse freed addresses with another capacity (other strides)
     return tuple((layer.k_buf.data_ptr(), layer.v_buf.data_ptr(), tuple(layer.k_buf.shape)) for layer in cache.layers)
+
+
+def _buffer_refs(cache: ChunkKVCache) -> list:
+    """Weak references to the cache's buffer tensors: while each still names a layer's current buffer,
+    the addresses the graph was captured with are valid (a tensor keeps its storage), and checking
+    that costs less than reading every address (a step's host time adds to its latency)."""
+    return [weakref.ref(t) for layer in cache.layers for t in (layer.k_buf, layer.v_buf)]
+
+
+def _same_buffers(refs: list, cache: ChunkKVCache) -> bool:
+    it = iter(refs)
+    return len(refs) == 2 * len(cache.layers) and all(
+        next(it)() is layer.k_buf and next(it)() is layer.v_buf for layer in cache.layers)
 
 
 def _step_logits(mb: ModelBinding, cache: ChunkKVCache, ids: torch.Tensor, positions: torch.Tensor,
@@ -77,9 +92,12 @@ class DecodeGraphs:
         b = ids.shape[0]
         starts_host = tuple(key_starts) if key_starts else None
         cap = self._by_batch.get(b)
-        if cap is None or cap.buffers != _buffers(cache) or cap.starts_host != starts_host:
-            cap = self._capture(mb, cache, ids, positions, past, starts_host)
-            self._by_batch[b] = cap
+        if cap is None or cap.starts_host != starts_host or not (
+                cap.buffer_refs is not None and _same_buffers(cap.buffer_refs, cache)):
+            if cap is None or cap.starts_host != starts_host or cap.buffers != _buffers(cache):
+                cap = self._capture(mb, cache, ids, positions, past, starts_host)
+                self._by_batch[b] = cap
+            cap.buffer_refs = _buffer_refs(cache)
         cap.ids.copy_(ids)
         if positions is None:  # the default: the token's cache position, and the write index, in one fill
             cap.past.fill_(past)

@@ -312,8 +312,9 @@ def _graph_decode(state: ConvertedState, cache: ChunkKVCache, ids: torch.Tensor,
     """One new token per sequence through the captured decode step (decode_graph.py)."""
     mb = state.binding
     weight = mb.embed.weight
-    for layer, lb in zip(cache.layers, mb.layers):
-        layer.reserve(ids.shape[0], lb.n_kv, lb.head_dim, weight.dtype, weight.device, past + 1)
+    if any(layer.k_buf is None or layer.k_buf.shape[2] <= past for layer in cache.layers):  # (cheap when not)
+        for layer, lb in zip(cache.layers, mb.layers):
+            layer.reserve(ids.shape[0], lb.n_kv, lb.head_dim, weight.dtype, weight.device, past + 1)
     logits = state.graphs.step(mb, cache, ids, pos, past, key_starts)
     for layer in cache.layers:
         layer.length = past + 1

@@ -70,24 +70,28 @@ class _Rope:
         return res
 
 
-def _linear(x: torch.Tensor, m) -> torch.Tensor:
-    return F.linear(x, m.weight, m.bias)
-
-
 def _one_row_gemv(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether a projection of x goes to the gemv ops: one row (a batch-1 decode step). Measured on
-    the H200 (bench/results/gemv_h200.md): they beat cuBLAS for q|k|v (three weights, one launch) and
-    act(gate)*up, not for o_proj or down alone, nor from 2 rows on, which stay with F.linear."""
+    the H200 (bench/results/gemv_h200.md, profile_decode_h200.md): q|k|v and act(gate)*up beat cuBLAS
+    alone, o_proj and down tie with it alone and shorten the step (no split-K reduce kernels); from 2
+    rows on F.linear is faster."""
     return x.numel() == x.shape[-1] and ops.gemv_supports(x, *weights)
 
 
-def _gemv(x: torch.Tensor, modules) -> torch.Tensor | None:
-    """The projections of a decode step's row by every module, side by side, in one launch; None
-    where the gemv ops do not serve it (more rows, layouts), for F.linear to do."""
+def _linear(x: torch.Tensor, m) -> torch.Tensor:
+    if _one_row_gemv(x, m.weight):
+        return ops.gemv(x, [m.weight], [m.bias])
+    return F.linear(x, m.weight, m.bias)
+
+
+def _gemv(x: torch.Tensor, modules, norm: ops.NormPrologue | None = None) -> torch.Tensor | None:
+    """The projections of a decode step's row by every module, side by side, in one launch (of
+    rms_norm(x (+ add)) with ``norm``); None where the gemv ops do not serve it (more rows, layouts),
+    for F.linear to do."""
     weights = [m.weight for m in modules]
     if not _one_row_gemv(x, *weights):
         return None
-    return ops.gemv(x, weights, [m.bias for m in modules])
+    return ops.gemv(x, weights, [m.bias for m in modules], norm=norm)
 
 
 class _Layer:
@@ -102,11 +106,12 @@ class _Layer:
     def _norm(self, x: torch.Tensor, module) -> torch.Tensor:
         return ops.rms_norm(x, module.weight, self.eps, gemma=self.gemma)
 
-    def _qkv(self, h: torch.Tensor, want_q: bool):
+    def _qkv(self, h: torch.Tensor, want_q: bool, norm: ops.NormPrologue | None = None):
+        """q, k, v of rows h; with ``norm``, of rms_norm(h (+ add)) in the gemv's launch (which must serve h)."""
         lb = self.lb
         b, c, _ = h.shape
         mods = lb.qkv if want_q or len(lb.qkv) == 1 else lb.qkv[1:]
-        qkv = _gemv(h, mods)  # a decode step: every projection in one launch
+        qkv = _gemv(h, mods, norm)  # a decode step: every projection in one launch
         if qkv is None and len(mods) == 1:
             qkv = _linear(h, mods[0])
         if qkv is not None:
@@ -157,13 +162,25 @@ class _Layer:
         x.add_(self._finish(x, split_decode_attention(q.transpose(1, 2), self.cache, host_layer, split, lb.scale,
                                                       share)))
 
-    def decode_block(self, step: "DeviceStep", pending: torch.Tensor | None) -> torch.Tensor:
+    def decode_block(self, step: "DeviceStep", pending: torch.Tensor | None, spare: torch.Tensor) -> torch.Tensor:
         """One new token per sequence with its position, write index and lengths in device tensors,
         so the same launches serve every step: what a CUDA graph captures and replays. ``pending`` is
-        the previous layer's MLP output, added to the residual here together with this layer's input
-        norm (one launch instead of two); returns this layer's, for the next layer (or the caller) to add."""
+        the previous layer's MLP output, not yet in the residual; returns this layer's, for the next
+        layer (or the caller) to add. Where the gemv ops serve the layer, each norm (with the residual
+        add before it) runs inside the projection after it: the residual goes to ``spare`` and back
+        (the projection's blocks all read the residual, so it is not updated in place)."""
         lb = self.lb
         x = self.inp.hidden  # [B, 1, H]
+        if self._norms_in_gemv(x):
+            q, k, v = self._qkv(x, want_q=True, norm=ops.NormPrologue(lb.input_norm.weight, self.eps, self.gemma,
+                                                                     add=pending, residual_out=spare))
+            self._rotate_and_write(q, k, v, 0, 1, step.write_index)
+            o = self._o_proj(x.shape, self._decode_attention(q, step))
+            gate_w, up_w, _ = self._gate_up_weights()
+            post = lb.pre_ff_norm if self.gemma else lb.post_attn_norm
+            act = ops.gemv_act_and_mul(spare, gate_w, up_w, self.mb.act, approximate=self.mb.act_approximate,
+                                       norm=ops.NormPrologue(post.weight, self.eps, self.gemma, add=o, residual_out=x))
+            return self._down(act)
         if pending is None:
             h = self._norm(x, lb.input_norm)
         else:
@@ -171,40 +188,58 @@ class _Layer:
             h = pending
         q, k, v = self._qkv(h, want_q=True)
         self._rotate_and_write(q, k, v, 0, 1, step.write_index)
-        attn, _ = ops.decode_attention(q.transpose(1, 2), self.cache.k_buf, self.cache.v_buf, step.seq_lens, step.starts,
-                                       scale=lb.scale, window=lb.window or 0)
-        return self._finish(x, attn)
+        return self._finish(x, self._decode_attention(q, step))
+
+    def _norms_in_gemv(self, x: torch.Tensor) -> bool:
+        """Whether a decode step's q|k|v and act(gate)*up both go to the gemv ops, norms included."""
+        gate_w, up_w, biased = self._gate_up_weights()
+        return not biased and _one_row_gemv(x, *(m.weight for m in self.lb.qkv), gate_w, up_w)
+
+    def _decode_attention(self, q: torch.Tensor, step: "DeviceStep") -> torch.Tensor:
+        lb = self.lb
+        attn, _ = ops.decode_attention(q.transpose(1, 2), self.cache.k_buf, self.cache.v_buf, step.seq_lens,
+                                       step.starts, scale=lb.scale, window=lb.window or 0)
+        return attn
+
+    def _o_proj(self, shape: torch.Size, attn: torch.Tensor) -> torch.Tensor:
+        """o_proj of the attention output [B, heads, c, D]; Gemma's post-attention norm on it."""
+        lb = self.lb
+        b, c, _ = shape
+        o = _linear(attn.transpose(1, 2).reshape(b, c, lb.n_q * lb.head_dim), lb.o_proj)
+        return self._norm(o, lb.post_attn_norm) if self.gemma else o
+
+    def _down(self, act: torch.Tensor) -> torch.Tensor:
+        lb = self.lb
+        down = _linear(act, lb.down)
+        return down if lb.post_ff_norm is None else self._norm(down, lb.post_ff_norm)
 
     def _finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """o_proj, the post-attention norms and the MLP for rows x [B, c, H], the attention's residual
         added in place; returns the MLP output (not yet added)."""
         lb = self.lb
-        b, c, _ = x.shape
-        o = _linear(attn.transpose(1, 2).reshape(b, c, lb.n_q * lb.head_dim), lb.o_proj)
-        if self.gemma:  # sandwich: norm the attention output, add, then pre-feed-forward norm
-            o = self._norm(o, lb.post_attn_norm)
-            ops.fused_add_rms_norm(o, x, lb.pre_ff_norm.weight, self.eps, gemma=True)
-        else:
-            ops.fused_add_rms_norm(o, x, lb.post_attn_norm.weight, self.eps)
-        down = _linear(self._act(o), lb.down)
-        if lb.post_ff_norm is not None:
-            down = self._norm(down, lb.post_ff_norm)
-        return down
+        o = self._o_proj(x.shape, attn)
+        post = lb.pre_ff_norm if self.gemma else lb.post_attn_norm  # Gemma: sandwich, the pre-feed-forward norm
+        ops.fused_add_rms_norm(o, x, post.weight, self.eps, gemma=self.gemma)
+        return self._down(self._act(o))
+
+    def _gate_up_weights(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The MLP's gate and up weights (halves of a fused gate_up) and whether either has a bias."""
+        lb = self.lb
+        if len(lb.gate_up) == 1:
+            w = lb.gate_up[0].weight
+            inter = lb.down.weight.shape[1]
+            return w[:inter], w[inter:], lb.gate_up[0].bias is not None
+        return (lb.gate_up[0].weight, lb.gate_up[1].weight,
+                lb.gate_up[0].bias is not None or lb.gate_up[1].bias is not None)
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         """act(gate) * up of the MLP: into the reused buffer, or for a decode step in one launch."""
         lb, mb = self.lb, self.mb
         b, c, _ = h.shape
         inter = lb.down.weight.shape[1]
-        if len(lb.gate_up) == 1:
-            w = lb.gate_up[0].weight
-            gate_w, up_w, biased = w[:inter], w[inter:], lb.gate_up[0].bias is not None
-        else:
-            gate_w, up_w = lb.gate_up[0].weight, lb.gate_up[1].weight
-            biased = lb.gate_up[0].bias is not None or lb.gate_up[1].bias is not None
+        gate_w, up_w, biased = self._gate_up_weights()
         if not biased and _one_row_gemv(h, gate_w, up_w):
-            return ops.gemv_act_and_mul(h, gate_w, up_w, mb.act,
-                                        approximate=mb.act_approximate)
+            return ops.gemv_act_and_mul(h, gate_w, up_w, mb.act, approximate=mb.act_approximate)
         act = self.act_buf[: b * c * inter].view(b, c, inter)
         if len(lb.gate_up) == 1:
             gate, up = _linear(h, lb.gate_up[0]), None
@@ -236,9 +271,10 @@ def run_decode_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs, st
     the cache layers must already have capacity for the write."""
     rope = _Rope(mb, inp)
     act_buf = _act_buffer(mb, inp.hidden, inp.hidden.shape[0])
+    spare = torch.empty_like(inp.hidden)  # the residual's second buffer (decode_block)
     pending = None
     for li, lb in enumerate(mb.layers):
-        pending = _Layer(mb, lb, cache.layers[li], inp, rope, act_buf).decode_block(step, pending)
+        pending = _Layer(mb, lb, cache.layers[li], inp, rope, act_buf).decode_block(step, pending, spare)
     inp.hidden.add_(pending)
 
 

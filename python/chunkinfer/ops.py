@@ -7,6 +7,7 @@ torch.compile behave the same everywhere; ``build_info()`` says which happened.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -25,8 +26,8 @@ SCHEMAS = {
     "decode_attention_out": "decode_attention_out(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0) -> ()",
     "merge_attn_states": "merge_attn_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)",
     "merge_attn_states_out": "merge_attn_states_out(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> ()",
-    "gemv": "gemv(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor",
-    "gemv_act_and_mul": "gemv_act_and_mul(Tensor x, Tensor gate, Tensor up, str activation, str approximate='none') -> Tensor",
+    "gemv": "gemv(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor? norm_weight=None, float eps=0.0, bool gemma=False, Tensor? add=None, Tensor(a!)? residual_out=None) -> Tensor",
+    "gemv_act_and_mul": "gemv_act_and_mul(Tensor x, Tensor gate, Tensor up, str activation, str approximate='none', Tensor? norm_weight=None, float eps=0.0, bool gemma=False, Tensor? add=None, Tensor(a!)? residual_out=None) -> Tensor",
     "rotary_kv_write": "rotary_kv_write(Tensor(a!)? q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor index) -> ()",
 }
 
@@ -115,11 +116,12 @@ def _register_fakes() -> None:
         return out_a.new_empty(out_a.shape), out_a.new_empty(out_a.shape[:-1], dtype=torch.float32)
 
     @torch.library.register_fake("chunkinfer::gemv")
-    def _(x, weights, biases):
+    def _(x, weights, biases, norm_weight=None, eps=0.0, gemma=False, add=None, residual_out=None):
         return x.new_empty([*x.shape[:-1], sum(w.shape[0] for w in weights)])
 
     @torch.library.register_fake("chunkinfer::gemv_act_and_mul")
-    def _(x, gate, up, activation, approximate="none"):
+    def _(x, gate, up, activation, approximate="none", norm_weight=None, eps=0.0, gemma=False, add=None,
+          residual_out=None):
         return x.new_empty([*x.shape[:-1], gate.shape[0]])
 
     for name in ("silu_and_mul_out", "gelu_and_mul_out", "rms_norm_out", "fused_add_rms_norm",
@@ -224,34 +226,62 @@ def rotary_kv_write(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, co
 
 
 GEMV_MAX_ROWS = 4  # rows of x the gemv ops take (csrc/ops.h kGemvMaxRows); more are a matrix product
+GEMV_MAX_X_BYTES = 160 * 1024  # x's rows in shared memory on CUDA (csrc/ops.h kGemvMaxXBytes)
 
 
-def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class NormPrologue:
+    """What the gemv ops compute in front of their projections, in the same launch on CUDA: the
+    residual r = x (+ add), rounded to x's dtype, written to ``residual_out`` if given (which must not
+    share memory with x or add), and the projections are of rms_norm(r) with ``weight`` (Gemma's
+    (1 + weight) when ``gemma``), as :func:`fused_add_rms_norm` rounds it. A decode step passes the
+    previous sublayer's output as ``add`` and alternates between two residual buffers."""
+
+    weight: torch.Tensor
+    eps: float
+    gemma: bool = False
+    add: torch.Tensor | None = None
+    residual_out: torch.Tensor | None = None
+
+    def args(self) -> tuple:
+        return self.weight, self.eps, self.gemma, self.add, self.residual_out
+
+
+_NO_PROLOGUE = (None, 0.0, False, None, None)
+
+
+def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None, *,
+         norm: NormPrologue | None = None) -> torch.Tensor:
     """x [..., K] (1 to GEMV_MAX_ROWS rows, contiguous) projected by each weight [M_i, K] (+ its bias),
-    the outputs side by side: [..., sum M_i] (q, k and v of a decode step in one launch on CUDA).
-    Each projection is rounded to x's dtype as F.linear rounds it. See :func:`gemv_supports`."""
-    return torch.ops.chunkinfer.gemv(x, weights, [None] * len(weights) if biases is None else biases)
+    the outputs side by side: [..., sum M_i] (q, k and v of a decode step in one launch on CUDA), of
+    rms_norm(x (+ add)) with ``norm``. Each projection is rounded to x's dtype as F.linear rounds it.
+    See :func:`gemv_supports`."""
+    pro = _NO_PROLOGUE if norm is None else norm.args()
+    return torch.ops.chunkinfer.gemv(x, weights, [None] * len(weights) if biases is None else biases, *pro)
 
 
 def gemv_act_and_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str = "silu", *,
-                     approximate: str = "none") -> torch.Tensor:
+                     approximate: str = "none", norm: NormPrologue | None = None) -> torch.Tensor:
     """act(x gate^T) * (x up^T) for x [..., K] with 1 to GEMV_MAX_ROWS rows: the decode step's gate and up
-    projections and their activation in one launch on CUDA; activation "silu" or "gelu" (``approximate``
-    "none" or "tanh"). Each projection rounded to x's dtype first, as F.linear and silu_and_mul do."""
-    return torch.ops.chunkinfer.gemv_act_and_mul(x, gate, up, activation, approximate)
+    projections and their activation in one launch on CUDA (of rms_norm(x (+ add)) with ``norm``);
+    activation "silu" or "gelu" (``approximate`` "none" or "tanh"). Each projection rounded to x's dtype
+    first, as F.linear and silu_and_mul do."""
+    pro = _NO_PROLOGUE if norm is None else norm.args()
+    return torch.ops.chunkinfer.gemv_act_and_mul(x, gate, up, activation, approximate, *pro)
 
 
 def gemv_supports(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether the gemv ops take x and these weights: 1 to GEMV_MAX_ROWS contiguous rows of a float
     dtype, weights [M, K] contiguous on x's device in its dtype; on CUDA also K a multiple of one
-    16-byte vector and every pointer 16-byte aligned. Callers use a matrix product otherwise."""
+    16-byte vector, x within GEMV_MAX_X_BYTES and every pointer 16-byte aligned. Callers use a matrix
+    product otherwise."""
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not x.is_contiguous() or x.dim() == 0:
         return False
     k = x.shape[-1]
     if k == 0 or not 1 <= x.numel() // k <= GEMV_MAX_ROWS:
         return False
     cuda = x.device.type == "cuda"
-    if cuda and (k % (16 // x.element_size()) or x.data_ptr() % 16):
+    if cuda and (k % (16 // x.element_size()) or x.data_ptr() % 16 or x.numel() * x.element_size() > GEMV_MAX_X_BYTES):
         return False
     return all(w.dim() == 2 and w.shape[1] == k and w.dtype == x.dtype and w.device == x.device
                and w.is_contiguous() and not (cuda and w.data_ptr() % 16) for w in weights)

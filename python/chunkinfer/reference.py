@@ -139,14 +139,33 @@ def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) ->
     return F.linear(x.to(ct), w.to(ct), None if b is None else b.to(ct)).to(x.dtype)
 
 
-def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> torch.Tensor:
-    """The projections of x [..., K] by each weight [M_i, K] (+ its bias), side by side: [..., sum M_i]."""
-    return torch.cat([_project(x, w, b) for w, b in zip(weights, biases)], dim=-1)
+def gemv_prologue(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0, gemma: bool = False,
+                  add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gemv ops' optional prologue: returns (h, the residual x (+ add)); h = rms_norm of the
+    residual when norm_weight is given, else the residual itself."""
+    residual = x if add is None else (x.to(_compute_dtype(x)) + add.to(_compute_dtype(x))).to(x.dtype)
+    return (residual if norm_weight is None else rms_norm(residual, norm_weight, eps, gemma)), residual
+
+
+def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+         norm_weight: torch.Tensor | None = None, eps: float = 0.0, gemma: bool = False,
+         add: torch.Tensor | None = None, residual_out: torch.Tensor | None = None) -> torch.Tensor:
+    """The projections of h [..., K] by each weight [M_i, K] (+ its bias), side by side: [..., sum M_i];
+    h from x by :func:`gemv_prologue` (residual_out receives the residual)."""
+    h, residual = gemv_prologue(x, norm_weight, eps, gemma, add)
+    if residual_out is not None:
+        residual_out.copy_(residual)
+    return torch.cat([_project(h, w, b) for w, b in zip(weights, biases)], dim=-1)
 
 
 def gemv_act_and_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
-                     approximate: str = "none") -> torch.Tensor:
-    """act(x gate^T) * (x up^T), each projection rounded to x's dtype first."""
-    g, u = _project(x, gate), _project(x, up)
+                     approximate: str = "none", norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                     gemma: bool = False, add: torch.Tensor | None = None,
+                     residual_out: torch.Tensor | None = None) -> torch.Tensor:
+    """act(h gate^T) * (h up^T), each projection rounded to x's dtype first; h as in :func:`gemv`."""
+    h, residual = gemv_prologue(x, norm_weight, eps, gemma, add)
+    if residual_out is not None:
+        residual_out.copy_(residual)
+    g, u = _project(h, gate), _project(h, up)
     return silu_and_mul(g, u) if activation == "silu" else gelu_and_mul(g, u, approximate)
 

@@ -28,11 +28,18 @@ def poison_allocator(device, nbytes: int) -> None:
         torch.full((nbytes // 4 + 1024,), float("nan"), device=device)  # freed at once, reused next
 
 
+def fits(device, rows: int, k: int, dtype) -> bool:
+    """Whether x fits the CUDA kernel's shared memory (beyond it the layer code uses F.linear)."""
+    return device == "cpu" or rows * k * dtype.itemsize <= ops.GEMV_MAX_X_BYTES
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 def test_gemv_matches_float64(device, dtype, rows, gen):
     for k, outs in shapes(device):
+        if not fits(device, rows, k, dtype):
+            continue
         x = randn((rows, 1, k), dtype, device, gen)
         ws = [randn((m, k), dtype, device, gen, scale=k ** -0.5) for m in outs]
         bs = [randn((m,), dtype, device, gen) if i % 2 else None for i, m in enumerate(outs)]
@@ -59,6 +66,50 @@ def test_gemv_act_and_mul_matches_float64(device, dtype, activation, approximate
             want = reference.gemv_act_and_mul(x.double(), gate.double(), up.double(), activation, approximate)
             err = rel_err(got, want)
             assert err <= TOLERANCE[dtype], f"rows={rows} K={k} I={inter}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
+def test_norm_prologue_matches_float64(device, dtype, rows, gemma, gen):
+    """h = rms_norm(x + add) computed in the projection's launch; residual_out gets x + add rounded
+    once, exactly as the separate add rounds it; without add, residual_out is a copy of x."""
+    for k, outs in [(64, (96,)), (4096, (4096, 1024, 1024))] + ([(5, (3,))] if device == "cpu" else []):
+        for with_add in (True, False):
+            x = randn((rows, 1, k), dtype, device, gen)
+            add = randn((rows, 1, k), dtype, device, gen) if with_add else None
+            nw = randn((k,), dtype, device, gen, scale=0.5) + 1
+            ws = [randn((m, k), dtype, device, gen, scale=k ** -0.5) for m in outs]
+            gate, up = (randn((48, k), dtype, device, gen, scale=k ** -0.5) for _ in range(2))
+            want_res = x if add is None else (x.double() + add.double()).to(dtype)
+            h = reference.rms_norm(want_res, nw, 1e-5, gemma).double()  # rounded to dtype, as the op defines h
+            for call, want in [
+                (lambda n: ops.gemv(x, ws, norm=n), reference.gemv(h, [w.double() for w in ws], [None] * len(ws))),
+                (lambda n: ops.gemv_act_and_mul(x, gate, up, norm=n),
+                 reference.gemv_act_and_mul(h, gate.double(), up.double(), "silu")),
+            ]:
+                res = poisoned(x.shape, dtype, device)
+                got = call(ops.NormPrologue(nw, 1e-5, gemma, add=add, residual_out=res))
+                assert torch.equal(res, want_res), f"K={k}: residual_out is not x + add rounded once"
+                err = rel_err(got, want)
+                assert err <= TOLERANCE[dtype], f"K={k} outs={outs} add={with_add}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_prologue_equals_the_separate_norm(device, gen):
+    """bf16: the prologue's h is rms_norm's h (same rounding points), so the projection matches the
+    unfused fused_add_rms_norm + gemv to bf16 rounding of the outputs."""
+    dtype, k = torch.bfloat16, 4096
+    x, add = randn((1, 1, k), dtype, device, gen), randn((1, 1, k), dtype, device, gen)
+    nw = randn((k,), dtype, device, gen, scale=0.5) + 1
+    ws = [randn((m, k), dtype, device, gen, scale=k ** -0.5) for m in (4096, 1024, 1024)]
+    h, res = add.clone(), x.clone()
+    ops.fused_add_rms_norm(h, res, nw, 1e-6)
+    spare = torch.empty_like(x)
+    got = ops.gemv(x, ws, norm=ops.NormPrologue(nw, 1e-6, add=add, residual_out=spare))
+    assert torch.equal(spare, res)
+    torch.testing.assert_close(got, ops.gemv(h, ws), rtol=1.6e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -97,6 +148,34 @@ def test_bad_arguments_are_named(device, gen):
             call()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_prologues_are_named_before_any_write(device, gen):
+    x = randn((2, 64), torch.float32, device, gen)
+    w = randn((32, 64), torch.float32, device, gen)
+    nw = randn((64,), torch.float32, device, gen)
+    out = randn((2, 64), torch.float32, device, gen)
+    before = out.clone()
+
+    def prologue(**kw):
+        return ops.NormPrologue(**{"weight": nw, "eps": 1e-6, "residual_out": out, **kw})
+
+    cases = [
+        (prologue(weight=nw[:63]), "norm_weight must be a contiguous [64]"),
+        (prologue(weight=nw.half()), "norm_weight has dtype"),
+        (prologue(eps=-1.0), "eps must be finite and >= 0"),
+        (prologue(add=x[:1]), "add must have x's shape"),
+        (prologue(residual_out=x), "residual_out must not share memory with x"),
+        (prologue(add=out), "residual_out must not share memory with add"),
+        (prologue(residual_out=out.T.contiguous().T), "residual_out must be contiguous"),
+        (prologue(residual_out=out[:1]), "residual_out must have x's shape"),
+    ]
+    for norm, words in cases:
+        for call in (lambda: ops.gemv(x, [w], norm=norm), lambda: ops.gemv_act_and_mul(x, w, w, norm=norm)):
+            with pytest.raises(RuntimeError, match=words.replace("[", r"\[").replace("]", r"\]")):
+                call()
+            assert torch.equal(out, before), "a rejected call wrote residual_out"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_cuda_needs_whole_vectors_and_gemv_supports_says_so(gen):
@@ -110,6 +189,12 @@ def test_cuda_needs_whole_vectors_and_gemv_supports_says_so(gen):
     assert ops.gemv_supports(x64, w64) and not ops.gemv_supports(x64, shifted)
     with pytest.raises(RuntimeError, match="16-byte aligned"):
         ops.gemv(x64, [shifted])
+    # x's rows live in shared memory: beyond GEMV_MAX_X_BYTES it is a matrix product's job
+    wide = randn((4, ops.GEMV_MAX_X_BYTES // 8), torch.float32, "cuda", gen)
+    ww = randn((8, wide.shape[1]), torch.float32, "cuda", gen)
+    assert ops.gemv_supports(wide[:2], ww) and not ops.gemv_supports(wide, ww)
+    with pytest.raises(RuntimeError, match="shared memory"):
+        ops.gemv(wide, [ww])
 
 
 def test_gemv_supports_rows_dtypes_and_layouts(gen):

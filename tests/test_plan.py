@@ -38,7 +38,8 @@ def current_decode_rows() -> list[dict]:
     # the decode step changes from build to build (the eager loop of Run 0, then CUDA graphs, fused
     # ops, gemv): the newest run's rows (the file is appended in time order) are the current code's
     decode = rows("chunkinfer decode")
-    return [r for r in decode if r["command"] == decode[-1]["command"]]
+    newest = (decode[-1]["command"], decode[-1].get("session"))
+    return [r for r in decode if (r["command"], r.get("session")) == newest]
 
 
 def H200(seq, **kw) -> Plan:

@@ -49,8 +49,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = Fa
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                        gemma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Functional form: returns (normalised, new residual); the op writes them into x and residual."""
-    new_residual = (residual.to(_compute_dtype(x)) + x.to(_compute_dtype(x))).to(x.dtype)
+    new_residual = _add(residual, x)
     return rms_norm(new_residual, weight, eps, gemma), new_residual
+
+
+def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b in the compute dtype, rounded once to a's dtype (the residual add)."""
+    ct = _compute_dtype(a)
+    return (a.to(ct) + b.to(ct)).to(a.dtype)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
@@ -140,21 +146,21 @@ def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) ->
 
 
 def gemv_prologue(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0, gemma: bool = False,
-                  add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gemv ops' optional prologue: returns (h, the residual x (+ add)); h = rms_norm of the
-    residual when norm_weight is given, else the residual itself."""
-    residual = x if add is None else (x.to(_compute_dtype(x)) + add.to(_compute_dtype(x))).to(x.dtype)
-    return (residual if norm_weight is None else rms_norm(residual, norm_weight, eps, gemma)), residual
+                  add: torch.Tensor | None = None, residual_out: torch.Tensor | None = None) -> torch.Tensor:
+    """The gemv ops' optional prologue: the residual x (+ add) goes to residual_out (if given); returns
+    h, rms_norm of the residual when norm_weight is given, else the residual itself."""
+    residual = x if add is None else _add(x, add)
+    if residual_out is not None:
+        residual_out.copy_(residual)
+    return residual if norm_weight is None else rms_norm(residual, norm_weight, eps, gemma)
 
 
 def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, gemma: bool = False,
          add: torch.Tensor | None = None, residual_out: torch.Tensor | None = None) -> torch.Tensor:
     """The projections of h [..., K] by each weight [M_i, K] (+ its bias), side by side: [..., sum M_i];
-    h from x by :func:`gemv_prologue` (residual_out receives the residual)."""
-    h, residual = gemv_prologue(x, norm_weight, eps, gemma, add)
-    if residual_out is not None:
-        residual_out.copy_(residual)
+    h from x by :func:`gemv_prologue`."""
+    h = gemv_prologue(x, norm_weight, eps, gemma, add, residual_out)
     return torch.cat([_project(h, w, b) for w, b in zip(weights, biases)], dim=-1)
 
 
@@ -163,9 +169,7 @@ def gemv_act_and_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, acti
                      gemma: bool = False, add: torch.Tensor | None = None,
                      residual_out: torch.Tensor | None = None) -> torch.Tensor:
     """act(h gate^T) * (h up^T), each projection rounded to x's dtype first; h as in :func:`gemv`."""
-    h, residual = gemv_prologue(x, norm_weight, eps, gemma, add)
-    if residual_out is not None:
-        residual_out.copy_(residual)
+    h = gemv_prologue(x, norm_weight, eps, gemma, add, residual_out)
     g, u = _project(h, gate), _project(h, up)
     return silu_and_mul(g, u) if activation == "silu" else gelu_and_mul(g, u, approximate)
 

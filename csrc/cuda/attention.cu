@@ -88,7 +88,7 @@ void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tenso
     p.v_sb = v_cache.stride(0), p.v_sh = v_cache.stride(1), p.v_sp = v_cache.stride(2);
     p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_st = out.stride(2);
     p.l_sb = lse.stride(0), p.l_sh = lse.stride(1), p.l_st = lse.stride(2);
-    attention::launch_decode_attention<T>(p, stream, /*programmatic_launch=*/cc_major >= 9, tensor_cores);
+    attention::launch_decode_attention<T>(p, stream, /*programmatic_launch=*/true, tensor_cores);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -851,7 +851,7 @@ int decode_attention_num_splits(int B, int Hq, int Hkv, int T_, int D, int cap, 
 
 // Both passes on `stream`; false if the head dim is not 64, 128 or 256. p.splits and the
 // workspace must come from decode_attention_num_splits with the same `tensor_cores`. The caller
-// checks for launch errors. `programmatic_launch` (compute capability 9.0+): pass 1 is scheduled while
+// checks for launch errors. `programmatic_launch` (where the device has it): pass 1 is scheduled while
 // the kernel before it ends (and waits for it before reading anything), pass 2 overlaps pass 1's tail.
 template <typename T>
 bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool programmatic_launch = false,

@@ -55,10 +55,17 @@ __device__ __forceinline__ void wait_for_prerequisite_grid() {
 }
 
 // Launches kernel<<<grid, block, smem, stream>>>(args...) with the programmatic-serialization
-// attribute; false (and the error cleared) where the driver refuses it, for an ordinary launch instead.
+// attribute; false (and any error cleared) where the current device is older than compute capability
+// 9.0 or the driver refuses it, for an ordinary launch instead.
 template <typename... Params, typename... Args>
 bool launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                          Args... args) {
+  int device = 0, cc_major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || cc_major < 9) {
+    cudaGetLastError();
+    return false;
+  }
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;

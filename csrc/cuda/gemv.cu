@@ -38,13 +38,6 @@ void check_vectorised(const char* op, const GemvArgs& a, const at::Tensor& x, at
   }
 }
 
-// Programmatic dependent launch where the device has it (compute capability 9.0+).
-bool programmatic(const at::Tensor& x) {
-  int cc_major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, x.device().index()));
-  return cc_major >= 9;
-}
-
 template <typename scalar_t>
 GemvWeights<cuda_t<scalar_t>> weights_of(at::TensorList weights, const c10::List<std::optional<at::Tensor>>* biases) {
   GemvWeights<cuda_t<scalar_t>> w{};
@@ -86,7 +79,7 @@ at::Tensor gemv(const at::Tensor& x, at::TensorList weights, const c10::List<std
   CHUNKINFER_DISPATCH_FLOATING(x.scalar_type(), [&] {
     C10_CUDA_CHECK((launch_gemv<cuda_t<scalar_t>, GemvEpilogue::kStore>(
         cuda_ptr(out.mutable_data_ptr<scalar_t>()), a.rows, input_of<scalar_t>(x, a, pro),
-        weights_of<scalar_t>(weights, &biases), a.rows, stream, programmatic(x))));
+        weights_of<scalar_t>(weights, &biases), a.rows, stream)));
   });
   return out;
 }
@@ -98,7 +91,7 @@ void launch_act(const at::Tensor& out, const at::Tensor& x, const at::Tensor& ga
   CHUNKINFER_DISPATCH_FLOATING(x.scalar_type(), [&] {
     C10_CUDA_CHECK((launch_gemv<cuda_t<scalar_t>, GemvEpilogue::kActMul, A>(
         cuda_ptr(out.mutable_data_ptr<scalar_t>()), a.rows, input_of<scalar_t>(x, a, pro),
-        weights_of<scalar_t>(both, nullptr), a.rows, stream, programmatic(x))));
+        weights_of<scalar_t>(both, nullptr), a.rows, stream)));
   });
 }
 

@@ -12,6 +12,7 @@
 
 #include "activation_kernels.cuh"
 #include "device_util.cuh"
+#include "layernorm_kernels.cuh"
 
 namespace chunkinfer::cuda {
 
@@ -71,14 +72,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Llama rounds x * inv to the dtype before the weight multiply; Gemma multiplies by (1 + w) in fp32
-// (as layernorm_kernels.cuh's normalise).
-template <typename T>
-__device__ __forceinline__ T gemv_normalise(float v, float inv, float w, bool gemma) {
-  if (gemma) return from_float<T>(v * inv * (1.0f + w));
-  return from_float<T>(to_float(from_float<T>(v * inv)) * w);
-}
-
 // h into shared memory: every block builds it from x (and add, the norm) while its first weight
 // loads fly; block 0 also writes the residual. Each thread revisits only the vectors it wrote.
 template <typename T>
@@ -108,7 +101,10 @@ __device__ void stage_input(const GemvInput<T>& in, T* hs) {
       Vec16<T> hv = load16(hs + off + v * VEC);
       const Vec16<T> w = load16(in.norm_weight + v * VEC);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) hv.v[k] = gemv_normalise<T>(to_float(hv.v[k]), inv, to_float(w.v[k]), in.gemma);
+      for (int k = 0; k < VEC; ++k) {
+        hv.v[k] = in.gemma ? normalise<T, true>(to_float(hv.v[k]), inv, to_float(w.v[k]))
+                           : normalise<T, false>(to_float(hv.v[k]), inv, to_float(w.v[k]));
+      }
       store16(hs + off + v * VEC, hv);
     }
   }
@@ -231,6 +227,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(T* __restrict__ out,
       // roundings as the unfused ops make them: each projection's output in T, then the epilogue
       if constexpr (E == GemvEpilogue::kStore) {
         if (lane != i) continue;
+        // segment and bias worked out here, not kept by the cursor: carrying them through the stream
+        // loop measured 0.2 ms slower per 8B decode step (profile_decode_h200.md, session 8)
         int seg = 0;
 #pragma unroll
         for (int k = 1; k < kGemvMaxSegments; ++k) seg += k < wts.segments && row >= wts.row_end[k - 1];
@@ -263,7 +261,7 @@ constexpr size_t gemv_smem_bytes(int64_t K, int n) {
 // kernel, device and size (the answer does not change, and the decode step's eager path calls this
 // twice per layer).
 template <typename T, int kRows, GemvEpilogue E, ActKind A>
-cudaError_t resident_blocks_per_sm(size_t smem, int* per_sm) {
+cudaError_t resident_blocks_per_sm(int device, size_t smem, int* per_sm) {
   const auto kernel = gemv_kernel<T, kRows, E, A>;
   struct Entry {
     int device;
@@ -272,17 +270,14 @@ cudaError_t resident_blocks_per_sm(size_t smem, int* per_sm) {
   };
   thread_local Entry cache[8] = {};
   thread_local int filled = 0;
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
   for (int i = 0; i < filled; ++i) {
     if (cache[i].device == device && cache[i].smem == smem) {
       *per_sm = cache[i].per_sm;
       return cudaSuccess;
     }
   }
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(kGemvRingBytes + kGemvMaxXBytes));
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kGemvRingBytes + kGemvMaxXBytes));
   if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, kGemvThreads, smem);
   if (err != cudaSuccess) return err;
   cache[filled % 8] = Entry{device, smem, *per_sm};
@@ -297,13 +292,13 @@ cudaError_t resident_blocks_per_sm(size_t smem, int* per_sm) {
 // fifth row), which measured faster than equal shares there.
 template <typename T, int kRows, GemvEpilogue E, ActKind A>
 cudaError_t launch_gemv_rows(T* out, int64_t out_stride, const GemvInput<T>& in, const GemvWeights<T>& wts,
-                             int64_t rows, cudaStream_t stream, bool programmatic_launch) {
+                             int64_t rows, cudaStream_t stream) {
   const auto kernel = gemv_kernel<T, kRows, E, A>;
   const size_t smem = gemv_smem_bytes<T>(in.K, in.n);
   int device = 0, sms = 0, per_sm = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = resident_blocks_per_sm<T, kRows, E, A>(smem, &per_sm);
+  if (err == cudaSuccess) err = resident_blocks_per_sm<T, kRows, E, A>(device, smem, &per_sm);
   if (err != cudaSuccess) return err;
   if (rows == 0 && in.residual_out == nullptr) return cudaSuccess;  // nothing to compute or write
   const int64_t resident_warps = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1) * kGemvWarps;
@@ -313,20 +308,19 @@ cudaError_t launch_gemv_rows(T* out, int64_t out_stride, const GemvInput<T>& in,
                            ? resident_warps
                            : (rows + rows_per_warp - 1) / rows_per_warp;
   const dim3 grid(static_cast<unsigned>(warps > 0 ? (warps + kGemvWarps - 1) / kGemvWarps : 1));
-  if (programmatic_launch && launch_programmatic(kernel, grid, dim3(kGemvThreads), smem, stream, out, out_stride, in,
-                                                 wts, rows)) {
+  if (launch_programmatic(kernel, grid, dim3(kGemvThreads), smem, stream, out, out_stride, in, wts, rows)) {
     return cudaSuccess;
   }
   kernel<<<grid, kGemvThreads, smem, stream>>>(out, out_stride, in, wts, rows);
   return cudaGetLastError();
 }
 
-// `programmatic_launch` (compute capability 9.0+): may start before the kernel before it ends.
+// Launched programmatically where the device has it: may start before the kernel before it ends.
 template <typename T, GemvEpilogue E, ActKind A = ActKind::kSilu>
 cudaError_t launch_gemv(T* out, int64_t out_stride, const GemvInput<T>& in, const GemvWeights<T>& wts, int64_t rows,
-                        cudaStream_t stream, bool programmatic_launch) {
-  if (in.n == 1) return launch_gemv_rows<T, 1, E, A>(out, out_stride, in, wts, rows, stream, programmatic_launch);
-  return launch_gemv_rows<T, kGemvMaxRows, E, A>(out, out_stride, in, wts, rows, stream, programmatic_launch);
+                        cudaStream_t stream) {
+  if (in.n == 1) return launch_gemv_rows<T, 1, E, A>(out, out_stride, in, wts, rows, stream);
+  return launch_gemv_rows<T, kGemvMaxRows, E, A>(out, out_stride, in, wts, rows, stream);
 }
 
 }  // namespace chunkinfer::cuda

@@ -1,8 +1,8 @@
 """Decode steps as CUDA graphs: one captured step per batch size, replayed while the cache grows.
 
 Everything that changes between steps (token ids, rotary positions, the cache write index, the cached
-lengths) lives in device tensors that are updated in place before a replay, and attention reads the
-lengths on the device (``ops.decode_attention``), so the launch sequence never changes. A graph is
+lengths) lives in device tensors, updated in place before a replay (the lengths by the graph itself,
+from the write index), and attention reads the lengths on the device (``ops.decode_attention``), so the launch sequence never changes. A graph is
 recaptured only when the cache's buffers are reallocated (capacity growth, 1.25x at a time).
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ class _Captured:
     logits: torch.Tensor     # [B, 1, V] (static output)
     buffers: tuple           # data pointers of the cache buffers the graph reads and writes
     starts_host: tuple | None
-    buffer_refs: list | None = None  # the buffer tensors last seen at those pointers (weak)
+    buffer_refs: list        # the buffer tensors last seen at those pointers (weak)
+    capacity: int            # positions those buffers hold
 
 
 def graph_decode_supported(mb: ModelBinding, device: torch.device, dtype: torch.dtype) -> bool:
@@ -60,6 +61,9 @@ def _same_buffers(refs: list, cache: ChunkKVCache) -> bool:
 
 def _step_logits(mb: ModelBinding, cache: ChunkKVCache, ids: torch.Tensor, positions: torch.Tensor,
                  step: DeviceStep) -> torch.Tensor:
+    # the lengths after the write, from the write index on the device: a ~1 us kernel in the graph
+    # instead of a fill launched from the host before each replay
+    torch.add(step.write_index.expand(step.seq_lens.shape[0]), 1, out=step.seq_lens)
     hidden = mb.embed(ids)
     inp = LoopInputs(hidden=hidden, position_ids=positions, start=0, key_starts=None, chunk=1)
     run_decode_layers(mb, cache, inp, step)
@@ -86,27 +90,38 @@ class DecodeGraphs:
 
     def step(self, mb: ModelBinding, cache: ChunkKVCache, ids: torch.Tensor, positions: torch.Tensor | None,
              past: int, key_starts: list[int] | None) -> torch.Tensor:
-        """Run one decode step (ids [B, 1]) on a cache holding ``past`` positions; returns logits
-        [B, 1, V]. ``positions`` [1 or B, 1] are the rotary positions, None for ``past``. The caller
-        has reserved capacity for position ``past``."""
+        """Run one decode step (ids [B, 1]) on a cache holding ``past`` positions, growing it when
+        full; returns logits [B, 1, V]. ``positions`` [1 or B, 1] are the rotary positions, None for
+        ``past``."""
         b = ids.shape[0]
         starts_host = tuple(key_starts) if key_starts else None
         cap = self._by_batch.get(b)
-        if cap is None or cap.starts_host != starts_host or not (
-                cap.buffer_refs is not None and _same_buffers(cap.buffer_refs, cache)):
-            if cap is None or cap.starts_host != starts_host or cap.buffers != _buffers(cache):
-                cap = self._capture(mb, cache, ids, positions, past, starts_host)
-                self._by_batch[b] = cap
-            cap.buffer_refs = _buffer_refs(cache)
+        if (cap is None or cap.starts_host != starts_host or past >= cap.capacity
+                or not _same_buffers(cap.buffer_refs, cache)):
+            cap = self._prepare(mb, cache, ids, positions, past, starts_host)
         cap.ids.copy_(ids)
         if positions is None:  # the default: the token's cache position, and the write index, in one fill
             cap.past.fill_(past)
         else:
             cap.positions.copy_(positions.expand(b, 1))
             cap.step.write_index.fill_(past)
-        cap.step.seq_lens.fill_(past + 1)
         cap.graph.replay()
         return cap.logits.clone()  # the static output is overwritten by the next replay
+
+    def _prepare(self, mb, cache, ids, positions, past, starts_host) -> _Captured:
+        """Room for position ``past`` in every layer, and a graph over the cache's buffers as they
+        are now: the one held for this batch when their addresses and shapes are the ones it was
+        captured with (also a new cache the allocator placed where the last one was), else a new one."""
+        b, weight = ids.shape[0], mb.embed.weight
+        for layer, lb in zip(cache.layers, mb.layers):
+            layer.reserve(b, lb.n_kv, lb.head_dim, weight.dtype, weight.device, past + 1)
+        cap = self._by_batch.get(b)
+        if cap is None or cap.starts_host != starts_host or cap.buffers != _buffers(cache):
+            cap = self._capture(mb, cache, ids, positions, past, starts_host)
+            self._by_batch[b] = cap
+        cap.buffer_refs = _buffer_refs(cache)
+        cap.capacity = min(layer.k_buf.shape[2] for layer in cache.layers)
+        return cap
 
     def _capture(self, mb, cache, ids, positions, past, starts_host) -> _Captured:
         b, device = ids.shape[0], ids.device
@@ -130,4 +145,5 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits = _step_logits(mb, cache, static_ids, static_pos, step)
-        return _Captured(graph, static_ids, static_pos, past_buf, step, logits, _buffers(cache), starts_host)
+        return _Captured(graph, static_ids, static_pos, past_buf, step, logits, _buffers(cache), starts_host,
+                         buffer_refs=[], capacity=0)  # set by _prepare

@@ -24,6 +24,8 @@ from .model_devices import moves_inputs
 
 _HANDLED_KWARGS = {"output_hidden_states", "output_attentions", "num_items_in_batch", "shift_labels",
                    "return_dict"}
+_PLAIN_DECODE_KWARGS = frozenset({"input_ids", "past_key_values", "use_cache", "attention_mask", "logits_to_keep",
+                                   "return_dict"})
 _DECODE_MAX_TOKENS = 64  # calls at most this long on a non-empty cache reuse the recorded padding
 
 
@@ -175,15 +177,40 @@ def _key_starts(mask: torch.Tensor | None, cache: ChunkKVCache, past: int, s: in
     return starts if any(starts) else None
 
 
+def _plain_decode_step(model, state: ConvertedState, args: tuple, kwargs: dict) -> tuple | None:
+    """_graph_decode's arguments when this call is a plain decode step (generate()'s every step after
+    the first): one int64 token per sequence on a ChunkKVCache whose layers are all on the device, no
+    mask beyond the padding the cache recorded, no positions given. None for anything else, which the
+    general path checks and runs. Every microsecond before the replay adds to the step's latency, and
+    binding the signature and the general checks take tens of them."""
+    if len(args) > 1 or (args and "input_ids" in kwargs) or not _PLAIN_DECODE_KWARGS.issuperset(kwargs):
+        return None
+    ids = args[0] if args else kwargs.get("input_ids")
+    cache, ltk = kwargs.get("past_key_values"), kwargs.get("logits_to_keep", 0)
+    if (not state.cuda_graphs or type(cache) is not ChunkKVCache or cache.host is not None
+            or type(ltk) is not int or ltk < 0 or not torch.is_tensor(ids) or ids.dtype != torch.long
+            or ids.dim() != 2 or ids.shape[1] != 1 or torch.is_grad_enabled()):
+        return None
+    past, b, weight = cache.get_seq_length(), ids.shape[0], state.binding.embed.weight
+    if past == 0 or cache.layers[0].batch_size != b or ids.device != weight.device:
+        return None
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not (cache.key_starts_known and torch.is_tensor(mask) and mask.shape == (b, past + 1)):
+        return None
+    if model.config.output_hidden_states or not state.graphs.supported(state.binding, weight.device, weight.dtype):
+        return None
+    return cache, ids, None, past, None if mask is None else cache.key_starts, mask is not None, True
+
+
 def converted_forward(model, *args, **kwargs):
     state: ConvertedState = model._chunkinfer
+    step = _plain_decode_step(model, state, args, kwargs)
+    if step is not None:
+        return _as_requested(model, _graph_decode(state, *step), kwargs.get("return_dict"))
     bound = state.signature.bind(model, *args, **kwargs)
     a = dict(bound.arguments)
     a.pop("self", None)
     extra = dict(a.pop("kwargs", {}) or {})
-    config = model.config
-    return_dict = extra.get("return_dict")
-    return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
 
     reason = _needs_stock(model, a, extra)
     if reason is None:
@@ -200,6 +227,11 @@ def converted_forward(model, *args, **kwargs):
         if isinstance(pkv, ChunkKVCache):
             pkv.key_starts_known = False
         return type(model).forward(model, *args, **kwargs)
+    return _as_requested(model, out, extra.get("return_dict"))
+
+
+def _as_requested(model, out: CausalLMOutputWithPast, return_dict: bool | None):
+    return_dict = getattr(model.config, "return_dict", True) if return_dict is None else return_dict
     return out if return_dict else out.to_tuple()
 
 
@@ -310,12 +342,7 @@ def _plan_chunks(model, state: ConvertedState, cache: ChunkKVCache, call: Prompt
 def _graph_decode(state: ConvertedState, cache: ChunkKVCache, ids: torch.Tensor, pos: torch.Tensor | None, past: int,
                   key_starts: list[int] | None, mask_given: bool, return_cache: bool) -> CausalLMOutputWithPast:
     """One new token per sequence through the captured decode step (decode_graph.py)."""
-    mb = state.binding
-    weight = mb.embed.weight
-    if any(layer.k_buf is None or layer.k_buf.shape[2] <= past for layer in cache.layers):  # (cheap when not)
-        for layer, lb in zip(cache.layers, mb.layers):
-            layer.reserve(ids.shape[0], lb.n_kv, lb.head_dim, weight.dtype, weight.device, past + 1)
-    logits = state.graphs.step(mb, cache, ids, pos, past, key_starts)
+    logits = state.graphs.step(state.binding, cache, ids, pos, past, key_starts)
     for layer in cache.layers:
         layer.length = past + 1
     cache.key_starts, cache.key_starts_known = key_starts, mask_given

@@ -171,14 +171,14 @@ class _Layer:
         (the projection's blocks all read the residual, so it is not updated in place)."""
         lb = self.lb
         x = self.inp.hidden  # [B, 1, H]
-        if self._norms_in_gemv(x):
+        gate_up = self._gemv_gate_up(x)
+        if gate_up is not None:
             q, k, v = self._qkv(x, want_q=True, norm=ops.NormPrologue(lb.input_norm.weight, self.eps, self.gemma,
                                                                      add=pending, residual_out=spare))
             self._rotate_and_write(q, k, v, 0, 1, step.write_index)
             o = self._o_proj(x.shape, self._decode_attention(q, step))
-            gate_w, up_w, _ = self._gate_up_weights()
             post = lb.pre_ff_norm if self.gemma else lb.post_attn_norm
-            act = ops.gemv_act_and_mul(spare, gate_w, up_w, self.mb.act, approximate=self.mb.act_approximate,
+            act = ops.gemv_act_and_mul(spare, *gate_up, self.mb.act, approximate=self.mb.act_approximate,
                                        norm=ops.NormPrologue(post.weight, self.eps, self.gemma, add=o, residual_out=x))
             return self._down(act)
         if pending is None:
@@ -190,10 +190,13 @@ class _Layer:
         self._rotate_and_write(q, k, v, 0, 1, step.write_index)
         return self._finish(x, self._decode_attention(q, step))
 
-    def _norms_in_gemv(self, x: torch.Tensor) -> bool:
-        """Whether a decode step's q|k|v and act(gate)*up both go to the gemv ops, norms included."""
+    def _gemv_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The MLP's gate and up weights when a decode step's q|k|v and act(gate)*up both go to the
+        gemv ops, norms included; None when they do not."""
         gate_w, up_w, biased = self._gate_up_weights()
-        return not biased and _one_row_gemv(x, *(m.weight for m in self.lb.qkv), gate_w, up_w)
+        if biased or not _one_row_gemv(x, *(m.weight for m in self.lb.qkv), gate_w, up_w):
+            return None
+        return gate_w, up_w
 
     def _decode_attention(self, q: torch.Tensor, step: "DeviceStep") -> torch.Tensor:
         lb = self.lb

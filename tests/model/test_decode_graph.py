@@ -5,8 +5,10 @@ import copy
 
 import pytest
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import chunkinfer
+from chunkinfer import forward
 from chunkinfer.decode_graph import _step_logits
 from chunkinfer.layer_loop import DeviceStep
 from conftest import left_padded_batch, make_model
@@ -22,8 +24,9 @@ def model_hd64(arch: str, dtype, device):
 
 
 def device_step(cache, past: int, starts, b: int, device) -> DeviceStep:
+    # seq_lens poisoned: the step derives them from the write index
     return DeviceStep(write_index=torch.tensor([past], device=device),
-                      seq_lens=torch.full((b,), past + 1, dtype=torch.int32, device=device),
+                      seq_lens=torch.full((b,), -7, dtype=torch.int32, device=device),
                       starts=None if starts is None else torch.tensor(starts, dtype=torch.int32, device=device))
 
 
@@ -110,3 +113,88 @@ def test_graph_generate_matches_eager_generate():
         err = ((lg - le).norm() / le.norm()).item()
         assert err < 2e-2, f"step {t}: {err}"
         out = eager(g.sequences[:, 300 + t:301 + t], past_key_values=out.past_key_values, use_cache=True)
+
+
+class _GraphDecodeRecorder:
+    """Stands in for forward._graph_decode on a CPU model (the graph needs CUDA): records the
+    arguments, advances the cache as the replay would, and notes whether the general path ran."""
+
+    def __init__(self, monkeypatch, model):
+        self.calls, self.general = [], 0
+        model._chunkinfer.cuda_graphs = True
+        monkeypatch.setattr(model._chunkinfer.graphs, "supported", lambda *a: True)
+        monkeypatch.setattr(forward, "_graph_decode", self.graph_decode)
+        chunked = forward._chunked_forward
+
+        def counted(*a, **k):
+            self.general += 1
+            return chunked(*a, **k)
+        monkeypatch.setattr(forward, "_chunked_forward", counted)
+
+    def graph_decode(self, state, cache, ids, pos, past, key_starts, mask_given, return_cache):
+        self.calls.append((cache, ids, pos, past, key_starts, mask_given, return_cache))
+        for layer in cache.layers:
+            layer.length = past + 1
+        cache.key_starts, cache.key_starts_known = key_starts, mask_given
+        return CausalLMOutputWithPast(logits=torch.zeros(ids.shape[0], 1, 7), past_key_values=cache)
+
+
+def _prompt(model, padded: bool):
+    ids, mask = left_padded_batch(2, 40, [0, 5] if padded else [0, 0])
+    out = model(ids, attention_mask=mask if padded else None, use_cache=True)
+    return out.past_key_values, out.logits[:, -1:].argmax(-1), mask
+
+
+@pytest.mark.parametrize("form", ["positional", "keywords", "padded"])
+@torch.no_grad()
+def test_plain_decode_call_reaches_the_graph_as_the_general_path_would(monkeypatch, form):
+    """generate()'s decode calls skip the signature binding and general checks, and hand the graph
+    exactly what the general path would: the same cache, ids, length and padding."""
+    model = make_model("llama")
+    rec = _GraphDecodeRecorder(monkeypatch, chunkinfer.convert(model, chunk_size=16))
+    runs = []
+    for shortcut in (True, False):
+        if not shortcut:
+            monkeypatch.setattr(forward, "_plain_decode_step", lambda *a: None)
+        cache, nxt, mask = _prompt(model, padded=form == "padded")
+        rec.calls, rec.general = [], 0
+        for _ in range(3):
+            if form == "positional":
+                out = model(nxt, past_key_values=cache)
+            elif form == "keywords":
+                out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                            return_dict=True)
+            else:
+                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+                out = model(nxt, past_key_values=cache, attention_mask=mask, use_cache=True)
+            assert out.past_key_values is cache
+        assert rec.general == (0 if shortcut else 3)
+        assert all(c is cache for c, *_ in rec.calls)
+        runs.append([(ids.tolist(), pos, past, ks, given, ret) for _, ids, pos, past, ks, given, ret in rec.calls])
+    assert runs[0] == runs[1]
+    assert [r[2] for r in runs[0]] == [40, 41, 42]
+    assert all(r[3] == ([0, 5] if form == "padded" else None) for r in runs[0])
+
+
+@torch.no_grad()
+def test_other_decode_calls_take_the_general_path(monkeypatch):
+    """Anything but the plain step goes through the general checks: positions given, a mask that is
+    not past + 1 long, two tokens, float ids, a bool logits_to_keep, return_dict=False (tuple)."""
+    model = make_model("llama")
+    rec = _GraphDecodeRecorder(monkeypatch, chunkinfer.convert(model, chunk_size=16))
+    cache, nxt, _ = _prompt(model, padded=False)
+    rec.general = 0
+    model(nxt, past_key_values=cache, position_ids=torch.tensor([[40], [40]]))
+    assert rec.general == 1 and rec.calls[-1][2] is not None
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(nxt, past_key_values=cache, attention_mask=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids must be a 2-D integer tensor"):
+        model(nxt.float(), past_key_values=cache)
+    with pytest.raises(ValueError, match="logits_to_keep must be an int"):
+        model(nxt, past_key_values=cache, logits_to_keep=True)
+    length = cache.get_seq_length()
+    model(torch.cat([nxt, nxt], 1), past_key_values=cache)  # two tokens: the chunked loop, no graph
+    assert cache.get_seq_length() == length + 2 and len(rec.calls) == 1
+    general = rec.general
+    tup = model(nxt, past_key_values=cache, return_dict=False)
+    assert isinstance(tup, tuple) and tup[1] is cache and rec.general == general

@@ -2,8 +2,9 @@
 
 Everything that changes between steps (token ids, rotary positions, the cache write index, the cached
 lengths) lives in device tensors, updated in place before a replay (the lengths by the graph itself,
-from the write index), and attention reads the lengths on the device (``ops.decode_attention``), so the launch sequence never changes. A graph is
-recaptured only when the cache's buffers are reallocated (capacity growth, 1.25x at a time).
+from the write index), and attention reads the lengths on the device (``ops.decode_attention``), so
+the launch sequence never changes. A graph is recaptured only when the cache's buffers are
+reallocated (capacity growth, 1.25x at a time).
 """
 from __future__ import annotations
 

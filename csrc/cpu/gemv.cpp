@@ -1,7 +1,7 @@
 // The gemv ops on the CPU: ATen's matrix products with the same roundings as the CUDA kernels (each
 // projection in x's dtype, then the epilogue in fp32 with one rounding: the activation by chunkinfer's
-// own silu_and_mul / gelu_and_mul; the norm prologue by its rms_norm). On the CPU they serve the same layer code as on the GPU; there is
-// no launch count to save.
+// own silu_and_mul / gelu_and_mul; the norm prologue by its rms_norm). On the CPU they serve the same
+// layer code as on the GPU; there is no launch count to save.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>

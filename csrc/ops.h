@@ -102,7 +102,7 @@ RotaryArgs check_rotary_kv_write_args(const char* op, const std::optional<at::Te
 // norm_weight (Gemma's (1 + w) when gemma); the projections are of h. On CUDA it costs no launch.
 constexpr int64_t kGemvMaxRows = 4;
 constexpr int64_t kGemvMaxSegments = 4;
-constexpr int64_t kGemvMaxXBytes = 160 * 1024;  // x's rows in one CUDA block's shared memory
+constexpr int64_t kGemvMaxXBytes = 144 * 1024;  // x's rows in one CUDA block's shared memory
 struct GemvArgs {
   int64_t n = 0, K = 0, rows = 0;  // rows: output features (all segments)
 };

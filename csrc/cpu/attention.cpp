@@ -403,7 +403,8 @@ void decode_attention_cpu_impl(at::Tensor& out, at::Tensor& lse, const at::Tenso
 
 void decode_attention_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
                               const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                              const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t window) {
+                              const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t window,
+                              bool /*prefix_ready: a CUDA launch-order promise, nothing to do here*/) {
   const DecodeArgs a =
       check_decode_attention_args("decode_attention", out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window);
   if (a.B == 0 || a.Hq == 0 || a.T == 0) return;
@@ -417,9 +418,10 @@ void decode_attention_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                         const at::Tensor& v_cache, const at::Tensor& seq_lens,
                                                         const std::optional<at::Tensor>& starts,
-                                                        std::optional<double> scale, int64_t window) {
+                                                        std::optional<double> scale, int64_t window,
+                                                        bool prefix_ready) {
   auto [out, lse] = decode_attention_outputs(q);
-  decode_attention_out_cpu(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window);
+  decode_attention_out_cpu(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window, prefix_ready);
   return {out, lse};
 }
 

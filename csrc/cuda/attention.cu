@@ -39,7 +39,7 @@ bool aligned16(const at::Tensor& t) {
 void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const at::Tensor& seq_lens,
                                const std::optional<at::Tensor>& starts, std::optional<double> scale,
-                               int64_t window) {
+                               int64_t window, bool prefix_ready) {
   constexpr const char* op = "decode_attention";
   const DecodeArgs a = check_decode_attention_args(op, out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window);
   CHUNKINFER_CHECK(a.D == 64 || a.D == 128 || a.D == 256, op, ": head dim ", a.D,
@@ -70,6 +70,7 @@ void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tenso
     p.cap = int(a.cap);
     p.window = int(a.window > 0 ? a.window : 0);
     p.scale_log2 = float(a.scale) * attention::kLog2e;
+    p.prefix_ready = prefix_ready;
     // fixed by shapes and capacity alone, so a captured graph's workspace fits every replay
     p.splits = attention::decode_attention_num_splits<T>(p.B, p.Hq, p.Hkv, p.T, p.D, p.cap, num_sms, tensor_cores);
     const int64_t part_rows = a.B * a.Hq * a.T * p.splits;
@@ -96,9 +97,10 @@ void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                                          const at::Tensor& v_cache, const at::Tensor& seq_lens,
                                                          const std::optional<at::Tensor>& starts,
-                                                         std::optional<double> scale, int64_t window) {
+                                                         std::optional<double> scale, int64_t window,
+                                                         bool prefix_ready) {
   auto [out, lse] = decode_attention_outputs(q);
-  decode_attention_out_cuda(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window);
+  decode_attention_out_cuda(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window, prefix_ready);
   return {out, lse};
 }
 

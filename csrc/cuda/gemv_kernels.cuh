@@ -49,12 +49,16 @@ struct GemvInput {
 
 constexpr int kGemvWarps = 8;
 constexpr int kGemvThreads = kGemvWarps * 32;
-constexpr int kGemvStageVecs = 2;  // 16-byte vectors per lane in one stage of a warp's stream
-constexpr int kGemvStages = 8;     // a warp's ring: 7 stages (7 KB) in flight while it computes one
+// A stage is 2 KB of one weight row per warp: 1 KB stages measured 0.12 ms slower per 8B decode step
+// (the stream's bookkeeping per byte doubles), 512-byte ones 0.7 ms; a fifth stage (two blocks per
+// multiprocessor instead of three, 8 KB in flight per warp) 0.06 ms faster (profile_decode_h200.md,
+// session 9)
+constexpr int kGemvStageVecs = 4;  // 16-byte vectors per lane in one stage of a warp's stream
+constexpr int kGemvStages = 5;     // a warp's ring: 4 stages (8 KB) in flight while it computes one
 constexpr int kGemvStageElems16 = kGemvStageVecs * 32;  // 16-byte vectors per stage
 constexpr int kGemvRingBytes = kGemvWarps * kGemvStages * kGemvStageElems16 * 16;
 // x's rows staged in shared memory beside the rings; larger x is a matrix product (ops.h has the same)
-constexpr int64_t kGemvMaxXBytes = 160 * 1024;
+constexpr int64_t kGemvMaxXBytes = 144 * 1024;
 
 template <typename T>
 __device__ __forceinline__ float dot16(const uint4& wbits, const Vec16<T>& x) {
@@ -115,7 +119,7 @@ __device__ void stage_input(const GemvInput<T>& in, T* hs) {
 // stage within the piece, with the piece's first element.
 template <typename T, int kPieces>
 struct StreamCursor {
-  int64_t row;
+  int64_t row, stride;  // the warp's rows: row, row + stride, ...
   int piece, stage;
   const T* src;
 
@@ -141,15 +145,16 @@ struct StreamCursor {
     stage = 0;
     if (++piece == kPieces) {
       piece = 0;
-      ++row;
+      row += stride;
     }
     seek(wts, K);
     return true;
   }
 };
 
-// Persistent: each warp owns a contiguous range of output rows (balanced over the grid) and streams
-// their weights through its own cp.async ring in shared memory, so ~7 KB per warp are in flight
+// Persistent: warp w of W owns output rows w, w + W, ... (neighbouring warps stream neighbouring
+// rows: measured faster than contiguous ranges per warp) and streams their weights through its own
+// cp.async ring in shared memory, so ~8 KB per warp are in flight
 // without holding registers; every lane reads back only what it copied (no synchronisation between
 // lanes). The first stages are issued before waiting for the kernel that writes x (programmatic
 // dependent launch): weights never depend on it. kRows: the compile-time bound of x's rows.
@@ -171,10 +176,10 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(T* __restrict__ out,
   const int stages = static_cast<int>((vecs + kGemvStageElems16 - 1) / kGemvStageElems16);
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kGemvWarps;
   const int64_t wid = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
-  const int64_t row_begin = rows * wid / warps, row_end = rows * (wid + 1) / warps;
-  const int64_t total = (row_end - row_begin) * kPieces * stages;
+  const int64_t my_rows = wid < rows ? (rows - wid + warps - 1) / warps : 0;
+  const int64_t total = my_rows * kPieces * stages;
 
-  StreamCursor<T, kPieces> load{row_begin, 0, 0, nullptr};
+  StreamCursor<T, kPieces> load{wid, warps, 0, 0, nullptr};
   load.seek(wts, K);
   auto issue = [&](int64_t t) {
     if (t < total) {
@@ -193,7 +198,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(T* __restrict__ out,
   wait_for_prerequisite_grid();  // x (and add) are written by the kernel before
   stage_input(in, hs);
 
-  StreamCursor<T, kPieces> use{row_begin, 0, 0, nullptr};
+  StreamCursor<T, kPieces> use{wid, warps, 0, 0, nullptr};
   use.seek(wts, K);
   float acc[kRows], gate[kRows];
 #pragma unroll
@@ -286,10 +291,10 @@ cudaError_t resident_blocks_per_sm(int device, size_t smem, int* per_sm) {
 }
 
 // Blocks: at most as many as stay resident at once (the kernel is persistent). Where that leaves
-// fewer than half the warps to stream a last row (o_proj's 4096 rows over 3168 resident warps: 928
-// on a second row, with too few loads in flight to keep HBM busy), fewer warps take equal shares
-// (2048 warps of two rows); otherwise every resident warp streams (act(gate)*up: 1664 of 3168 on a
-// fifth row), which measured faster than equal shares there.
+// fewer than half the warps to stream a last row (4096 rows over 3168 resident warps: 928 on a
+// second row, with too few loads in flight to keep HBM busy: o_proj with three blocks per
+// multiprocessor), fewer warps take equal shares (2048 warps of two rows); otherwise every resident
+// warp streams (14336 rows over 3168: 1664 on a fifth row), which measured faster than equal shares.
 template <typename T, int kRows, GemvEpilogue E, ActKind A>
 cudaError_t launch_gemv_rows(T* out, int64_t out_stride, const GemvInput<T>& in, const GemvWeights<T>& wts,
                              int64_t rows, cudaStream_t stream) {

@@ -41,8 +41,8 @@ struct RotaryParams {
 // unrotated tail, v.
 template <typename E>
 __global__ void rotary_kv_write_kernel(const RotaryParams<E> p) {
+  allow_dependent_launch();      // the decode attention after it may start loading older keys meanwhile
   wait_for_prerequisite_grid();  // q, k, v come from the kernel before (launched early: device_util.cuh)
-  allow_dependent_launch();      // the decode attention after it may be scheduled meanwhile
   const int b = blockIdx.x / p.T, t = blockIdx.x % p.T;
   const int half = p.R / 2;
   const int64_t pos = p.index[t];

@@ -200,8 +200,10 @@ class _Layer:
 
     def _decode_attention(self, q: torch.Tensor, step: "DeviceStep") -> torch.Tensor:
         lb = self.lb
+        # the step writes only the new token's K, V (rotary_kv_write, just before) and sets the lengths
+        # before its first kernel: the attention may start loading older keys early
         attn, _ = ops.decode_attention(q.transpose(1, 2), self.cache.k_buf, self.cache.v_buf, step.seq_lens,
-                                       step.starts, scale=lb.scale, window=lb.window or 0)
+                                       step.starts, scale=lb.scale, window=lb.window or 0, prefix_ready=True)
         return attn
 
     def _o_proj(self, shape: torch.Size, attn: torch.Tensor) -> torch.Tensor:

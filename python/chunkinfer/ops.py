@@ -22,8 +22,8 @@ SCHEMAS = {
     "rms_norm": "rms_norm(Tensor x, Tensor weight, float eps, bool gemma=False) -> Tensor",
     "rms_norm_out": "rms_norm_out(Tensor(a!) out, Tensor x, Tensor weight, float eps, bool gemma=False) -> ()",
     "fused_add_rms_norm": "fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, bool gemma=False) -> ()",
-    "decode_attention": "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0) -> (Tensor, Tensor)",
-    "decode_attention_out": "decode_attention_out(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0) -> ()",
+    "decode_attention": "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0, bool prefix_ready=False) -> (Tensor, Tensor)",
+    "decode_attention_out": "decode_attention_out(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0, bool prefix_ready=False) -> ()",
     "merge_attn_states": "merge_attn_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)",
     "merge_attn_states_out": "merge_attn_states_out(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> ()",
     "gemv": "gemv(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor? norm_weight=None, float eps=0.0, bool gemma=False, Tensor? add=None, Tensor(a!)? residual_out=None) -> Tensor",
@@ -65,8 +65,11 @@ def _register_reference_ops() -> None:
         residual.copy_(new_residual)
         x.copy_(normed)
 
-    def decode_out(out, lse, q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0):
-        o, l = reference.decode_attention(q, k_cache, v_cache, seq_lens, starts, scale, window)
+    def decode(q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0, prefix_ready=False):
+        return reference.decode_attention(q, k_cache, v_cache, seq_lens, starts, scale, window)
+
+    def decode_out(out, lse, q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0, prefix_ready=False):
+        o, l = decode(q, k_cache, v_cache, seq_lens, starts, scale, window)
         out.copy_(o)
         lse.copy_(l)
 
@@ -86,7 +89,7 @@ def _register_reference_ops() -> None:
         "silu_and_mul": reference.silu_and_mul, "silu_and_mul_out": silu_out,
         "gelu_and_mul": reference.gelu_and_mul, "gelu_and_mul_out": gelu_out,
         "rms_norm": reference.rms_norm, "rms_norm_out": rms_out, "fused_add_rms_norm": fused,
-        "decode_attention": reference.decode_attention, "decode_attention_out": decode_out,
+        "decode_attention": decode, "decode_attention_out": decode_out,
         "merge_attn_states": reference.merge_attn_states, "merge_attn_states_out": merge_out,
         "rotary_kv_write": rotary_write, "gemv": reference.gemv, "gemv_act_and_mul": reference.gemv_act_and_mul,
     }
@@ -108,7 +111,7 @@ def _register_fakes() -> None:
         return torch.empty_like(x)
 
     @torch.library.register_fake("chunkinfer::decode_attention")
-    def _(q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0):
+    def _(q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0, prefix_ready=False):
         return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
     @torch.library.register_fake("chunkinfer::merge_attn_states")
@@ -171,7 +174,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      starts: torch.Tensor | None = None, *, scale: float | None = None, window: int = 0,
-                     out: torch.Tensor | None = None,
+                     prefix_ready: bool = False, out: torch.Tensor | None = None,
                      lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of T new tokens per sequence over a preallocated KV cache; returns (out, lse).
 
@@ -185,12 +188,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     are not checked against the capacity (that would need a device sync): a seq_len beyond it is
     read as the capacity, a start outside [0, seq_len] is clamped into it. CUDA: head dim 64, 128
     or 256, K, V 16-byte aligned; CPU: any head dim.
+
+    ``prefix_ready`` (CUDA; a promise, not checked): no kernel still running when this one starts
+    writes seq_lens, starts or the cached K, V before the new tokens, so the kernel reads them
+    before the kernel ahead of it on the stream has finished (it is launched early). A kernel of
+    PyTorch's own ends before the next one starts; chunkinfer's may not, so leave it False after
+    writing older positions (``rotary_kv_write`` at earlier indices) just before this call.
     """
     if out is None and lse is None:
-        return torch.ops.chunkinfer.decode_attention(q, k_cache, v_cache, seq_lens, starts, scale, window)
+        return torch.ops.chunkinfer.decode_attention(q, k_cache, v_cache, seq_lens, starts, scale, window,
+                                                     prefix_ready)
     if out is None or lse is None:
         raise ValueError("decode_attention: pass both out and lse, or neither")
-    torch.ops.chunkinfer.decode_attention_out(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window)
+    torch.ops.chunkinfer.decode_attention_out(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window,
+                                              prefix_ready)
     return out, lse
 
 
@@ -226,7 +237,7 @@ def rotary_kv_write(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, co
 
 
 GEMV_MAX_ROWS = 4  # rows of x the gemv ops take (csrc/ops.h kGemvMaxRows); more are a matrix product
-GEMV_MAX_X_BYTES = 160 * 1024  # x's rows in shared memory on CUDA (csrc/ops.h kGemvMaxXBytes)
+GEMV_MAX_X_BYTES = 144 * 1024  # x's rows in shared memory on CUDA (csrc/ops.h kGemvMaxXBytes)
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,11 @@ GiB = 1 << 30
 # fit_prefill_rates / fit_decode_rates below on every "chunkinfer prefill" / "chunkinfer decode" row
 # (least squares on the relative error; tests/test_plan.py re-fits them and checks these values).
 # prefill seconds = linear-layer FLOPs / H200_LINEAR_FLOPS + attention FLOPs / H200_ATTENTION_FLOPS
-H200_LINEAR_FLOPS = 4.112e14          # effective FLOP/s of the projections + MLP (incl. norms, rope, launches)
-H200_ATTENTION_FLOPS = 6.550e14       # effective FLOP/s of causal attention (QK^T and PV)
+H200_LINEAR_FLOPS = 4.129e14          # effective FLOP/s of the projections + MLP (incl. norms, rope, launches)
+H200_ATTENTION_FLOPS = 6.530e14       # effective FLOP/s of causal attention (QK^T and PV)
 # decode ms/token = bytes read (weights + KV at that length) / H200_DECODE_BYTES_PER_S + H200_DECODE_STEP_MS
-H200_DECODE_BYTES_PER_S = 4.774e12
-H200_DECODE_STEP_MS = 1.474
+H200_DECODE_BYTES_PER_S = 4.441e12
+H200_DECODE_STEP_MS = 0.912
 # host KV crosses PCIe once per decode step (or is attended where it lives): pinned host->device copy rate
 H200_H2D_BYTES_PER_S = 55.4e9         # ../shared/ANCHORS.md, 2 GiB pinned copies
 # with the CPU attending part of the host KV where it lives (convert's cpu_attention), the host part of a

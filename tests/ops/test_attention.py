@@ -188,6 +188,39 @@ def test_cuda_graph_replay_after_cache_grew(T):
         check(out, lse, ref_out, ref_lse, torch.bfloat16)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T", [1, 3])
+def test_prefix_ready_after_the_new_tokens_are_written(T):
+    """The decode step's order: rotary_kv_write puts the new tokens' K, V at [len - T, len) (that
+    kernel lets the next one start at once), then the attention with prefix_ready loads older keys
+    before the write has finished. The new positions hold NaN until the write, so loading one early
+    poisons the output; prefix_ready changes when keys are loaded, never the result."""
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, D, cap, dev = 2, 32, 8, 128, 8192, "cuda"
+    k, v = make_cache(B, Hkv, cap, D, torch.bfloat16, dev, [cap, cap], None, gen)
+    theta = torch.rand(1, T, D // 2, generator=gen) * 6.0
+    cos = torch.cat([theta.cos(), theta.cos()], -1).to(torch.bfloat16).to(dev)
+    sin = torch.cat([-theta.sin(), theta.sin()], -1).to(torch.bfloat16).to(dev)
+    q_new = torch.randn(B, T, Hq, D, generator=gen).to(torch.bfloat16).to(dev)
+    k_new = torch.randn(B, T, Hkv, D, generator=gen).to(torch.bfloat16).to(dev)
+    v_new = torch.randn(B, T, Hkv, D, generator=gen).to(torch.bfloat16).to(dev)
+    for length in (T, 700, 5000, cap):
+        index = torch.arange(length - T, length, device=dev)
+        seq_lens = torch.full((B,), length, dtype=torch.int32, device=dev)
+        outs = []
+        for ready in (True, False, True):
+            k[:, :, length - T:length] = float("nan")
+            v[:, :, length - T:length] = float("nan")
+            q = q_new.clone()
+            ops.rotary_kv_write(q, k_new, v_new, cos, sin, k, v, index)
+            outs.append(ops.decode_attention(q.transpose(1, 2), k, v, seq_lens, prefix_ready=ready))
+        for out, lse in outs[1:]:
+            assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+        ref_out, ref_lse = reference.decode_attention(q.transpose(1, 2).double(), k.double(), v.double(), seq_lens)
+        check(*outs[0], ref_out, ref_lse, torch.bfloat16)
+
+
 # ---- merge_attn_states ----
 
 def merge_inputs(device, dtype, shape=(2, 4, 3, 64), seed=4):

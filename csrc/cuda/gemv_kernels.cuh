@@ -49,10 +49,10 @@ struct GemvInput {
 
 constexpr int kGemvWarps = 8;
 constexpr int kGemvThreads = kGemvWarps * 32;
-// A stage is 2 KB of one weight row per warp: 1 KB stages measured 0.12 ms slower per 8B decode step
-// (the stream's bookkeeping per byte doubles), 512-byte ones 0.7 ms; a fifth stage (two blocks per
-// multiprocessor instead of three, 8 KB in flight per warp) 0.06 ms faster (profile_decode_h200.md,
-// session 9)
+// A stage is 2 KB of one weight row per warp: against it, 1 KB stages measured 0.14 ms slower per 8B
+// decode step (the stream's bookkeeping per byte doubles) and 512-byte ones 0.85 ms; a fifth stage (two
+// blocks per multiprocessor instead of three, 8 KB in flight per warp) 0.06 ms faster
+// (profile_decode_h200.md, session 9)
 constexpr int kGemvStageVecs = 4;  // 16-byte vectors per lane in one stage of a warp's stream
 constexpr int kGemvStages = 5;     // a warp's ring: 4 stages (8 KB) in flight while it computes one
 constexpr int kGemvStageElems16 = kGemvStageVecs * 32;  // 16-byte vectors per stage

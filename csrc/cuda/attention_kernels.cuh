@@ -872,20 +872,13 @@ bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool pr
   const dim3 grid(unsigned(chunks * p.splits), unsigned(p.Hkv), unsigned(p.B));
   // per launch, not once: the attribute belongs to the current device
   cudaFuncSetAttribute(k.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem);
-  if (!programmatic_launch ||
-      !::chunkinfer::cuda::launch_programmatic(k.kernel, grid, dim3(k.threads), size_t(k.smem), stream, p)) {
-    k.kernel<<<grid, k.threads, k.smem, stream>>>(p);
-  }
+  ::chunkinfer::cuda::launch_kernel(programmatic_launch, k.kernel, grid, dim3(k.threads), size_t(k.smem), stream, p);
   dispatch_head_dim(p.D, [&](auto d) {
     constexpr int kD = decltype(d)::value;
     const size_t smem = (size_t(p.splits) + (kCombineThreads / (kD / 4)) * kD + 32) * sizeof(float);
     const unsigned rows = unsigned(int64_t(p.B) * p.Hq * p.T);
-    const auto combine = decode_attention_combine_kernel<T, kD>;
-    if (programmatic_launch &&
-        ::chunkinfer::cuda::launch_programmatic(combine, dim3(rows), dim3(kCombineThreads), smem, stream, p)) {
-      return;
-    }
-    combine<<<rows, kCombineThreads, smem, stream>>>(p);
+    ::chunkinfer::cuda::launch_kernel(programmatic_launch, decode_attention_combine_kernel<T, kD>, dim3(rows),
+                                      dim3(kCombineThreads), smem, stream, p);
   });
   return true;
 }

@@ -54,31 +54,32 @@ __device__ __forceinline__ void wait_for_prerequisite_grid() {
 #endif
 }
 
-// Launches kernel<<<grid, block, smem, stream>>>(args...) with the programmatic-serialization
-// attribute; false (and any error cleared) where the current device is older than compute capability
-// 9.0 or the driver refuses it, for an ordinary launch instead.
+// Launches kernel<<<grid, block, smem, stream>>>(args...); with `programmatic`, where the current
+// device has compute capability 9.0+ and the driver takes it, with the programmatic-serialization
+// attribute (it may then start before the kernel ahead of it ends), else as an ordinary launch (the
+// refusal cleared). The caller checks for launch errors.
 template <typename... Params, typename... Args>
-bool launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                         Args... args) {
-  int device = 0, cc_major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || cc_major < 9) {
+void launch_kernel(bool programmatic, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t stream, Args... args) {
+  if (programmatic) {
+    int device = 0, cc_major = 0;
+    if (cudaGetDevice(&device) == cudaSuccess &&
+        cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && cc_major >= 9) {
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = grid;
+      cfg.blockDim = block;
+      cfg.dynamicSmemBytes = smem;
+      cfg.stream = stream;
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr.val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = &attr;
+      cfg.numAttrs = 1;
+      if (cudaLaunchKernelEx(&cfg, kernel, args...) == cudaSuccess) return;
+    }
     cudaGetLastError();
-    return false;
   }
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  if (cudaLaunchKernelEx(&cfg, kernel, args...) == cudaSuccess) return true;
-  cudaGetLastError();
-  return false;
+  kernel<<<grid, block, smem, stream>>>(args...);
 }
 
 __host__ __device__ inline bool aligned16(const void* p) {

@@ -313,10 +313,7 @@ cudaError_t launch_gemv_rows(T* out, int64_t out_stride, const GemvInput<T>& in,
                            ? resident_warps
                            : (rows + rows_per_warp - 1) / rows_per_warp;
   const dim3 grid(static_cast<unsigned>(warps > 0 ? (warps + kGemvWarps - 1) / kGemvWarps : 1));
-  if (launch_programmatic(kernel, grid, dim3(kGemvThreads), smem, stream, out, out_stride, in, wts, rows)) {
-    return cudaSuccess;
-  }
-  kernel<<<grid, kGemvThreads, smem, stream>>>(out, out_stride, in, wts, rows);
+  launch_kernel(/*programmatic=*/true, kernel, grid, dim3(kGemvThreads), smem, stream, out, out_stride, in, wts, rows);
   return cudaGetLastError();
 }
 

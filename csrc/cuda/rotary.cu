@@ -111,10 +111,8 @@ void rotary_kv_write(const std::optional<at::Tensor>& q, const at::Tensor& k, co
     int num_sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, k.device().index()));
     const int64_t parts = a.B * a.T >= num_sms ? 1 : std::min<int64_t>((items + 255) / 256, 16);
-    const dim3 grid(unsigned(a.B * a.T), unsigned(parts));
-    if (!launch_programmatic(rotary_kv_write_kernel<T>, grid, dim3(256), 0, stream, p)) {
-      rotary_kv_write_kernel<T><<<grid, 256, 0, stream>>>(p);
-    }
+    launch_kernel(/*programmatic=*/true, rotary_kv_write_kernel<T>, dim3(unsigned(a.B * a.T), unsigned(parts)),
+                  dim3(256), 0, stream, p);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -19,7 +19,7 @@ ROOT = Path(__file__).parent.resolve()
 
 
 def _load_toolkit_module():
-    spec = importlib.util.spec_from_file_location("_ci_toolkit", ROOT / "python/chunkinfer/toolkit.py")
+    spec = importlib.util.spec_from_file_location("_ci_toolkit", ROOT / "python/chunkinfer/tools/toolkit.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

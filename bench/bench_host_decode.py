@@ -4,7 +4,7 @@ Llama-3.1-8B shape, bf16, batch 1. One all-streamed prefill per length, then one
 that cache with the CPU's share of each host layer fixed at several values and "auto" (balanced from
 the measured CPU rate), next to the PCIe-only floor (host KV bytes / 55.4 GB/s).
 
-    cd bench && python bench_host_decode.py --lengths 32768 131072 262144 --out results/host_decode_h200.jsonl
+    python -m bench.bench_host_decode --lengths 32768 131072 262144 --out bench/results/host_decode_h200.jsonl
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 import chunkinfer
-from bench_model import build_model, decode_ms, prefill, reset_memory, row
-from chunkinfer.host_attention import H2D_BYTES_PER_S, CpuShare
-from common import write_rows
+from bench.bench_model import build_model, decode_ms, prefill, reset_memory, row
+from chunkinfer.kv.host_attention import H2D_BYTES_PER_S, CpuShare
+from bench.common import write_rows
 
 
 @torch.inference_mode()
@@ -27,9 +27,9 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 262144])
     ap.add_argument("--shares", default="0,0.3,0.4,0.5,0.6,auto", help="CPU shares to time; 0 = PCIe only")
     ap.add_argument("--decode-steps", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=Path("results/host_decode_h200.jsonl"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/host_decode_h200.jsonl"))
     args = ap.parse_args()
-    command = "cd bench && python bench_host_decode.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.bench_host_decode " + " ".join(sys.argv[1:])
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
 
     model = build_model(32, llama3_rope=False)

@@ -1,6 +1,6 @@
 """Llama-3.1-8B-shaped prefill / decode / generate benchmark: stock transformers vs chunkinfer.convert.
 
-    python bench/bench_model.py --lengths 32768 131072 --skip-stock-above 131072 --decode \
+    python -m bench.bench_model --lengths 32768 131072 --skip-stock-above 131072 --decode \
         --out bench/results/model_h200.json
 
 Random bf16 weights built on the GPU. Rows are appended to --out (JSON lines); a markdown table goes
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 import chunkinfer  # the installed package: its compiled kernels, not the source tree
-from chunkinfer import benchmark
-from chunkinfer.benchmark import decode_ms, llama31_8b_config, prefill, reset_memory, row, timed, warm_up
+from chunkinfer.tools import benchmark
+from chunkinfer.tools.benchmark import decode_ms, llama31_8b_config, prefill, reset_memory, row, timed, warm_up
 
 __all__ = ["build_model", "decode_ms", "prefill", "reset_memory", "row", "timed", "warm_up", "generate_row"]
 
@@ -64,7 +64,7 @@ def main() -> None:
     model = build_model(args.layers, args.llama3_rope)
     reset_memory()
     base_alloc, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
-    command = "python bench/bench_model.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.bench_model " + " ".join(sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = [row("weights", 0, peak_alloc=base_alloc, peak_reserved=base_reserved)]
     warmed: set[str] = set()

@@ -1,10 +1,10 @@
 """KV offload on the Llama-3.1-8B shape (bf16, batch 1): prefill with every layer's KV streamed to the
 host vs all resident, decode with host KV, and stock transformers' offloaded cache, in one process.
 
-    cd bench && python bench_offload.py --lengths 262144 --out results/offload_h200.jsonl
+    python -m bench.bench_offload --lengths 262144 --out bench/results/offload_h200.jsonl
 
 Each row carries the planner's prediction next to the measurement (peak beyond weights, seconds,
-decode ms/token). Run from bench/ so bench_model imports (the measurement helpers are chunkinfer.benchmark).
+decode ms/token). Run from bench/ so bench_model imports (the measurement helpers are chunkinfer.tools.benchmark).
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import torch
 from transformers import DynamicCache
 
 import chunkinfer
-from bench_model import build_model
-from chunkinfer.benchmark import decode_ms, prefill, reset_memory, row
-from common import write_rows
+from bench.bench_model import build_model
+from chunkinfer.tools.benchmark import decode_ms, prefill, reset_memory, row
+from bench.common import write_rows
 
 GiB = 1 << 30
 
@@ -51,9 +51,9 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[262144])
     ap.add_argument("--decode-steps", type=int, default=5)
     ap.add_argument("--skip-stock-above", type=int, default=262144)
-    ap.add_argument("--out", type=Path, default=Path("results/offload_h200.jsonl"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/offload_h200.jsonl"))
     args = ap.parse_args()
-    command = "cd bench && python bench_offload.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.bench_offload " + " ".join(sys.argv[1:])
 
     model = build_model(32, llama3_rope=False)
     reset_memory()

@@ -1,7 +1,7 @@
 """Where a converted model's decode call spends its host time, split at the graph replay, and where
 a replayed step's GPU time goes kernel by kernel (torch.profiler over one replay).
 
-    python bench/decode_host_time.py --length 32768
+    python -m bench.decode_host_time --length 32768
 
 Llama-3.1-8B shape, random bf16 weights, batch 1. Only the host work before the replay adds to a
 call's latency; what follows it (logits copy, output object) overlaps the GPU's work. Prints one JSON
@@ -20,8 +20,8 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import chunkinfer
-from chunkinfer import benchmark
-from chunkinfer.benchmark import decode_ms, llama31_8b_config
+from chunkinfer.tools import benchmark
+from chunkinfer.tools.benchmark import decode_ms, llama31_8b_config
 
 
 def host_us(fn, reps: int = 2000) -> float:

@@ -1,7 +1,7 @@
 """One build's 8B-shape decode step, for A/B runs of kernel variants: the model() call (median of 40,
 twice) and the graph replay's GPU time (median and min of 60), as one JSON line per length.
 
-    PYTHONPATH=<variant tree>/python python3 bench/decode_step_ab.py TAG 32768 [131072 ...]
+    PYTHONPATH=<variant tree>/python python -m bench.decode_step_ab TAG 32768 [131072 ...]
 
 Each variant is a copy of the source tree built in place (`python3 setup.py build_ext --inplace`);
 run the variants alternately, each in its own process, on one machine (H200s differ by ~0.2 ms).
@@ -17,8 +17,9 @@ import statistics
 import torch
 
 import chunkinfer
-from chunkinfer import benchmark, ops
-from chunkinfer.benchmark import decode_ms, llama31_8b_config
+from chunkinfer import ops
+from chunkinfer.tools import benchmark
+from chunkinfer.tools.benchmark import decode_ms, llama31_8b_config
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Where a converted model's decode step spends its time: the whole model() call, the captured graph's
 replay alone (GPU time and wall time), and the eager step's kernels by name (torch.profiler).
 
-    python bench/profile_decode.py --lengths 32768 131072 --out results/profile_decode_h200.jsonl
+    python -m bench.profile_decode --lengths 32768 131072 --out bench/results/profile_decode_h200.jsonl
 
 Llama-3.1-8B shape, random bf16 weights, batch 1. The call minus the replay is host work around the
 graph (input checks, positions, cache bookkeeping, the logits copy); the replay minus the kernels' sum
@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 
 import chunkinfer
-from chunkinfer import benchmark
-from chunkinfer.benchmark import decode_ms, llama31_8b_config
-from chunkinfer.decode_graph import _step_logits
+from chunkinfer.tools import benchmark
+from chunkinfer.tools.benchmark import decode_ms, llama31_8b_config
+from chunkinfer.loop.decode_graph import step_logits
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, write_rows  # noqa: E402
+from bench.common import markdown_table, write_rows
 
 
 def replay_times(graph: torch.cuda.CUDAGraph, reps: int = 30) -> tuple[float, float]:
@@ -47,11 +46,11 @@ def replay_times(graph: torch.cuda.CUDAGraph, reps: int = 30) -> tuple[float, fl
 
 def kernel_table(mb, cache, cap, steps: int = 5) -> list[dict]:
     """The eager step's CUDA kernels: total ms per step and count per step, by kernel name."""
-    _step_logits(mb, cache, cap.ids, cap.positions, cap.step)
+    step_logits(mb, cache, cap.ids, cap.positions, cap.step)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            _step_logits(mb, cache, cap.ids, cap.positions, cap.step)
+            step_logits(mb, cache, cap.ids, cap.positions, cap.step)
         torch.cuda.synchronize()
     rows = {}
     for ev in prof.events():
@@ -82,7 +81,7 @@ def host_profile(model, out, steps: int = 20) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    p.add_argument("--out", default="results/profile_decode_h200.jsonl")
+    p.add_argument("--out", default="bench/results/profile_decode_h200.jsonl")
     args = p.parse_args()
     model = benchmark.build_model(llama31_8b_config(32, True, max_positions=max(args.lengths) + 64), "cuda",
                                   torch.bfloat16)
@@ -106,7 +105,7 @@ def main() -> None:
             print(host_profile(model, out))
         del out
         torch.cuda.empty_cache()
-    write_rows(args.out, rows, "python bench/profile_decode.py " + " ".join(sys.argv[1:]))
+    write_rows(args.out, rows, "python -m bench.profile_decode " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@ then decode tokens, each of the first ones checked against an fp32 recomputation
 
 Long (a 1.5M-token prefill takes about 20 minutes), so it is meant to run in the background:
 
-    cd bench && setsid python run_capacity.py --length 1572864 --progress /tmp/cap.log \
-        --out results/capacity_h200.jsonl > /tmp/cap.out 2>&1 &
+    setsid python -m bench.run_capacity --length 1572864 --progress /tmp/cap.log \
+        --out bench/results/capacity_h200.jsonl > /tmp/cap.out 2>&1 &
 
 Progress lines (chunks done / in all, seconds, device memory) go to --progress as the prefill runs;
 the result row is appended to --out and printed. The planner's prediction is recorded next to it.
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 import chunkinfer
-from bench_model import build_model, reset_memory
-from chunkinfer.verify import reference_step_logits
-from common import write_rows
+from bench.bench_model import build_model, reset_memory
+from chunkinfer.tools.verify import reference_step_logits
+from bench.common import write_rows
 
 GiB = 1 << 30
 
@@ -43,9 +43,9 @@ def main() -> None:
     ap.add_argument("--checked-tokens", type=int, default=2, help="decode tokens checked against fp32")
     ap.add_argument("--resident-layers", type=int, default=None, help="default: the planner's placement")
     ap.add_argument("--progress", type=Path, default=Path("/tmp/capacity_progress.log"))
-    ap.add_argument("--out", type=Path, default=Path("results/capacity_h200.jsonl"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/capacity_h200.jsonl"))
     args = ap.parse_args()
-    command = "cd bench && python run_capacity.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.run_capacity " + " ".join(sys.argv[1:])
     log = args.progress.open("a", buffering=1)
     t0 = time.perf_counter()
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import chunkinfer
-from chunkinfer import ops, toolkit
+from chunkinfer import ops
+from chunkinfer.tools import toolkit
 
-OPS = list(ops.SCHEMAS)
+OPS = list(ops.library.SCHEMAS)
 
 
 def test_compiled_module_loaded():
@@ -43,7 +44,7 @@ def test_cuda_binary_holds_the_requested_architectures():
     cuobjdump = shutil.which("cuobjdump") or (home and str(Path(home) / "bin" / "cuobjdump"))
     if not cuobjdump or not Path(cuobjdump).exists():
         pytest.skip("cuobjdump not available")
-    listing = subprocess.run([cuobjdump, "--list-elf", chunkinfer.ops._C.__file__],
+    listing = subprocess.run([cuobjdump, "--list-elf", chunkinfer.ops.library.extension.__file__],
                              capture_output=True, text=True, check=True).stdout
     for arch in info["cuda_archs"].replace(",", ";").split(";"):
         sm = "sm_" + arch.replace(".", "").replace("+PTX", "")
@@ -51,7 +52,7 @@ def test_cuda_binary_holds_the_requested_architectures():
 
 
 def test_python_schemas_equal_the_registered_ones():
-    for name, schema in ops.SCHEMAS.items():
+    for name, schema in ops.library.SCHEMAS.items():
         registered = getattr(torch.ops.chunkinfer, name).default._schema
         assert registered == torch._C.parse_schema("chunkinfer::" + schema), f"{name}: C++ has {registered}"
 

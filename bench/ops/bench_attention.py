@@ -10,7 +10,7 @@ Shape: Hq=32, Hkv=8, D=128, batch 1, one query token (Llama-3.1-8B's attention).
         against the host's read bandwidth (t.sum() over a large tensor).
 Rows go to --out as JSON; a markdown table goes to stdout.
 
-  PYTHONPATH=python python bench/ops/bench_attention.py [--device cuda|cpu|all] [--out PATH]
+  PYTHONPATH=python python -m bench.ops.bench_attention [--device cuda|cpu|all] [--out PATH]
 """
 from __future__ import annotations
 

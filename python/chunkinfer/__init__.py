@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from . import ops
-from .adapters import supported_architectures
-from .cache import ChunkKVCache
-from .calibrate import calibrate
 from .convert import convert, is_converted, revert
+from .kv.cache import ChunkKVCache
+from .kv.placement import InsufficientMemoryError
 from .logprobs import token_logprobs
+from .models.adapters import supported_architectures
 from .ops import build_info
-from .placement import InsufficientMemoryError
-from .plan import Calibration, Plan, plan
+from .planner.calibrate import calibrate
+from .planner.memory import Calibration
+from .planner.plan import Plan, plan
 
 __all__ = ["ops", "build_info", "convert", "revert", "is_converted", "token_logprobs", "ChunkKVCache",
            "supported_architectures", "plan", "Plan", "Calibration", "calibrate", "InsufficientMemoryError"]

@@ -6,7 +6,7 @@ import sys
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .plan import plan
+    from .planner.plan import plan
 
     p = plan(args.config, args.seq, batch=args.batch, dtype=args.dtype, device_memory=args.gpu,
              host_memory=args.host, decode_tokens=args.decode_tokens, chunk_size=args.chunk_size,
@@ -18,13 +18,13 @@ def _plan(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import bench_plot
+    from .tools import plot as bench_plot
 
     out = Path(args.out)
     if args.plot is not None:  # render saved rows only
         print(f"wrote {bench_plot.render(bench_plot.load_rows(args.plot), out)}")
         return 0
-    from .bench_sweep import BenchSettings, run
+    from .tools.sweep import BenchSettings, run
 
     json_path = Path(args.json) if args.json else out.with_suffix(".jsonl")
     plotting = bench_plot.have_matplotlib()
@@ -44,8 +44,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub) -> None:
-    from .bench_sweep import SYSTEM_NAMES
-    from .benchmark import SHAPES
+    from .tools.sweep import SYSTEM_NAMES
+    from .tools.benchmark import SHAPES
 
     b = sub.add_parser("bench", help="stock transformers vs chunkinfer over context lengths: JSON rows and a PNG",
                        description="Random-weight model from a config; per system and length: peak memory beyond "
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
 
     # chunkinfer demo: its arguments and command live in demo.py
-    from .demo import add_subcommand as add_demo
+    from .tools.demo import add_subcommand as add_demo
 
     add_demo(sub)
     return parser

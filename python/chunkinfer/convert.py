@@ -7,18 +7,13 @@ import types
 import torch
 from torch import nn
 
-from .adapters import bind
-from .forward import ConvertedState, converted_forward
-from .host_attention import parse_cpu_attention
-from .placement import OffloadSettings
-from .plan import parse_memory
-
-DEFAULT_CHUNK_SIZE = {"cuda": 8192}
-DEFAULT_CHUNK_SIZE_OTHER = 1024
-
-
-def default_chunk_size(device: torch.device) -> int:
-    return DEFAULT_CHUNK_SIZE.get(device.type, DEFAULT_CHUNK_SIZE_OTHER)
+from .forward import converted_forward
+from .kv.host_attention import parse_cpu_attention
+from .kv.placement import OffloadSettings
+from .models.adapters import bind
+from .planner.schedule import default_chunk_size
+from .planner.units import parse_memory
+from .state import ConvertedState
 
 
 def check_chunk_size(chunk_size) -> None:
@@ -48,10 +43,10 @@ def _offload_settings(kv_offload, budget: int | None, resident_layers, n_layers:
         if resident_layers is not None:
             raise ValueError("resident_layers places KV for offload: pass kv_offload=True too")
         return None
-    from . import transfer
+    from .kv import transfer
 
     transfer.require()
-    return OffloadSettings(memory_budget=budget, resident_layers=resident_layers)
+    return OffloadSettings(resident_layers=resident_layers)
 
 
 def build_state(model: nn.Module, chunk_size: int | None = None, cuda_graphs: bool = True, kv_offload: bool = False,
@@ -79,7 +74,7 @@ def build_state(model: nn.Module, chunk_size: int | None = None, cuda_graphs: bo
     device = binding.devices.main
     host = None
     if offload is not None:
-        from .kv_offload import HostKV
+        from .kv.offload import HostKV
 
         host = HostKV(device, cpu_share)
     return ConvertedState(binding=binding, chunk_size=chunk_size or default_chunk_size(device),

@@ -4,49 +4,26 @@ Whatever the loop does not support goes to the model's stock forward (warned onc
 """
 from __future__ import annotations
 
-import inspect
 import warnings
-from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .adapters import ModelBinding
-from .cache import ChunkKVCache
-from .decode_graph import DecodeGraphs
-from .head import final_norm, head_chunk_rows, iter_logits, logits_of
-from .layer_loop import LoopInputs, run_layers
-from .placement import OffloadSettings, PromptCall, place, plan_prompt
-from .plan import CHUNK_LIMITS, Calibration, Plan
-from .loss import ChunkedCrossEntropy, shifted_targets
-from .model_devices import moves_inputs
+from .kv.cache import ChunkKVCache
+from .kv.placement import PromptCall, place, plan_prompt
+from .loop.head import final_norm, head_chunk_rows, iter_logits, logits_of
+from .loop.loss import ChunkedCrossEntropy, shifted_targets
+from .loop.prefill import LoopInputs, run_layers
+from .models.devices import moves_inputs
+from .planner.schedule import CHUNK_LIMITS
+from .state import ConvertedState
 
 _HANDLED_KWARGS = {"output_hidden_states", "output_attentions", "num_items_in_batch", "shift_labels",
                    "return_dict"}
 _PLAIN_DECODE_KWARGS = frozenset({"input_ids", "past_key_values", "use_cache", "attention_mask", "logits_to_keep",
                                    "return_dict"})
 _DECODE_MAX_TOKENS = 64  # calls at most this long on a non-empty cache reuse the recorded padding
-
-
-@dataclass
-class ConvertedState:
-    """What convert() attaches to a model (as ``model._chunkinfer``)."""
-
-    binding: ModelBinding
-    chunk_size: int                          # the chunk when none is planned (given, or the device default)
-    signature: inspect.Signature
-    cuda_graphs: bool = True
-    plan_chunks: bool = False                # chunk_size=None: the planner's schedule per prompt
-    memory_budget: int | None = None         # bytes (device; CPU: process RSS), None: what there is
-    offload: OffloadSettings | None = None   # kv_offload=True: placement settings
-    calibration: Calibration | None = None   # calibrate(): this model's measured correction
-    last_plan: Plan | None = None            # the plan the last prompt ran with (None: not planned)
-    progress: object | None = None           # callable(chunks done, chunks in all) for prompts
-    host: object | None = None               # kv_offload.HostKV: pinned arena + transfer engine
-    graphs: DecodeGraphs = field(default_factory=DecodeGraphs)
-    warned: set = field(default_factory=set)
-    replaced: tuple = ("forward", None)      # (attribute, what it held) that convert() replaced: revert() restores
 
 
 class _Fallback(Exception):
@@ -85,7 +62,7 @@ def _needs_stock(model, a: dict, extra: dict) -> str | None:
     return None
 
 
-def _check_inputs(model, a: dict, past: int) -> tuple[int, int]:
+def check_inputs(model, a: dict, past: int) -> tuple[int, int]:
     """Raise ValueError/TypeError on malformed inputs, before any work. Returns (B, S)."""
     ids, emb = a.get("input_ids"), a.get("inputs_embeds")
     if (ids is None) == (emb is None):
@@ -157,7 +134,7 @@ def _select_cache(pkv, n_layers: int, host) -> ChunkKVCache:
     return cache
 
 
-def _key_starts(mask: torch.Tensor | None, cache: ChunkKVCache, past: int, s: int) -> list[int] | None:
+def padding_starts(mask: torch.Tensor | None, cache: ChunkKVCache, past: int, s: int) -> list[int] | None:
     """Each sequence's left padding as a cache position, or None when nothing is padded. Raises
     _Fallback for masks that are not left padding. Reads the mask on the host (one sync) except for
     decode steps on a cache whose padding is known: those assume generate()'s mask (past pattern + ones)."""
@@ -240,12 +217,12 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
     mb = state.binding
     pkv = a.get("past_key_values")
     past = _past_length(pkv)
-    b, s = _check_inputs(model, a, past)
+    b, s = check_inputs(model, a, past)
     cache = _select_cache(pkv, len(mb.layers), state.host)
     if cache.get_seq_length() and cache.layers[0].batch_size != b:
         raise ValueError(f"past_key_values holds batch {cache.layers[0].batch_size}, input has batch {b}")
     mask = a.get("attention_mask")
-    key_starts = _key_starts(mask, cache, past, s)
+    key_starts = padding_starts(mask, cache, past, s)
     weight = mb.embed.weight
 
     use_cache = a.get("use_cache")

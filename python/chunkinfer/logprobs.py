@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from .cache import ChunkKVCache
+from .kv.cache import ChunkKVCache
 from .convert import build_state, is_converted
-from .forward import _check_inputs, _key_starts
-from .head import head_chunk_rows, iter_logits
-from .layer_loop import LoopInputs, run_layers
+from .forward import check_inputs, padding_starts
+from .loop.head import head_chunk_rows, iter_logits
+from .loop.prefill import LoopInputs, run_layers
 
 
 @torch.no_grad()
@@ -22,9 +22,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     """
     state = model._chunkinfer if is_converted(model) and chunk_size is None else build_state(model, chunk_size)
     mb = state.binding
-    b, s = _check_inputs(model, {"input_ids": input_ids, "attention_mask": attention_mask}, 0)
+    b, s = check_inputs(model, {"input_ids": input_ids, "attention_mask": attention_mask}, 0)
     cache = ChunkKVCache(len(mb.layers))
-    key_starts = _key_starts(attention_mask, cache, 0, s)
+    key_starts = padding_starts(attention_mask, cache, 0, s)
     hidden = mb.embed(input_ids)
     if key_starts is None:
         pos = torch.arange(s, device=hidden.device)[None]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chunkinfer import ops, reference
+from chunkinfer import ops
+from chunkinfer.ops import reference
 from tests.conftest import CUDA, DEVICES, TOLERANCE, poisoned, randn, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

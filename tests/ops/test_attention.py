@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from chunkinfer import ops, reference
+from chunkinfer import ops
+from chunkinfer.ops import reference
 
 HAS_CUDA = torch.cuda.is_available()
 CPU = "cpu"
@@ -285,7 +286,7 @@ def test_merge_in_place_and_strided(device):
 @pytest.mark.parametrize("name", ["decode_attention", "decode_attention_out", "merge_attn_states",
                                   "merge_attn_states_out"])
 def test_schema_matches_python(name):
-    assert str(getattr(torch.ops.chunkinfer, name).default._schema) == "chunkinfer::" + ops.SCHEMAS[name]
+    assert str(getattr(torch.ops.chunkinfer, name).default._schema) == "chunkinfer::" + ops.library.SCHEMAS[name]
 
 
 def opcheck_args(device):

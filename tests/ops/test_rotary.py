@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chunkinfer import ops, reference
+from chunkinfer import ops
+from chunkinfer.ops import reference
 
 from ..conftest import DEVICES, TOLERANCE, randn, rel_err
 

@@ -1,0 +1,223 @@
+"""The KV cache the layer loop writes into: per layer, preallocated K, V buffers and a length.
+
+It is a transformers ``Cache`` so generate() carries it between steps, and its resident layers
+implement ``update`` too, so a stock forward (the fallback paths) can run on it. With KV offload some
+layers are host-resident instead (offload.py: ``move_to_host``; placement.py decides which), and the
+layer loop streams them. The capacity rule here (``capacity_for``) is the one the planner sizes KV by.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+ALIGN = 256              # capacity granularity (positions)
+GROWTH = 1.25            # geometric growth factor when a step overflows the capacity
+PREFILL_HEADROOM = 1024  # spare positions after a prompt, so the first decode steps do not grow the buffers
+
+
+def round_up_positions(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def capacity_for(current: int, needed: int, headroom: int) -> int:
+    """The capacity a buffer of ``current`` positions (0: none yet) has after ``needed`` are reserved:
+    unchanged when they fit; else room for ``needed + headroom``, and at least ``GROWTH`` times the old
+    capacity, so that steps appended one at a time reallocate rarely. The planner sizes KV by this rule."""
+    if current >= needed:
+        return current
+    cap = round_up_positions(needed + headroom)
+    return max(cap, round_up_positions(int(current * GROWTH))) if current else cap
+
+
+class KVBuffers:
+    """K, V buffers [B, Hkv, capacity, D] and the in-place writes the layer loop makes into them."""
+
+    def __init__(self) -> None:
+        self.k_buf: torch.Tensor | None = None
+        self.v_buf: torch.Tensor | None = None
+
+    def reserve(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                needed: int, headroom: int = 0, keep: int = 0) -> bool:
+        """Make room for ``needed`` positions; reallocates (copying the first ``keep``) only when short.
+        Returns whether the buffers were reallocated."""
+        current = 0 if self.k_buf is None else self.k_buf.shape[2]
+        if current >= needed:
+            return False
+        cap = capacity_for(current, needed, headroom)
+        k = torch.empty(batch, n_kv, cap, head_dim, dtype=dtype, device=device)
+        v = torch.empty_like(k)
+        if keep:
+            k[:, :, :keep].copy_(self.k_buf[:, :, :keep])
+            v[:, :, :keep].copy_(self.v_buf[:, :, :keep])
+        self.k_buf, self.v_buf = k, v
+        return True
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Write k, v [B, Hkv, n, D] at positions [start, start + n) (capacity must be reserved)."""
+        n = k.shape[2]
+        self.k_buf[:, :, start:start + n].copy_(k)
+        self.v_buf[:, :, start:start + n].copy_(v)
+
+    def view(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of positions [0, end), as views of the buffers."""
+        return self.k_buf[:, :, :end], self.v_buf[:, :, :end]
+
+    def nbytes(self) -> int:
+        return 0 if self.k_buf is None else 2 * self.k_buf.numel() * self.k_buf.element_size()
+
+
+class CachedPositions(CacheLayerMixin):
+    """What transformers asks of a cache layer, for K, V buffers [B, Hkv, capacity, D] of which the
+    first ``length`` positions are valid, wherever the buffers live."""
+
+    is_sliding = False  # keeps every position; the loop applies sliding windows itself
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self) -> None:  # no CacheLayerMixin.__init__: keys/values are views, not attributes
+        self.k_buf: torch.Tensor | None = None
+        self.v_buf: torch.Tensor | None = None
+        self.length = 0
+        self.is_initialized = False
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self.k_buf is None else self.k_buf[:, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.v_buf is None else self.v_buf[:, :, : self.length]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        # negative: remove that many; positive (transformers' legacy meaning): keep that many
+        self.length = max(0, self.length + tokens_to_remove) if tokens_to_remove < 0 else min(self.length, tokens_to_remove)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k_buf.shape[0] if self.k_buf is not None else -1
+
+
+class ChunkKVLayer(KVBuffers, CachedPositions):
+    """One layer's K, V resident on the model's device: the first ``length`` positions are valid."""
+
+    def __init__(self) -> None:
+        CachedPositions.__init__(self)
+
+    def reserve(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                needed: int, headroom: int = 0) -> None:
+        """Make room for ``needed`` positions, keeping the valid ones."""
+        KVBuffers.reserve(self, batch, n_kv, head_dim, dtype, device, needed, headroom, keep=self.length)
+        self.dtype, self.device = dtype, device
+        self.is_initialized = True
+
+    # ---- transformers' CacheLayerMixin ----
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.reserve(b, h, d, key_states.dtype, key_states.device, 0)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        b, h, n, d = key_states.shape
+        self.reserve(b, h, d, key_states.dtype, key_states.device, self.length + n)
+        self.write(key_states, value_states, self.length)
+        self.length += n
+        return self.keys, self.values
+
+    def _map_batch(self, fn) -> None:
+        if self.k_buf is not None:
+            self.k_buf, self.v_buf = fn(self.k_buf), fn(self.v_buf)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+
+class ChunkKVCache(Cache):
+    """A transformers Cache of ChunkKVLayer, one per decoder layer.
+
+    ``key_starts`` records each sequence's left padding (first visible cache position) as read from
+    the attention mask of the last call that read it; decode steps reuse it instead of re-reading
+    the mask on the host (see convert.py for the assumption this makes).
+    """
+
+    def __init__(self, num_layers: int, host=None) -> None:
+        super().__init__(layers=[ChunkKVLayer() for _ in range(num_layers)])
+        self.key_starts: list[int] | None = None
+        self.key_starts_known = False
+        self.host = host          # offload.HostKV when this cache may offload layers
+        self.staging = None       # offload.Staging once a layer is host-resident
+
+    def streamed_layers(self) -> list[int]:
+        """Indices of the layers whose K, V live in host memory."""
+        return [i for i, layer in enumerate(self.layers) if not isinstance(layer, ChunkKVLayer)]
+
+    def device_kv(self) -> tuple[int, int]:
+        """(bytes of the device-resident K, V buffers and the offload staging, their largest capacity)."""
+        layers = [layer for layer in self.layers if isinstance(layer, ChunkKVLayer) and layer.k_buf is not None]
+        nbytes = sum(layer.nbytes() for layer in layers)
+        nbytes += self.staging.nbytes() if self.staging is not None else 0
+        return nbytes, max((layer.k_buf.shape[2] for layer in layers), default=0)
+
+    def host_kv_bytes(self) -> int:
+        """Bytes of the host-resident layers' K, V regions."""
+        return sum(2 * layer.k_buf.numel() * layer.k_buf.element_size()
+                   for layer in self.layers if not isinstance(layer, ChunkKVLayer) and layer.k_buf is not None)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].length if layer_idx < len(self.layers) else 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_starts, self.key_starts_known = None, False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.key_starts_known = False
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.key_starts_known = False
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.key_starts_known = False
+
+    @classmethod
+    def adopt(cls, cache: Cache, num_layers: int) -> "ChunkKVCache":
+        """A ChunkKVCache holding a copy of a stock cache's K, V (the stock cache is left as it was).
+        Raises ValueError when the stock cache does not hold every position of every layer."""
+        if len(cache.layers) != num_layers:
+            raise ValueError(f"past_key_values has {len(cache.layers)} layers, the model has {num_layers}")
+        new = cls(num_layers)
+        for i, (src, dst) in enumerate(zip(cache.layers, new.layers)):
+            keys, values = getattr(src, "keys", None), getattr(src, "values", None)
+            n = src.get_seq_length()
+            if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[2] != n:
+                raise ValueError(
+                    f"past_key_values layer {i} ({type(src).__name__}) does not hold all {n} cached positions "
+                    "(e.g. a sliding-window layer); chunkinfer cannot continue it. Pass past_key_values=None "
+                    "or a ChunkKVCache returned by the converted model.")
+            b, h, _, d = keys.shape
+            dst.reserve(b, h, d, keys.dtype, keys.device, n)
+            dst.write(keys, values, 0)
+            dst.length = n
+        return new

@@ -1,0 +1,221 @@
+"""Host-resident KV: layers whose K, V live in pinned host memory and are streamed through GPU staging.
+
+A streamed layer's K, V are whole-sequence on the GPU only while that layer computes, in one of two
+staging slots used in turn: the slot is filled from the host (the cached prefix), the layer writes its
+new K, V into it, and the new positions go back to the host. Every copy runs on the transfer engine's
+own streams, ordered against compute by CUDA events only: the host never waits for the GPU here.
+
+  slot reuse      compute waits for the offload of the slot's previous layer (engine.wait)
+  prefix fill     prefetch of the next streamed layer is issued when the current one starts, so it
+                  overlaps the current layer's compute (decode steps, continued prompts)
+  host growth     a larger pinned region is allocated and the whole layer [0, end) is offloaded into
+                  it from the slot; the old region goes back to the arena once the prefetch that read
+                  it is done (the engine holds the tensors of a copy until it completes)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from .cache import CachedPositions, ChunkKVLayer, KVBuffers, round_up_positions
+
+_HOST_GROWTH_MIN = 4096  # positions added at least when a host layer grows (decode past the headroom)
+
+
+class HostKV:
+    """What a converted model keeps across calls for offloading: the pinned arena and the engine."""
+
+    def __init__(self, device: torch.device, cpu_share=None):
+        from .transfer import KVTransferEngine, PinnedArena
+
+        cuda = device.type == "cuda"
+        index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else -1
+        self.device = device
+        self.arena = PinnedArena(slab_bytes=1 << 30, pinned=cuda, device=max(index, 0))
+        self.engine = KVTransferEngine(index)  # holds both ends of a copy until it is done
+        self.cpu_share = cpu_share  # host_attention.CpuShare: decode attends part of the host KV on the CPU
+
+
+    def spare_bytes(self) -> int:
+        """Pinned bytes the arena holds but has not handed out."""
+        return self.arena.bytes_reserved - self.arena.bytes_used
+
+
+class HostKVLayer(CachedPositions):
+    """One streamed layer's K, V in pinned host memory: [B, Hkv, capacity, D], ``length`` valid."""
+
+    def __init__(self, host: HostKV) -> None:
+        super().__init__()
+        self.host = host
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k_buf is None else self.k_buf.shape[2]
+
+    def capacity_for(self, needed: int, headroom: int) -> int:
+        """Positions of the region that replaces this one when ``needed`` exceeds its capacity."""
+        cap = round_up_positions(needed + headroom)
+        if self.k_buf is not None:
+            cap = max(cap, round_up_positions(self.capacity + _HOST_GROWTH_MIN))
+        return cap
+
+    def new_region(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, needed: int,
+                   headroom: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = [batch, n_kv, self.capacity_for(needed, headroom), head_dim]
+        return self.host.arena.allocate(shape, dtype), self.host.arena.allocate(shape, dtype)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        raise NotImplementedError("a host-resident KV layer is only written by chunkinfer's layer loop")
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError(
+            "a host-resident KV layer is only written by chunkinfer's layer loop; the stock transformers "
+            "forward cannot run on a cache with offloaded layers")
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("beam search / batch reordering is not supported on host-resident KV")
+
+    reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+
+
+def move_to_host(cache, n_resident: int) -> None:
+    """Keep a cache's layers [0, n_resident) on the device and move the rest to pinned host memory (a
+    layer already on the host stays there). Moving a filled layer copies it and waits for the copy."""
+    if cache.host is None:
+        raise RuntimeError("this cache was not created for KV offload (convert(model, kv_offload=True))")
+    host = cache.host
+    for i in range(n_resident, len(cache.layers)):
+        old = cache.layers[i]
+        if isinstance(old, ChunkKVLayer):
+            new = HostKVLayer(host)
+            if old.length:
+                b, h, _, d = old.k_buf.shape
+                new.k_buf, new.v_buf = new.new_region(b, h, d, old.k_buf.dtype, old.length, 0)
+                host.engine.offload(old.k_buf, new.k_buf, 0, old.length)
+                host.engine.offload(old.v_buf, new.v_buf, 0, old.length)
+                host.engine.synchronize()
+                new.length, new.is_initialized = old.length, True
+            cache.layers[i] = new
+    if cache.staging is None and n_resident < len(cache.layers):
+        cache.staging = Staging()
+
+
+@dataclass
+class _Slot:
+    kv: KVBuffers = field(default_factory=KVBuffers)
+    offload_ticket: int = -1   # the last offload that reads this slot
+
+
+@dataclass
+class Staging:
+    """The two GPU slots streamed layers use in turn, kept with the cache between calls."""
+
+    slots: list = field(default_factory=lambda: [_Slot(), _Slot()])
+
+    def nbytes(self) -> int:
+        return sum(s.kv.nbytes() for s in self.slots)
+
+
+class LayerStreamer:
+    """Streams the host-resident layers of one forward call through the staging slots.
+
+    ``begin(li)`` returns the K, V buffers layer ``li`` computes with (prefix already there, or in
+    flight and waited for on the compute stream); ``finish(li)`` sends positions [start, end) back.
+    """
+
+    def __init__(self, host: HostKV, staging: Staging, layers: list, streamed: list[int], start: int,
+                 end: int, headroom: int, shape_of, cpu_keys: dict[int, int] | None = None):
+        self.host, self.engine, self.staging = host, host.engine, staging
+        self.layers, self.streamed, self.start, self.end, self.headroom = layers, streamed, start, end, headroom
+        self.shape_of = shape_of            # li -> (batch, n_kv, head_dim, dtype)
+        self.turn = {li: i % 2 for i, li in enumerate(streamed)}
+        self.prefetched: dict[int, int] = {}  # li -> ticket of its prefix prefetch, issued ahead
+        self.cpu_keys = cpu_keys or {}      # li -> positions [0, n) the CPU attends (not prefetched)
+
+    @classmethod
+    def for_call(cls, cache, shape_of, start: int, end: int, headroom: int,
+                 attends_all=lambda li: True) -> "LayerStreamer | None":
+        """The streamer of one call over ``cache``, or None when every layer is resident. Starts
+        pinning the host memory the call will need on the arena's thread, overlapped with compute.
+        A one-token decode step leaves the first positions of each layer that ``attends_all`` (no
+        sliding window) to the CPU (host_attention.py), unless a host region must grow this call."""
+        streamed = cache.streamed_layers()
+        if not streamed:
+            return None
+        host = cache.host
+        need, region = 0, 0
+        for li in streamed:
+            layer = cache.layers[li]
+            if layer.capacity < end:
+                b, h, d, dtype = shape_of(li)
+                elt = torch.empty((), dtype=dtype).element_size()
+                cap = layer.capacity_for(end, headroom)
+                need += 2 * b * h * cap * d * elt
+                region = max(region, b * h * cap * d * elt)
+        if need:  # pinning is slow (~2.6 GiB/s): start it now, on the arena's thread
+            host.arena.grow_async(host.arena.bytes_used + need, region)
+        cpu_keys = {}
+        if host.cpu_share is not None and end - start == 1 and not need:
+            n_cpu = host.cpu_share.cpu_positions(start)
+            cpu_keys = {li: n_cpu for li in streamed if n_cpu > 0 and attends_all(li)}
+            if cpu_keys:
+                host.engine.synchronize()  # the CPU reads host K, V: earlier offloads must have landed
+        return cls(host, cache.staging, cache.layers, streamed, start, end, headroom, shape_of, cpu_keys)
+
+    def _wait(self, ticket: int) -> None:
+        if ticket >= 0:
+            self.engine.wait(ticket)
+
+    def is_streamed(self, li: int) -> bool:
+        return li in self.turn
+
+    def _slot(self, li: int) -> _Slot:
+        slot = self.staging.slots[self.turn[li]]
+        b, h, d, dtype = self.shape_of(li)
+        if slot.kv.k_buf is not None and slot.kv.k_buf.shape[2] < self.end:
+            self._wait(slot.offload_ticket)  # the old slot may still be draining to the host
+        slot.kv.reserve(b, h, d, dtype, self.host.device, self.end, self.headroom)
+        return slot
+
+    def _prefetch(self, li: int) -> None:
+        layer = self.layers[li]
+        n = min(self.start, layer.length)
+        lo = min(self.cpu_keys.get(li, 0), n)  # positions before lo are attended on the CPU
+        if n == lo:
+            return
+        slot = self._slot(li)
+        self._wait(slot.offload_ticket)  # positions the last offload reads may be overwritten
+        self.engine.prefetch(layer.k_buf, slot.kv.k_buf, lo, n)
+        self.prefetched[li] = self.engine.prefetch(layer.v_buf, slot.kv.v_buf, lo, n)
+
+    def begin(self, li: int) -> KVBuffers:
+        if li not in self.prefetched:
+            self._prefetch(li)
+        slot = self._slot(li)
+        ticket = self.prefetched.pop(li, None)
+        if ticket is None:
+            self._wait(slot.offload_ticket)
+        else:
+            self._wait(ticket)
+        nxt = self.streamed.index(li) + 1
+        if nxt < len(self.streamed):
+            self._prefetch(self.streamed[nxt])  # overlaps this layer's compute
+        return slot.kv
+
+    def finish(self, li: int) -> None:
+        layer: HostKVLayer = self.layers[li]
+        slot = self.staging.slots[self.turn[li]]
+        lo = self.start
+        if layer.capacity < self.end:
+            b, h, d, dtype = self.shape_of(li)
+            layer.k_buf, layer.v_buf = layer.new_region(b, h, d, dtype, self.end, self.headroom)
+            layer.is_initialized = True
+            lo = 0  # the whole layer goes to the new region (its prefix came from the old one)
+        if self.end > lo:
+            self.engine.offload(slot.kv.k_buf, layer.k_buf, lo, self.end)
+            slot.offload_ticket = self.engine.offload(slot.kv.v_buf, layer.v_buf, lo, self.end)
+
+    def close(self, failed: bool) -> None:
+        """After the loop. On failure, wait for every copy so nothing in flight outlives the call."""
+        if failed:
+            self.engine.synchronize()

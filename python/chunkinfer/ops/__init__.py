@@ -1,0 +1,181 @@
+"""Typed wrappers over torch.ops.chunkinfer: the one Python entry to every op.
+
+The schemas are defined in C++ (csrc/registration.cpp) and loaded by library.py, which falls back to
+the plain-PyTorch references (reference.py) under the same names when the compiled extension cannot be
+loaded, so model code and torch.compile behave the same everywhere; ``build_info()`` says which happened.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .library import build_info, has_kernel  # noqa: F401  (importing it registers the ops)
+
+
+def silu_and_mul(x: torch.Tensor, up: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up. x is [..., 2d] (gate | up), or the gate [..., d] when ``up`` is given."""
+    if out is None:
+        return torch.ops.chunkinfer.silu_and_mul(x, up)
+    torch.ops.chunkinfer.silu_and_mul_out(out, x, up)
+    return out
+
+
+def gelu_and_mul(x: torch.Tensor, up: torch.Tensor | None = None, *, approximate: str = "none",
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """gelu(gate, approximate) * up, laid out as for :func:`silu_and_mul`."""
+    if out is None:
+        return torch.ops.chunkinfer.gelu_and_mul(x, up, approximate)
+    torch.ops.chunkinfer.gelu_and_mul_out(out, x, up, approximate)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, gemma: bool = False,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm over the last dimension with fp32 statistics; ``gemma`` scales by (1 + weight)."""
+    if out is None:
+        return torch.ops.chunkinfer.rms_norm(x, weight, eps, gemma)
+    torch.ops.chunkinfer.rms_norm_out(out, x, weight, eps, gemma)
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                       gemma: bool = False) -> None:
+    """In place: residual += x, then x = rms_norm(residual) * weight."""
+    torch.ops.chunkinfer.fused_add_rms_norm(x, residual, weight, eps, gemma)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     starts: torch.Tensor | None = None, *, scale: float | None = None, window: int = 0,
+                     prefix_ready: bool = False, out: torch.Tensor | None = None,
+                     lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of T new tokens per sequence over a preallocated KV cache; returns (out, lse).
+
+    q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, capacity, D] (last dim contiguous, any other strides);
+    seq_lens, starts [B] int32 on q's device. The new tokens' K, V are already in the cache: query t
+    sits at position seq_lens[b] - T + t and sees keys [starts[b], pos] (only the last ``window``
+    of them when window > 0), causal among the new tokens; Hq must be a multiple of Hkv. Lengths
+    are read on the device, so a CUDA graph captured once serves every later length up to the
+    capacity. out [B, Hq, T, D] has q's dtype, lse [B, Hq, T] is fp32 (natural log, -inf where a
+    query saw no key, its out then 0). Pass both ``out`` and ``lse`` to write into them. The lengths
+    are not checked against the capacity (that would need a device sync): a seq_len beyond it is
+    read as the capacity, a start outside [0, seq_len] is clamped into it. CUDA: head dim 64, 128
+    or 256, K, V 16-byte aligned; CPU: any head dim.
+
+    ``prefix_ready`` (CUDA; a promise, not checked): no kernel still running when this one starts
+    writes seq_lens, starts or the cached K, V before the new tokens, so the kernel reads them
+    before the kernel ahead of it on the stream has finished (it is launched early). A kernel of
+    PyTorch's own ends before the next one starts; chunkinfer's may not, so leave it False after
+    writing older positions (``rotary_kv_write`` at earlier indices) just before this call.
+    """
+    if out is None and lse is None:
+        return torch.ops.chunkinfer.decode_attention(q, k_cache, v_cache, seq_lens, starts, scale, window,
+                                                     prefix_ready)
+    if out is None or lse is None:
+        raise ValueError("decode_attention: pass both out and lse, or neither")
+    torch.ops.chunkinfer.decode_attention_out(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window,
+                                              prefix_ready)
+    return out, lse
+
+
+def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, *,
+                      out: torch.Tensor | None = None,
+                      lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two partial attentions over disjoint keys; returns (out, lse).
+
+    out_a, out_b [..., D] of one dtype (e.g. [B, H, T, D]); lse_a, lse_b [...] fp32 natural-log
+    log-sum-exps. A segment with lse -inf contributes nothing; both -inf give out 0, lse -inf.
+    ``out``/``lse`` may be out_a/lse_a (or out_b/lse_b) to merge in place.
+    """
+    if out is None and lse is None:
+        return torch.ops.chunkinfer.merge_attn_states(out_a, lse_a, out_b, lse_b)
+    if out is None or lse is None:
+        raise ValueError("merge_attn_states: pass both out and lse, or neither")
+    torch.ops.chunkinfer.merge_attn_states_out(out, lse, out_a, lse_a, out_b, lse_b)
+    return out, lse
+
+
+def rotary_kv_write(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor) -> None:
+    """Rotary embedding of new tokens and their K, V written into a preallocated cache, in one pass.
+
+    q [B, T, Hq, D] (rotated in place; None to skip), k, v [B, T, Hkv, D], cos, sin [1 or B, T, R]
+    with R even and <= D (partial rotary leaves dims R.. as they are) and ``sin``'s first half negated,
+    so that x' = x * cos + roll(x, R/2) * sin == x * cos + rotate_half(x) * sin_hf. k_cache, v_cache
+    [B, Hkv, capacity, D]: token t's rotated K and its V go to position index[t] (int64 [T] on the
+    device, so a CUDA graph replays it at every step; positions outside the capacity are skipped).
+    All last dims contiguous, one dtype; fp32 math with one rounding per output.
+    """
+    torch.ops.chunkinfer.rotary_kv_write(q, k, v, cos, sin, k_cache, v_cache, index)
+
+
+GEMV_MAX_ROWS = 4  # rows of x the gemv ops take (csrc/ops.h kGemvMaxRows); more are a matrix product
+GEMV_MAX_X_BYTES = 144 * 1024  # x's rows in shared memory on CUDA (csrc/ops.h kGemvMaxXBytes)
+
+
+@dataclass(frozen=True)
+class NormPrologue:
+    """What the gemv ops compute in front of their projections, in the same launch on CUDA: the
+    residual r = x (+ add), rounded to x's dtype, written to ``residual_out`` if given (which must not
+    share memory with x or add), and the projections are of rms_norm(r) with ``weight`` (Gemma's
+    (1 + weight) when ``gemma``), as :func:`fused_add_rms_norm` rounds it. A decode step passes the
+    previous sublayer's output as ``add`` and alternates between two residual buffers."""
+
+    weight: torch.Tensor
+    eps: float
+    gemma: bool = False
+    add: torch.Tensor | None = None
+    residual_out: torch.Tensor | None = None
+
+    def args(self) -> tuple:
+        return self.weight, self.eps, self.gemma, self.add, self.residual_out
+
+
+_NO_PROLOGUE = (None, 0.0, False, None, None)
+
+
+def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None, *,
+         norm: NormPrologue | None = None) -> torch.Tensor:
+    """x [..., K] (1 to GEMV_MAX_ROWS rows, contiguous) projected by each weight [M_i, K] (+ its bias),
+    the outputs side by side: [..., sum M_i] (q, k and v of a decode step in one launch on CUDA), of
+    rms_norm(x (+ add)) with ``norm``. Each projection is rounded to x's dtype as F.linear rounds it.
+    See :func:`gemv_supports`."""
+    pro = _NO_PROLOGUE if norm is None else norm.args()
+    return torch.ops.chunkinfer.gemv(x, weights, [None] * len(weights) if biases is None else biases, *pro)
+
+
+def gemv_act_and_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str = "silu", *,
+                     approximate: str = "none", norm: NormPrologue | None = None) -> torch.Tensor:
+    """act(x gate^T) * (x up^T) for x [..., K] with 1 to GEMV_MAX_ROWS rows: the decode step's gate and up
+    projections and their activation in one launch on CUDA (of rms_norm(x (+ add)) with ``norm``);
+    activation "silu" or "gelu" (``approximate`` "none" or "tanh"). Each projection rounded to x's dtype
+    first, as F.linear and silu_and_mul do."""
+    pro = _NO_PROLOGUE if norm is None else norm.args()
+    return torch.ops.chunkinfer.gemv_act_and_mul(x, gate, up, activation, approximate, *pro)
+
+
+def gemv_supports(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the gemv ops take x and these weights: 1 to GEMV_MAX_ROWS contiguous rows of a float
+    dtype, weights [M, K] contiguous on x's device in its dtype; on CUDA also K a multiple of one
+    16-byte vector, x within GEMV_MAX_X_BYTES and every pointer 16-byte aligned. Callers use a matrix
+    product otherwise."""
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not x.is_contiguous() or x.dim() == 0:
+        return False
+    k = x.shape[-1]
+    if k == 0 or not 1 <= x.numel() // k <= GEMV_MAX_ROWS:
+        return False
+    cuda = x.device.type == "cuda"
+    if cuda and (k % (16 // x.element_size()) or x.data_ptr() % 16 or x.numel() * x.element_size() > GEMV_MAX_X_BYTES):
+        return False
+    return all(w.dim() == 2 and w.shape[1] == k and w.dtype == x.dtype and w.device == x.device
+               and w.is_contiguous() and not (cuda and w.data_ptr() % 16) for w in weights)
+
+
+CUDA_DECODE_HEAD_DIMS = (64, 128, 256)  # head dims decode_attention's CUDA kernel is built for
+
+
+def decode_kernel_supports(head_dim: int, device: torch.device) -> bool:
+    """Whether decode_attention runs for this head dim on this device (the CPU kernel takes any)."""
+    return device.type != "cuda" or head_dim in CUDA_DECODE_HEAD_DIMS
+
+

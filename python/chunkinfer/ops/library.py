@@ -1,0 +1,151 @@
+"""Loading the compiled ops: the schemas, the compiled module or (if it cannot load) the plain-PyTorch
+references registered under the same names, the fake (Meta) kernels torch.compile traces with, and
+``build_info()``. Importing this module registers everything; ``chunkinfer.ops`` holds the typed wrappers.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import reference
+
+# Must equal the m.def(...) lines in csrc/registration.cpp (a test compares them).
+SCHEMAS = {
+    "silu_and_mul": "silu_and_mul(Tensor x, Tensor? up=None) -> Tensor",
+    "silu_and_mul_out": "silu_and_mul_out(Tensor(a!) out, Tensor x, Tensor? up=None) -> ()",
+    "gelu_and_mul": "gelu_and_mul(Tensor x, Tensor? up=None, str approximate='none') -> Tensor",
+    "gelu_and_mul_out": "gelu_and_mul_out(Tensor(a!) out, Tensor x, Tensor? up=None, str approximate='none') -> ()",
+    "rms_norm": "rms_norm(Tensor x, Tensor weight, float eps, bool gemma=False) -> Tensor",
+    "rms_norm_out": "rms_norm_out(Tensor(a!) out, Tensor x, Tensor weight, float eps, bool gemma=False) -> ()",
+    "fused_add_rms_norm": "fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, bool gemma=False) -> ()",
+    "decode_attention": "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0, bool prefix_ready=False) -> (Tensor, Tensor)",
+    "decode_attention_out": "decode_attention_out(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0, bool prefix_ready=False) -> ()",
+    "merge_attn_states": "merge_attn_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)",
+    "merge_attn_states_out": "merge_attn_states_out(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> ()",
+    "gemv": "gemv(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor? norm_weight=None, float eps=0.0, bool gemma=False, Tensor? add=None, Tensor(a!)? residual_out=None) -> Tensor",
+    "gemv_act_and_mul": "gemv_act_and_mul(Tensor x, Tensor gate, Tensor up, str activation, str approximate='none', Tensor? norm_weight=None, float eps=0.0, bool gemma=False, Tensor? add=None, Tensor(a!)? residual_out=None) -> Tensor",
+    "rotary_kv_write": "rotary_kv_write(Tensor(a!)? q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor index) -> ()",
+}
+
+try:
+    from .. import _C as extension  # loading it registers the ops
+
+    LOAD_ERROR: str | None = None
+except ImportError as exc:  # a broken or missing build: fall back, loudly
+    extension = None
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"chunkinfer: compiled ops unavailable, using the PyTorch reference ({LOAD_ERROR})")
+
+
+def _gate_up_shape(x: torch.Tensor, up: torch.Tensor | None) -> list[int]:
+    return list(x.shape) if up is not None else [*x.shape[:-1], x.shape[-1] // 2]
+
+
+def _register_reference_ops() -> None:
+    lib = torch.library.Library("chunkinfer", "DEF")  # noqa: F841 (kept alive by the registry)
+    _register_reference_ops.lib = lib
+    for schema in SCHEMAS.values():
+        lib.define(schema)
+
+    def silu_out(out, x, up=None):
+        out.copy_(reference.silu_and_mul(x, up))
+
+    def gelu_out(out, x, up=None, approximate="none"):
+        out.copy_(reference.gelu_and_mul(x, up, approximate))
+
+    def rms_out(out, x, weight, eps, gemma=False):
+        out.copy_(reference.rms_norm(x, weight, eps, gemma))
+
+    def fused(x, residual, weight, eps, gemma=False):
+        normed, new_residual = reference.fused_add_rms_norm(x, residual, weight, eps, gemma)
+        residual.copy_(new_residual)
+        x.copy_(normed)
+
+    def decode(q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0, prefix_ready=False):
+        return reference.decode_attention(q, k_cache, v_cache, seq_lens, starts, scale, window)
+
+    def decode_out(out, lse, q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0, prefix_ready=False):
+        o, l = decode(q, k_cache, v_cache, seq_lens, starts, scale, window)
+        out.copy_(o)
+        lse.copy_(l)
+
+    def merge_out(out, lse, out_a, lse_a, out_b, lse_b):
+        o, l = reference.merge_attn_states(out_a, lse_a, out_b, lse_b)
+        out.copy_(o)
+        lse.copy_(l)
+
+    def rotary_write(q, k, v, cos, sin, k_cache, v_cache, index):
+        if q is not None:
+            q.copy_(reference.rotate(q, cos, sin))
+        keep = (index >= 0) & (index < k_cache.shape[2])
+        k_cache.index_copy_(2, index[keep], reference.rotate(k, cos, sin)[:, keep].transpose(1, 2))
+        v_cache.index_copy_(2, index[keep], v[:, keep].transpose(1, 2))
+
+    impls = {
+        "silu_and_mul": reference.silu_and_mul, "silu_and_mul_out": silu_out,
+        "gelu_and_mul": reference.gelu_and_mul, "gelu_and_mul_out": gelu_out,
+        "rms_norm": reference.rms_norm, "rms_norm_out": rms_out, "fused_add_rms_norm": fused,
+        "decode_attention": decode, "decode_attention_out": decode_out,
+        "merge_attn_states": reference.merge_attn_states, "merge_attn_states_out": merge_out,
+        "rotary_kv_write": rotary_write, "gemv": reference.gemv, "gemv_act_and_mul": reference.gemv_act_and_mul,
+    }
+    for name, fn in impls.items():
+        lib.impl(name, fn, "CompositeExplicitAutograd")
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("chunkinfer::silu_and_mul")
+    def _(x, up=None):
+        return x.new_empty(_gate_up_shape(x, up))
+
+    @torch.library.register_fake("chunkinfer::gelu_and_mul")
+    def _(x, up=None, approximate="none"):
+        return x.new_empty(_gate_up_shape(x, up))
+
+    @torch.library.register_fake("chunkinfer::rms_norm")
+    def _(x, weight, eps, gemma=False):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("chunkinfer::decode_attention")
+    def _(q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0, prefix_ready=False):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+    @torch.library.register_fake("chunkinfer::merge_attn_states")
+    def _(out_a, lse_a, out_b, lse_b):
+        return out_a.new_empty(out_a.shape), out_a.new_empty(out_a.shape[:-1], dtype=torch.float32)
+
+    @torch.library.register_fake("chunkinfer::gemv")
+    def _(x, weights, biases, norm_weight=None, eps=0.0, gemma=False, add=None, residual_out=None):
+        return x.new_empty([*x.shape[:-1], sum(w.shape[0] for w in weights)])
+
+    @torch.library.register_fake("chunkinfer::gemv_act_and_mul")
+    def _(x, gate, up, activation, approximate="none", norm_weight=None, eps=0.0, gemma=False, add=None,
+          residual_out=None):
+        return x.new_empty([*x.shape[:-1], gate.shape[0]])
+
+    for name in ("silu_and_mul_out", "gelu_and_mul_out", "rms_norm_out", "fused_add_rms_norm",
+                 "decode_attention_out", "merge_attn_states_out", "rotary_kv_write"):
+        torch.library.register_fake(f"chunkinfer::{name}")(lambda *args, **kwargs: None)
+
+
+if extension is None:
+    _register_reference_ops()
+else:
+    _register_fakes()
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether torch.ops.chunkinfer.<op> has a kernel of its own for CPU, CUDA, Meta..."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"chunkinfer::{op}", dispatch_key)
+
+
+def build_info() -> dict:
+    """What was built: the compiled module's facts, and the running torch's."""
+    info = dict(extension.build_info()) if extension is not None else {"cuda": False, "cuda_archs": ""}
+    info["compiled"] = extension is not None
+    info["load_error"] = LOAD_ERROR
+    info["runtime_torch_version"] = torch.__version__
+    info["cuda_kernels"] = extension is not None and has_kernel("silu_and_mul", "CUDA")
+    info["cpu_kernels"] = extension is not None and has_kernel("silu_and_mul", "CPU")
+    return info

@@ -31,5 +31,13 @@ TORCH_LIBRARY(chunkinfer, m) {
   m.def("gemv(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor? norm_weight=None, float eps=0.0, bool gemma=False, Tensor? add=None, Tensor(a!)? residual_out=None) -> Tensor");
   m.def("gemv_act_and_mul(Tensor x, Tensor gate, Tensor up, str activation, str approximate='none', Tensor? norm_weight=None, float eps=0.0, bool gemma=False, Tensor? add=None, Tensor(a!)? residual_out=None) -> Tensor");
   m.def("rotary_kv_write(Tensor(a!)? q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor index) -> ()");
+  // lossless KV codec (format: csrc/kv_codec_format.h): x [..., S, D] bf16/fp16 <-> blocks
+  // [..., ceil(S / block_rows), slot_bytes] uint8 + spill [capacity, spill_unit_bytes] uint8 with its
+  // counter spill_used [1] int32; table [16] uint8 (the exponents of codes 0..14). spill_blocks=-1: one
+  // spill unit per block (the worst case). kv_encode_out adds to spill_used.
+  m.def("kv_encode(Tensor x, Tensor table, int block_rows=16, int escape_capacity=16, int spill_blocks=-1) -> (Tensor, Tensor, Tensor)");
+  m.def("kv_encode_out(Tensor(a!) blocks, Tensor(b!) spill, Tensor(c!) spill_used, Tensor x, Tensor table, int block_rows=16, int escape_capacity=16) -> ()");
+  m.def("kv_decode(Tensor blocks, Tensor spill, Tensor table, int rows, int head_dim, ScalarType dtype, int block_rows=16, int escape_capacity=16) -> Tensor");
+  m.def("kv_decode_out(Tensor(a!) out, Tensor blocks, Tensor spill, Tensor table, int block_rows=16, int escape_capacity=16) -> ()");
 }
 

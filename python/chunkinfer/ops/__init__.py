@@ -179,3 +179,83 @@ def decode_kernel_supports(head_dim: int, device: torch.device) -> bool:
     return device.type != "cuda" or head_dim in CUDA_DECODE_HEAD_DIMS
 
 
+
+
+# ---- lossless KV codec ----
+from .kv_codec import (  # noqa: E402  (appended section; the format's own module)
+    KVCodecCalibration, KVCodecLayout, KVCodecStats, codec_stats, kv_calibrate,
+)
+
+
+@dataclass(frozen=True)
+class KVEncoded:
+    """K or V rows [..., rows, head_dim] encoded by :func:`kv_encode`: ``blocks`` [..., nb, slot_bytes]
+    uint8 (one fixed-size slot per block of ``layout.block_rows`` rows), ``spill`` [capacity,
+    spill_unit_bytes] uint8 with its counter ``spill_used`` [1] int32, and the ``table`` they were coded
+    with. ``decode()`` gives the rows back bit for bit; ``stats()`` what they cost."""
+
+    blocks: torch.Tensor
+    spill: torch.Tensor
+    spill_used: torch.Tensor
+    table: torch.Tensor
+    layout: KVCodecLayout
+    rows: int
+
+    def decode(self, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        return kv_decode(self.blocks, self.spill, self.table, self.layout, self.rows, out=out)
+
+    def stats(self) -> KVCodecStats:
+        """Reads the block headers (a device sync on the GPU)."""
+        return codec_stats(self.blocks, self.layout, self.rows)
+
+
+def kv_encode(x: torch.Tensor, table: torch.Tensor, *, block_rows: int = 16, escape_capacity: int = 16,
+              spill_blocks: int = -1) -> KVEncoded:
+    """Lossless compression of bf16/fp16 K or V rows x [..., S, D] (a stream per leading index, e.g.
+    [B, Hkv, S, D]; each stream's rows contiguous, the streams anywhere).
+
+    Each exponent becomes a 4-bit code from ``table`` ([16] uint8 on x's device: the exponents of codes
+    0..14, e.g. ``kv_calibrate(sample).table``; code 15 = escape), sign and mantissa are kept. Blocks of
+    ``block_rows`` rows of one stream get fixed-size slots (``KVCodecLayout.slot_bytes``), so block b of a
+    stream is at byte b * slot_bytes: a tile of positions [b * block_rows, (b + 1) * block_rows) finds its
+    data by arithmetic and decodes it alone. A block keeps up to ``escape_capacity`` escaped exponents in
+    its slot as (position << 8 | exponent) u32 entries; with more it spills its whole exponent plane
+    (``spill_unit_bytes``) to the next unit of ``spill`` (``spill_blocks`` units; -1 = one per block, the
+    worst case, so nothing is ever lost). Bounded size whatever the data: at most slot + spill unit per
+    block, 1.25x the raw bytes for bf16 (1.44x for fp16) plus 16 + 4 * escape_capacity bytes per block.
+    Block slot layout (offsets from ``KVCodecLayout``): 16-byte header (u32 escapes, u32 spill index), rest bytes (bf16: sign << 7 | mantissa; fp16: low 8
+    mantissa bits), 4-bit codes (element i in nibble i & 1 of byte i / 2), fp16 only 3 bit planes (sign,
+    mantissa bits 9..8), escape entries.
+
+    On CUDA: x's streams 16-byte aligned for vector loads (any alignment works, slower); blocks and
+    spill 16-byte aligned. Spill units are taken in an order that can vary between CUDA runs (one atomic
+    per spilled block); the CPU takes them in block order."""
+    blocks, spill, used = torch.ops.chunkinfer.kv_encode(x, table, block_rows, escape_capacity, spill_blocks)
+    return KVEncoded(blocks, spill, used, table, KVCodecLayout(x.dtype, x.shape[-1], block_rows, escape_capacity),
+                     x.shape[-2])
+
+
+def kv_encode_into(blocks: torch.Tensor, spill: torch.Tensor, spill_used: torch.Tensor, x: torch.Tensor,
+                   table: torch.Tensor, *, block_rows: int = 16, escape_capacity: int = 16) -> None:
+    """:func:`kv_encode` into preallocated buffers, e.g. a block range of a cache's
+    [B, Hkv, capacity_blocks, slot_bytes] for rows [b0 * block_rows, ...) of x. spill_used is read and
+    advanced on the device (no sync): units [old, new) of spill were taken; if new > spill.shape[0] the
+    blocks past the pool were not stored (their spill field reads SPILL_LOST; they decode to NaN):
+    compare spill_used with the capacity before relying on them, and re-encode with a bigger pool."""
+    torch.ops.chunkinfer.kv_encode_out(blocks, spill, spill_used, x, table, block_rows, escape_capacity)
+
+
+def kv_decode(blocks: torch.Tensor, spill: torch.Tensor, table: torch.Tensor, layout: KVCodecLayout, rows: int, *,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows [..., rows, head_dim] that blocks [..., ceil(rows / block_rows), slot_bytes] (+ spill)
+    hold, bit for bit; into ``out`` (its rows contiguous, its streams anywhere: e.g. a slice
+    [B, Hkv, p0:p1, D] of a cache, p0 a multiple of block_rows) when given. Data the blocks do not hold
+    (a lost spill) decodes to NaN, never to another number."""
+    if out is None:
+        return torch.ops.chunkinfer.kv_decode(blocks, spill, table, rows, layout.head_dim, layout.dtype,
+                                              layout.block_rows, layout.escape_capacity)
+    if out.dtype != layout.dtype or tuple(out.shape[-2:]) != (rows, layout.head_dim):
+        raise ValueError(f"kv_decode: out must be [..., {rows}, {layout.head_dim}] {layout.dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    torch.ops.chunkinfer.kv_decode_out(out, blocks, spill, table, layout.block_rows, layout.escape_capacity)
+    return out

@@ -149,3 +149,48 @@ def build_info() -> dict:
     info["cuda_kernels"] = extension is not None and has_kernel("silu_and_mul", "CUDA")
     info["cpu_kernels"] = extension is not None and has_kernel("silu_and_mul", "CPU")
     return info
+
+
+# ---- lossless KV codec (csrc/kv_codec_format.h): its schemas, and references or fakes as above ----
+KV_CODEC_SCHEMAS = {
+    "kv_encode": "kv_encode(Tensor x, Tensor table, int block_rows=16, int escape_capacity=16, int spill_blocks=-1) -> (Tensor, Tensor, Tensor)",
+    "kv_encode_out": "kv_encode_out(Tensor(a!) blocks, Tensor(b!) spill, Tensor(c!) spill_used, Tensor x, Tensor table, int block_rows=16, int escape_capacity=16) -> ()",
+    "kv_decode": "kv_decode(Tensor blocks, Tensor spill, Tensor table, int rows, int head_dim, ScalarType dtype, int block_rows=16, int escape_capacity=16) -> Tensor",
+    "kv_decode_out": "kv_decode_out(Tensor(a!) out, Tensor blocks, Tensor spill, Tensor table, int block_rows=16, int escape_capacity=16) -> ()",
+}
+SCHEMAS.update(KV_CODEC_SCHEMAS)
+
+
+def _register_kv_codec_reference_ops() -> None:
+    lib = torch.library.Library("chunkinfer", "FRAGMENT")  # noqa: F841 (kept alive by the registry)
+    _register_kv_codec_reference_ops.lib = lib
+    for name, schema in KV_CODEC_SCHEMAS.items():
+        lib.define(schema)
+        lib.impl(name, getattr(reference, name), "CompositeExplicitAutograd")
+
+
+def _register_kv_codec_fakes() -> None:
+    import math
+
+    from .kv_codec import KVCodecLayout
+
+    @torch.library.register_fake("chunkinfer::kv_encode")
+    def _(x, table, block_rows=16, escape_capacity=16, spill_blocks=-1):
+        lay = KVCodecLayout(x.dtype, x.shape[-1], block_rows, escape_capacity)
+        nb = lay.num_blocks(x.shape[-2])
+        cap = math.prod(x.shape[:-2]) * nb if spill_blocks < 0 else spill_blocks
+        return (x.new_empty([*x.shape[:-2], nb, lay.slot_bytes], dtype=torch.uint8),
+                x.new_empty([cap, lay.spill_unit_bytes], dtype=torch.uint8), x.new_empty([1], dtype=torch.int32))
+
+    @torch.library.register_fake("chunkinfer::kv_decode")
+    def _(blocks, spill, table, rows, head_dim, dtype, block_rows=16, escape_capacity=16):
+        return blocks.new_empty([*blocks.shape[:-2], rows, head_dim], dtype=dtype)
+
+    for name in ("kv_encode_out", "kv_decode_out"):
+        torch.library.register_fake(f"chunkinfer::{name}")(lambda *args, **kwargs: None)
+
+
+if extension is None:
+    _register_kv_codec_reference_ops()
+else:
+    _register_kv_codec_fakes()

@@ -173,3 +173,130 @@ def gemv_act_and_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, acti
     g, u = _project(h, gate), _project(h, up)
     return silu_and_mul(g, u) if activation == "silu" else gelu_and_mul(g, u, approximate)
 
+
+
+# ---- lossless KV codec (format: csrc/kv_codec_format.h; layout arithmetic: kv_codec.py) ----
+
+def _le_bytes(v: torch.Tensor, n: int) -> torch.Tensor:
+    """Little-endian bytes of int64 values: [..., n] uint8."""
+    shifts = torch.arange(0, 8 * n, 8, device=v.device)
+    return ((v.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8)
+
+
+def _pack_bits(bits: torch.Tensor, per_byte: int) -> torch.Tensor:
+    """[G, Np] values of 8 // per_byte bits, packed per_byte to a byte, first in the low bits."""
+    width = 8 // per_byte
+    shifts = torch.arange(0, 8, width, device=bits.device)
+    return (bits.view(bits.shape[0], -1, per_byte) << shifts).sum(-1).to(torch.uint8)
+
+
+def kv_encode_out(blocks: torch.Tensor, spill: torch.Tensor, spill_used: torch.Tensor, x: torch.Tensor,
+                  table: torch.Tensor, block_rows: int = 16, escape_capacity: int = 16) -> None:
+    """The encoder of kv_codec_format.h: slots in blocks [..., nb, slot_bytes], spilled blocks'
+    exponent planes into spill from slot spill_used on (spill_used advances by one per spilled block)."""
+    from .kv_codec import ESCAPE, NOT_SPILLED, SPILL_LOST, KVCodecLayout, block_view, code_of_exponent, split_bits
+
+    lay = KVCodecLayout(x.dtype, x.shape[-1], block_rows, escape_capacity)
+    e, rest, extra = (block_view(t, lay)[0] for t in split_bits(x))
+    valid = block_view(x, lay)[1]
+    g, np_ = e.shape
+    codes = torch.where(valid, code_of_exponent(table)[e], 0)
+    escaped = (codes == ESCAPE) & valid
+    n_esc = escaped.sum(1)
+    slots = torch.zeros(g, lay.slot_bytes, dtype=torch.uint8, device=x.device)
+    slots[:, lay.rest_offset:lay.codes_offset] = torch.where(valid, rest, 0).to(torch.uint8)
+    slots[:, lay.codes_offset:lay.extra_offset] = _pack_bits(codes, 2)
+    for j in range(lay.extra_planes):
+        start = lay.extra_offset + j * lay.extra_plane_bytes
+        slots[:, start:start + lay.extra_plane_bytes] = _pack_bits(torch.where(valid, (extra >> j) & 1, 0), 8)
+    rank = escaped.cumsum(1) - 1
+    keep = escaped & (rank < escape_capacity)
+    if escape_capacity:
+        entries = torch.zeros(g, escape_capacity, dtype=torch.int64, device=x.device)
+        pos = torch.arange(np_, device=x.device).expand(g, np_)
+        rows_, cols = keep.nonzero(as_tuple=True)
+        entries[rows_, rank[rows_, cols]] = (pos[rows_, cols] << 8) | e[rows_, cols].long()
+        slots[:, lay.escape_offset:] = _le_bytes(entries, 4).view(g, -1)
+    spilled = n_esc > escape_capacity
+    index = spill_used.long().cpu() + spilled.cpu().long().cumsum(0) - 1
+    stored = spilled.cpu() & (index >= 0) & (index < spill.shape[0])
+    field = torch.where(spilled.cpu(), torch.where(stored, index, SPILL_LOST), NOT_SPILLED)
+    slots[:, 0:4] = _le_bytes(n_esc.long(), 4)
+    slots[:, 4:8] = _le_bytes(field.to(x.device), 4)
+    planes = torch.where(valid, e, 0).to(torch.uint8)
+    stored_d = stored.to(x.device)
+    spill[index[stored].to(x.device)] = planes[stored_d]
+    spill_used += spilled.sum().to(spill_used.dtype)
+    blocks.copy_(slots.view(blocks.shape))
+
+
+def kv_encode(x: torch.Tensor, table: torch.Tensor, block_rows: int = 16, escape_capacity: int = 16,
+              spill_blocks: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    import math
+
+    from .kv_codec import KVCodecLayout
+
+    lay = KVCodecLayout(x.dtype, x.shape[-1], block_rows, escape_capacity)
+    nb = lay.num_blocks(x.shape[-2])
+    cap = math.prod(x.shape[:-2]) * nb if spill_blocks < 0 else spill_blocks
+    blocks = torch.empty(*x.shape[:-2], nb, lay.slot_bytes, dtype=torch.uint8, device=x.device)
+    spill = torch.zeros(cap, lay.spill_unit_bytes, dtype=torch.uint8, device=x.device)
+    used = torch.zeros(1, dtype=torch.int32, device=x.device)
+    kv_encode_out(blocks, spill, used, x, table, block_rows, escape_capacity)
+    return blocks, spill, used
+
+
+def kv_decode_out(out: torch.Tensor, blocks: torch.Tensor, spill: torch.Tensor, table: torch.Tensor,
+                  block_rows: int = 16, escape_capacity: int = 16) -> None:
+    """The decoder of kv_codec_format.h into out [..., S, D]; data a block does not hold (a lost spill, a
+    code-15 element missing from the escape list) decodes to NaN."""
+    from .kv_codec import ESCAPE, KVCodecLayout, join_bits, nan_bits, words_to
+
+    lay = KVCodecLayout(out.dtype, out.shape[-1], block_rows, escape_capacity)
+    slots = blocks.reshape(-1, lay.slot_bytes).long()
+    g, np_ = slots.shape[0], lay.padded_elems
+
+    def u32(col: int) -> torch.Tensor:
+        return slots[:, col] | slots[:, col + 1] << 8 | slots[:, col + 2] << 16 | slots[:, col + 3] << 24
+
+    n_esc, field = u32(0), u32(4)
+    rest = slots[:, lay.rest_offset:lay.codes_offset]
+    packed = slots[:, lay.codes_offset:lay.extra_offset]
+    codes = torch.stack([packed & 0xF, packed >> 4], -1).view(g, np_)
+    extra = torch.zeros_like(rest)
+    for j in range(lay.extra_planes):
+        start = lay.extra_offset + j * lay.extra_plane_bytes
+        plane = slots[:, start:start + lay.extra_plane_bytes]
+        extra |= ((plane.unsqueeze(-1) >> torch.arange(8, device=out.device)) & 1).view(g, np_) << j
+    e = table.long()[codes]
+    missing = codes == ESCAPE
+    if escape_capacity:
+        ent = slots[:, lay.escape_offset:].view(g, escape_capacity, 4)
+        entries = ent[..., 0] | ent[..., 1] << 8 | ent[..., 2] << 16 | ent[..., 3] << 24
+        listed = torch.arange(escape_capacity, device=out.device) < n_esc.unsqueeze(1)
+        pos = entries >> 8
+        hit = listed & (pos < np_)
+        rows_, k = hit.nonzero(as_tuple=True)
+        found = torch.zeros(g, np_, dtype=torch.bool, device=out.device)
+        found[rows_, pos[rows_, k]] = True
+        esc_exp = torch.zeros(g, np_, dtype=torch.int64, device=out.device)
+        esc_exp[rows_, pos[rows_, k]] = entries[rows_, k] & 0xFF
+        e = torch.where(missing & found, esc_exp, e)
+        missing &= ~found
+    spilled = n_esc > escape_capacity
+    stored = spilled & (field < spill.shape[0])
+    if spill.shape[0]:
+        plane = spill.long()[torch.where(stored, field, 0)]
+        e = torch.where(stored.unsqueeze(1), plane, e)
+    missing = torch.where(spilled.unsqueeze(1), ~stored.unsqueeze(1), missing)
+    w = torch.where(missing, nan_bits(out.dtype), join_bits(e, rest, extra, out.dtype))
+    rows, d = out.shape[-2], out.shape[-1]
+    flat = w[:, : lay.block_elems].reshape(-1, lay.num_blocks(rows) * lay.block_elems)[:, : rows * d]
+    out.copy_(words_to(flat, out.dtype).view(out.shape))
+
+
+def kv_decode(blocks: torch.Tensor, spill: torch.Tensor, table: torch.Tensor, rows: int, head_dim: int,
+              dtype: torch.dtype, block_rows: int = 16, escape_capacity: int = 16) -> torch.Tensor:
+    out = torch.empty(*blocks.shape[:-2], rows, head_dim, dtype=dtype, device=blocks.device)
+    kv_decode_out(out, blocks, spill, table, block_rows, escape_capacity)
+    return out

@@ -164,26 +164,36 @@ inline void store_u32(uint8_t* p, uint32_t v) { std::memcpy(p, &v, 4); }
 // ---- the CPU's block encode and decode (the CUDA kernels do the same in kv_codec_kernels.cuh) ----
 
 // Writes one block's slot from its n valid elements x[0, n) (n <= N); spill field kNotSpilled.
-// Returns the number of escapes: more than E means the caller must spill the block.
+// Returns the number of escapes: more than E means the caller must spill the block. Plane by plane:
+// the rest bytes in a loop the compiler vectorises, the codes two to a byte, the escape list only
+// when a code was 15.
 template <typename Bits>
 int64_t encode_block(const uint16_t* x, int64_t n, const Layout& l, const uint8_t code_of[256], uint8_t* slot) {
   std::memset(slot, 0, static_cast<size_t>(l.slot_bytes));
   uint8_t* rest = slot + l.rest_offset;
   uint8_t* codes = slot + l.codes_offset;
-  uint8_t* extra = slot + l.extra_offset;
-  uint8_t* escapes = slot + l.escape_offset;
-  int64_t n_esc = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t w = x[i], e = Bits::exponent(w), c = code_of[e];
-    rest[i] = static_cast<uint8_t>(Bits::rest(w));
-    codes[i >> 1] |= static_cast<uint8_t>(c << (4 * (i & 1)));
-    if constexpr (Bits::kExtraPlanes > 0) {
-      const uint32_t ex = Bits::extra(w);
+  for (int64_t i = 0; i < n; ++i) rest[i] = static_cast<uint8_t>(Bits::rest(x[i]));
+  uint32_t escaped = 0;
+  for (int64_t i = 0; i < n; i += 2) {  // element n (padding) codes 0
+    const uint32_t c0 = code_of[Bits::exponent(x[i])], c1 = i + 1 < n ? code_of[Bits::exponent(x[i + 1])] : 0;
+    codes[i >> 1] = static_cast<uint8_t>(c0 | (c1 << 4));
+    escaped |= (c0 == kEscape) | (c1 == kEscape);
+  }
+  if constexpr (Bits::kExtraPlanes > 0) {
+    uint8_t* extra = slot + l.extra_offset;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t ex = Bits::extra(x[i]);
       for (int j = 0; j < Bits::kExtraPlanes; ++j) {
         extra[j * l.extra_plane_bytes + (i >> 3)] |= static_cast<uint8_t>(((ex >> j) & 1) << (i & 7));
       }
     }
-    if (c == kEscape) {
+  }
+  int64_t n_esc = 0;
+  if (escaped) {
+    uint8_t* escapes = slot + l.escape_offset;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t e = Bits::exponent(x[i]);
+      if (code_of[e] != kEscape) continue;
       if (n_esc < l.escape_capacity) store_u32(escapes + 4 * n_esc, escape_entry(static_cast<uint32_t>(i), e));
       ++n_esc;
     }
@@ -227,15 +237,38 @@ void decode_block(const uint8_t* slot, const uint8_t* spill, int64_t spill_capac
     for (int64_t i = 0; i < n; ++i) out[i] = Bits::join(exps[i], rest[i], extra_bits(i));
     return;
   }
+  // Every element from the table (code 15 takes table[15] for now), then the code-15 elements again:
+  // patched from the escape list when it is sorted and names each of them (what the encoder writes),
+  // else (a corrupt block) each looked up as the GPU looks it up, NaN where absent.
+  int64_t escaped = 0;
+  for (int64_t i = 0; i + 1 < n; i += 2) {  // a code byte at a time
+    const uint32_t b = codes[i >> 1], c0 = b & 0xF, c1 = b >> 4;
+    out[i] = Bits::join(table[c0], rest[i], extra_bits(i));
+    out[i + 1] = Bits::join(table[c1], rest[i + 1], extra_bits(i + 1));
+    escaped += (c0 == kEscape) + (c1 == kEscape);
+  }
+  if (n & 1) {
+    const uint32_t c = codes[(n - 1) >> 1] & 0xF;
+    out[n - 1] = Bits::join(table[c], rest[n - 1], extra_bits(n - 1));
+    escaped += c == kEscape;
+  }
+  if (escaped == 0) return;
+  auto code_at = [codes](int64_t i) -> uint32_t { return (codes[i >> 1] >> (4 * (i & 1))) & 0xF; };
   const UnalignedEntries entry{slot + l.escape_offset};
+  int64_t patched = 0, previous = -1;
+  for (uint32_t k = 0; k < n_esc; ++k) {
+    const uint32_t e = entry(k);
+    const int64_t i = e >> 8;
+    if (i <= previous || i >= n || code_at(i) != kEscape) break;
+    out[i] = Bits::join(e & 0xFF, rest[i], extra_bits(i));
+    previous = i;
+    ++patched;
+  }
+  if (patched == escaped && patched == static_cast<int64_t>(n_esc)) return;
   for (int64_t i = 0; i < n; ++i) {
-    const uint32_t c = (codes[i >> 1] >> (4 * (i & 1))) & 0xF;
-    if (c != kEscape) {
-      out[i] = Bits::join(table[c], rest[i], extra_bits(i));
-    } else {
-      const int e = find_escape(entry, n_esc, static_cast<uint32_t>(i));
-      out[i] = e < 0 ? Bits::kNaN : Bits::join(static_cast<uint32_t>(e), rest[i], extra_bits(i));
-    }
+    if (code_at(i) != kEscape) continue;
+    const int e = find_escape(entry, n_esc, static_cast<uint32_t>(i));
+    out[i] = e < 0 ? Bits::kNaN : Bits::join(static_cast<uint32_t>(e), rest[i], extra_bits(i));
   }
 }
 

@@ -1,7 +1,7 @@
-// The KV codec ops' C++ declarations (kernels: kv_encode_out, kv_decode_out in csrc/cpu/kv_codec.cpp and
-// csrc/cuda/kv_codec.cu; the functional kv_encode, kv_decode shared by both in
-// csrc/kv_codec_functional.cpp; checks in csrc/kv_codec_checks.cpp; the format in csrc/kv_codec_format.h). Apart from ops.h so that only
-// the codec's own files depend on the format header.
+// The KV codec ops' C++ declarations. Kernels: kv_encode_out, kv_decode_out in csrc/cpu/kv_codec.cpp and
+// csrc/cuda/kv_codec.cu; the functional kv_encode, kv_decode shared by both in csrc/kv_codec_functional.cpp;
+// checks in csrc/kv_codec_checks.cpp; the format in csrc/kv_codec_format.h. Kept apart from ops.h so that
+// only the codec's own files depend on the format header.
 #pragma once
 
 #include "kv_codec_format.h"

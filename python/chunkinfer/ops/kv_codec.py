@@ -197,9 +197,10 @@ def codec_stats(blocks: torch.Tensor, layout: KVCodecLayout, rows: int) -> KVCod
     lost = spilled & (spill == SPILL_LOST)
     n_spilled = int(spilled.sum())
     streams = math.prod(blocks.shape[:-2])
+    n_lost = int(lost.sum())
     return KVCodecStats(blocks=int(escapes.numel()), escapes=int(escapes.sum()), spilled_blocks=n_spilled,
-                        lost_blocks=int(lost.sum()), raw_bytes=streams * rows * layout.head_dim * 2,
-                        slot_bytes=blocks.numel(), spill_bytes=(n_spilled - int(lost.sum())) * layout.spill_unit_bytes)
+                        lost_blocks=n_lost, raw_bytes=streams * rows * layout.head_dim * 2, slot_bytes=blocks.numel(),
+                        spill_bytes=(n_spilled - n_lost) * layout.spill_unit_bytes)
 
 
 @dataclass(frozen=True)
@@ -235,8 +236,8 @@ def kv_calibrate(sample: torch.Tensor, *, block_rows: int = DEFAULT_BLOCK_ROWS, 
     chunk): its 15 most frequent exponents. ``escape_capacity`` None chooses the capacity that makes the
     sample smallest (slot bytes against spilled blocks) plus ``escape_headroom`` entries: a 256-position
     sample has only 16 blocks per stream, and later positions escape a little more (on the study's real
-    K, V the headroom cost <= 1% of the total and lifted the worst layer from 1.21x to 1.27x). The result
-    reports the ratio measured on the sample with that capacity.
+    K, V, bench/results/kv_codec_cpu.md, the worst layer went from 1.21x without it to 1.27x with it). The
+    result reports the ratio measured on the sample with that capacity.
 
     Tables differ between layers and between K and V (bench/results/kv_codec_cpu.md: layer 0's table
     applied to the other layers expands some of them), so calibrate each (layer, K/V)."""

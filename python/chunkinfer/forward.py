@@ -116,11 +116,12 @@ def _past_length(pkv) -> int:
     return (linked or pkv).get_seq_length()
 
 
-def _select_cache(pkv, n_layers: int, host) -> ChunkKVCache:
+def _select_cache(pkv, windows: list, host) -> ChunkKVCache:
     """The ChunkKVCache this call continues. A stock DynamicCache is linked to the ChunkKVCache that
     replaces it, so passing the same DynamicCache again continues where it left off."""
+    n_layers = len(windows)
     if pkv is None:
-        return ChunkKVCache(n_layers, host)
+        return ChunkKVCache(n_layers, host, windows)
     if isinstance(pkv, ChunkKVCache):
         if pkv.host is None:
             pkv.host = host
@@ -128,7 +129,8 @@ def _select_cache(pkv, n_layers: int, host) -> ChunkKVCache:
     linked = _linked(pkv)
     if linked is not None:
         return linked
-    cache = ChunkKVCache(n_layers, host) if pkv.get_seq_length() == 0 else ChunkKVCache.adopt(pkv, n_layers)
+    cache = (ChunkKVCache(n_layers, host, windows) if pkv.get_seq_length() == 0
+             else ChunkKVCache.adopt(pkv, n_layers, windows))
     cache.host = host
     pkv._chunkinfer_cache, pkv._chunkinfer_linked_len = cache, pkv.get_seq_length()
     return cache
@@ -218,7 +220,7 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
     pkv = a.get("past_key_values")
     past = _past_length(pkv)
     b, s = check_inputs(model, a, past)
-    cache = _select_cache(pkv, len(mb.layers), state.host)
+    cache = _select_cache(pkv, mb.windows, state.host)
     if cache.get_seq_length() and cache.layers[0].batch_size != b:
         raise ValueError(f"past_key_values holds batch {cache.layers[0].batch_size}, input has batch {b}")
     mask = a.get("attention_mask")

@@ -23,7 +23,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     state = model._chunkinfer if is_converted(model) and chunk_size is None else build_state(model, chunk_size)
     mb = state.binding
     b, s = check_inputs(model, {"input_ids": input_ids, "attention_mask": attention_mask}, 0)
-    cache = ChunkKVCache(len(mb.layers))
+    cache = ChunkKVCache(len(mb.layers), windows=mb.windows)
     key_starts = padding_starts(attention_mask, cache, 0, s)
     hidden = mb.embed(input_ids)
     if key_starts is None:

@@ -62,6 +62,18 @@ class KVBuffers:
         """K, V of positions [0, end), as views of the buffers."""
         return self.k_buf[:, :, :end], self.v_buf[:, :, :end]
 
+    def band(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of positions [lo, hi) (ring.py's layers keep only a window of them)."""
+        return self.k_buf[:, :, lo:hi], self.v_buf[:, :, lo:hi]
+
+    def slots(self, index: torch.Tensor) -> torch.Tensor:
+        """Where positions ``index`` live in the buffers: here, at themselves."""
+        return index
+
+    def position_limit(self) -> float:
+        """Positions a one-token step can reach without growing the buffers."""
+        return 0 if self.k_buf is None else self.k_buf.shape[2]
+
     def nbytes(self) -> int:
         return 0 if self.k_buf is None else 2 * self.k_buf.numel() * self.k_buf.element_size()
 
@@ -115,12 +127,15 @@ class CachedPositions(CacheLayerMixin):
 class ChunkKVLayer(KVBuffers, CachedPositions):
     """One layer's K, V resident on the model's device: the first ``length`` positions are valid."""
 
+    window: int | None = None  # ring.py's sliding-window layers keep only their window
+
     def __init__(self) -> None:
         CachedPositions.__init__(self)
 
     def reserve(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                needed: int, headroom: int = 0) -> None:
-        """Make room for ``needed`` positions, keeping the valid ones."""
+                needed: int, headroom: int = 0, new_tokens: int = 1) -> None:
+        """Make room for ``needed`` positions, keeping the valid ones (every position is kept, however
+        many a call writes at a time: ``new_tokens`` matters to ring.py's sliding-window layers)."""
         KVBuffers.reserve(self, batch, n_kv, head_dim, dtype, device, needed, headroom, keep=self.length)
         self.dtype, self.device = dtype, device
         self.is_initialized = True
@@ -159,8 +174,15 @@ class ChunkKVCache(Cache):
     the mask on the host (see convert.py for the assumption this makes).
     """
 
-    def __init__(self, num_layers: int, host=None) -> None:
-        super().__init__(layers=[ChunkKVLayer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, host=None, windows=None) -> None:
+        """``windows``: per layer the sliding window or None; a windowed layer keeps a ring of its window
+        (kv/ring.py), the others every position."""
+        from .ring import RingKVLayer
+
+        windows = [None] * num_layers if windows is None else list(windows)
+        if len(windows) != num_layers:
+            raise ValueError(f"windows has {len(windows)} entries for {num_layers} layers")
+        super().__init__(layers=[RingKVLayer(w) if w else ChunkKVLayer() for w in windows])
         self.key_starts: list[int] | None = None
         self.key_starts_known = False
         self.host = host          # offload.HostKV when this cache may offload layers
@@ -175,7 +197,8 @@ class ChunkKVCache(Cache):
         layers = [layer for layer in self.layers if isinstance(layer, ChunkKVLayer) and layer.k_buf is not None]
         nbytes = sum(layer.nbytes() for layer in layers)
         nbytes += self.staging.nbytes() if self.staging is not None else 0
-        return nbytes, max((layer.k_buf.shape[2] for layer in layers), default=0)
+        full = [layer.k_buf.shape[2] for layer in layers if layer.window is None]
+        return nbytes, max(full, default=0)
 
     def host_kv_bytes(self) -> int:
         """Bytes of the host-resident layers' K, V regions."""
@@ -202,22 +225,31 @@ class ChunkKVCache(Cache):
         self.key_starts_known = False
 
     @classmethod
-    def adopt(cls, cache: Cache, num_layers: int) -> "ChunkKVCache":
+    def adopt(cls, cache: Cache, num_layers: int, windows=None) -> "ChunkKVCache":
         """A ChunkKVCache holding a copy of a stock cache's K, V (the stock cache is left as it was).
-        Raises ValueError when the stock cache does not hold every position of every layer."""
+        Raises ValueError when the stock cache does not hold every position a later query can see
+        (all of them for a full-attention layer, the last window - 1 for a sliding one)."""
         if len(cache.layers) != num_layers:
             raise ValueError(f"past_key_values has {len(cache.layers)} layers, the model has {num_layers}")
-        new = cls(num_layers)
+        new = cls(num_layers, windows=windows)
         for i, (src, dst) in enumerate(zip(cache.layers, new.layers)):
             keys, values = getattr(src, "keys", None), getattr(src, "values", None)
             n = src.get_seq_length()
-            if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[2] != n:
+            window = dst.window
+            held = n if window is None else min(n, window - 1)
+            if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[2] < held or (
+                    window is None and keys.shape[2] != n):
                 raise ValueError(
-                    f"past_key_values layer {i} ({type(src).__name__}) does not hold all {n} cached positions "
-                    "(e.g. a sliding-window layer); chunkinfer cannot continue it. Pass past_key_values=None "
+                    f"past_key_values layer {i} ({type(src).__name__}) does not hold the {held} cached positions "
+                    "later tokens attend to; chunkinfer cannot continue it. Pass past_key_values=None "
                     "or a ChunkKVCache returned by the converted model.")
             b, h, _, d = keys.shape
             dst.reserve(b, h, d, keys.dtype, keys.device, n)
-            dst.write(keys, values, 0)
+            if window is None:
+                dst.write(keys, values, 0)
+            else:
+                dst.length = n - held  # the ring's positions [n - held, n)
+                dst.write_at(torch.arange(n - held, n, device=keys.device), keys[:, :, keys.shape[2] - held:],
+                             values[:, :, values.shape[2] - held:])
             dst.length = n
         return new

@@ -80,13 +80,14 @@ class HostKVLayer(CachedPositions):
 
 def move_to_host(cache, n_resident: int) -> None:
     """Keep a cache's layers [0, n_resident) on the device and move the rest to pinned host memory (a
-    layer already on the host stays there). Moving a filled layer copies it and waits for the copy."""
+    layer already on the host stays there; a sliding-window layer's ring, bounded by its window, stays on
+    the device). Moving a filled layer copies it and waits for the copy."""
     if cache.host is None:
         raise RuntimeError("this cache was not created for KV offload (convert(model, kv_offload=True))")
     host = cache.host
     for i in range(n_resident, len(cache.layers)):
         old = cache.layers[i]
-        if isinstance(old, ChunkKVLayer):
+        if isinstance(old, ChunkKVLayer) and old.window is None:  # rings stay: a window is small
             new = HostKVLayer(host)
             if old.length:
                 b, h, _, d = old.k_buf.shape

@@ -31,7 +31,7 @@ class _Captured:
     buffers: tuple           # data pointers of the cache buffers the graph reads and writes
     starts_host: tuple | None
     buffer_refs: list        # the buffer tensors last seen at those pointers (weak)
-    capacity: int            # positions those buffers hold
+    capacity: float          # positions a step can reach in those buffers (inf: rings and no full layer)
 
 
 def graph_decode_supported(mb: ModelBinding, device: torch.device, dtype: torch.dtype) -> bool:
@@ -122,7 +122,7 @@ class DecodeGraphs:
             cap = self._capture(mb, cache, ids, positions, past, starts_host)
             self._by_batch[b] = cap
         cap.buffer_refs = _buffer_refs(cache)
-        cap.capacity = min(layer.k_buf.shape[2] for layer in cache.layers)
+        cap.capacity = min(layer.position_limit() for layer in cache.layers)  # a wrapped ring: unbounded
         return cap
 
     def _capture(self, mb, cache, ids, positions, past, starts_host) -> _Captured:

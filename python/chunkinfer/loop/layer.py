@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from .. import ops
 from ..kv.cache import KVBuffers
 from ..models.adapters import LayerBinding, ModelBinding
-from .rope import Rope
+from .moe import moe_mlp
+from .rope import Rope, write_interleaved
 
 
 def one_row_gemv(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -38,7 +39,7 @@ def gemv_all(x: torch.Tensor, modules, norm: ops.NormPrologue | None = None) -> 
 
 def act_buffer(mb: ModelBinding, like: torch.Tensor, rows: int) -> torch.Tensor:
     """The MLP activation buffer every chunk and layer reuses: rows x the widest intermediate size."""
-    return like.new_empty(rows * max(lb.down.weight.shape[1] for lb in mb.layers))
+    return like.new_empty(rows * max(lb.intermediate for lb in mb.layers))
 
 
 class LayerOps:
@@ -86,6 +87,9 @@ class LayerOps:
     def rotate_and_write(self, q, k, v, r0: int, r1: int, index: torch.Tensor) -> None:
         """Rotary on q (in place) and k of rows [r0, r1); k, v into the cache at ``index``: one fused op."""
         cos, sin = self.rope.get(self.lb.rope_key, r0, r1)
+        if self.mb.adapter.rope_interleaved:
+            write_interleaved(q, k, v, cos, sin, self.kv, index)
+            return
         ops.rotary_kv_write(q, k, v, cos, sin, self.kv.k_buf, self.kv.v_buf, index)
 
     def o_proj(self, shape: torch.Size, attn: torch.Tensor) -> torch.Tensor:
@@ -105,6 +109,9 @@ class LayerOps:
         place; returns the MLP output (not yet added)."""
         o = self.o_proj(x.shape, attn)
         ops.fused_add_rms_norm(o, x, self.lb.mlp_norm.weight, self.eps, gemma=self.gemma)
+        if self.lb.experts is not None:
+            out = moe_mlp(self.lb, self.mb.adapter.moe, o)
+            return out if self.lb.mlp_out_norm is None else self.norm(out, self.lb.mlp_out_norm)
         return self.down(self.act(o))
 
     def gate_up_weights(self) -> tuple[torch.Tensor, torch.Tensor, bool]:

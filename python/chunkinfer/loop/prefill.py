@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from ..kv.cache import PREFILL_HEADROOM, ChunkKVCache
+from ..kv.ring import STEP_TOKENS, RingKVLayer
 from ..kv.host_attention import SplitStep, split_decode_attention
 from ..kv.offload import LayerStreamer
 from ..models.adapters import LayerBinding, ModelBinding
 from .. import ops
-from .attention import block_attention
+from .attention import block_attention, first_key
 from .layer import LayerOps, act_buffer
 from .rope import Rope
 
@@ -42,7 +43,7 @@ def kv_only(layer: LayerOps, inp: LoopInputs, r0: int, r1: int) -> None:
     """Write the layer's K, V for rows [r0, r1) without computing anything else."""
     h = layer.norm(inp.hidden[:, r0:r1], layer.lb.input_norm)
     _, k, v = layer.qkv(h, want_q=False)
-    layer.rotate_and_write(None, k, v, r0, r1, inp.write_index[r0:r1])
+    layer.rotate_and_write(None, k, v, r0, r1, layer.kv.slots(inp.write_index[r0:r1]))
 
 
 def block(layer: LayerOps, inp: LoopInputs, r0: int, r1: int) -> None:
@@ -50,11 +51,12 @@ def block(layer: LayerOps, inp: LoopInputs, r0: int, r1: int) -> None:
     lb = layer.lb
     x = inp.hidden[:, r0:r1]
     q, k, v = layer.qkv(layer.norm(x, lb.input_norm), want_q=True)
-    layer.rotate_and_write(q, k, v, r0, r1, inp.write_index[r0:r1])
+    layer.rotate_and_write(q, k, v, r0, r1, layer.kv.slots(inp.write_index[r0:r1]))
     q_start = inp.start + r0
-    keys, values = layer.kv.view(q_start + x.shape[1])
+    lo = first_key(q_start, lb.window)  # a ring (sliding-window layer) holds only the window
+    keys, values = layer.kv.band(lo, q_start + x.shape[1])
     x.add_(layer.finish(x, block_attention(q.transpose(1, 2), keys, values, q_start, inp.key_starts,
-                                           lb.window, lb.scale)))
+                                           lb.window, lb.scale, key_offset=lo, sinks=lb.sinks)))
 
 
 def split_decode(layer: LayerOps, inp: LoopInputs, host_layer, split: SplitStep, share, r0: int, r1: int) -> None:
@@ -62,7 +64,7 @@ def split_decode(layer: LayerOps, inp: LoopInputs, host_layer, split: SplitStep,
     CPU where they live, the staged rest on the GPU, merged (kv/host_attention.py)."""
     lb, x = layer.lb, inp.hidden
     q, k, v = layer.qkv(layer.norm(x, lb.input_norm), want_q=True)
-    layer.rotate_and_write(q, k, v, r0, r1, inp.write_index[r0:r1])
+    layer.rotate_and_write(q, k, v, r0, r1, layer.kv.slots(inp.write_index[r0:r1]))
     x.add_(layer.finish(x, split_decode_attention(q.transpose(1, 2), layer.kv, host_layer, split, lb.scale, share)))
 
 
@@ -112,7 +114,7 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.
         return -(-rows // chunk)
 
     streamer = LayerStreamer.for_call(cache, shape_of, inp.start, end, headroom,
-                                      attends_all=lambda li: not mb.layers[li].window and ops.decode_kernel_supports(
+                                      attends_all=lambda li: not mb.layers[li].window and mb.layers[li].sinks is None and ops.decode_kernel_supports(
                                           mb.layers[li].head_dim, hidden.device))
     splits: dict = {}  # (n_q, head_dim) -> the SplitStep of this call's CPU-attended host layers
 
@@ -146,7 +148,7 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.
                 kv = streamer.begin(li)
             else:
                 kv = cache.layers[li]
-                kv.reserve(b, lb.n_kv, lb.head_dim, hidden.dtype, hidden.device, end, headroom)
+                kv.reserve(b, lb.n_kv, lb.head_dim, hidden.dtype, hidden.device, end, headroom, new_tokens=min(chunk, s))
             if act_buf is None:
                 act_rows = b * min(chunk, s)
                 act_buf = act_buffer(mb, hidden, act_rows)
@@ -167,6 +169,8 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.
                         inp.progress(done, total)
             if streamed:
                 streamer.finish(li)
+            elif s > STEP_TOKENS and isinstance(kv, RingKVLayer):
+                kv.shrink(end)  # after a prompt a ring keeps only its window (new chunks grow it again)
         failed = False
     finally:
         if streamer is not None:

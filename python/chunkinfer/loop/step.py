@@ -9,6 +9,7 @@ import torch
 from .. import ops
 from ..kv.cache import ChunkKVCache
 from ..models.adapters import ModelBinding
+from .attention import with_sinks
 from .layer import LayerOps, act_buffer, one_row_gemv
 from .rope import Rope
 
@@ -25,6 +26,8 @@ class DeviceStep:
 def _gemv_gate_up(layer: LayerOps, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The MLP's gate and up weights when a decode step's q|k|v and act(gate)*up both go to the
     gemv ops, norms included; None when they do not."""
+    if layer.lb.experts is not None:  # a mixture of experts (loop/moe.py) has no single gate and up
+        return None
     gate_w, up_w, biased = layer.gate_up_weights()
     if biased or not one_row_gemv(x, *(m.weight for m in layer.lb.qkv), gate_w, up_w):
         return None
@@ -35,9 +38,9 @@ def _attention(layer: LayerOps, q: torch.Tensor, step: DeviceStep) -> torch.Tens
     lb = layer.lb
     # the step writes only the new token's K, V (rotary_kv_write, just before) and sets the lengths
     # before its first kernel: the attention may start loading older keys early
-    attn, _ = ops.decode_attention(q.transpose(1, 2), layer.kv.k_buf, layer.kv.v_buf, step.seq_lens,
-                                   step.starts, scale=lb.scale, window=lb.window or 0, prefix_ready=True)
-    return attn
+    attn, lse = ops.decode_attention(q.transpose(1, 2), layer.kv.k_buf, layer.kv.v_buf, step.seq_lens,
+                                     step.starts, scale=lb.scale, window=lb.window or 0, prefix_ready=True)
+    return attn if lb.sinks is None else with_sinks(attn, lse, lb.sinks)
 
 
 def decode_block(layer: LayerOps, x: torch.Tensor, step: DeviceStep, pending: torch.Tensor | None,
@@ -51,7 +54,7 @@ def decode_block(layer: LayerOps, x: torch.Tensor, step: DeviceStep, pending: to
     gate_up = _gemv_gate_up(layer, x)
     if gate_up is not None:
         q, k, v = layer.qkv(x, want_q=True, norm=layer.prologue(lb.input_norm, add=pending, residual_out=spare))
-        layer.rotate_and_write(q, k, v, 0, 1, step.write_index)
+        layer.rotate_and_write(q, k, v, 0, 1, layer.kv.slots(step.write_index))
         o = layer.o_proj(x.shape, _attention(layer, q, step))
         act = ops.gemv_act_and_mul(spare, *gate_up, layer.mb.act, approximate=layer.mb.act_approximate,
                                    norm=layer.prologue(lb.mlp_norm, add=o, residual_out=x))
@@ -62,7 +65,7 @@ def decode_block(layer: LayerOps, x: torch.Tensor, step: DeviceStep, pending: to
         ops.fused_add_rms_norm(pending, x, lb.input_norm.weight, layer.eps, gemma=layer.gemma)
         h = pending
     q, k, v = layer.qkv(h, want_q=True)
-    layer.rotate_and_write(q, k, v, 0, 1, step.write_index)
+    layer.rotate_and_write(q, k, v, 0, 1, layer.kv.slots(step.write_index))
     return layer.finish(x, _attention(layer, q, step))
 
 

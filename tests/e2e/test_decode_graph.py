@@ -9,7 +9,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import chunkinfer
 from chunkinfer import forward
-from chunkinfer.loop.decode_graph import step_logits
+from chunkinfer.loop.decode_graph import RING_DECODE, step_logits
 from chunkinfer.loop.step import DeviceStep
 from tests.tiny_models import left_padded_batch, make_model
 
@@ -30,7 +30,12 @@ def device_step(cache, past: int, starts, b: int, device) -> DeviceStep:
                       starts=None if starts is None else torch.tensor(starts, dtype=torch.int32, device=device))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+# gemma3's sliding layers are rings (kv/ring.py): the decode kernel must read them as such (RING_DECODE)
+RING = pytest.mark.xfail(not RING_DECODE, strict=True, reason="decode_attention without ring semantics yet")
+
+
+@pytest.mark.parametrize("arch", ["llama", "glm4", "qwen3_moe", pytest.param("gemma3", marks=RING),
+                                  pytest.param("gpt_oss", marks=RING)])
 @torch.no_grad()
 def test_device_step_matches_stock_decode_on_cpu(arch):
     """The captured step's launches, run eagerly on the CPU kernels: same logits as stock's decode."""

@@ -20,6 +20,12 @@ from .head import final_norm, logits_of
 from .step import DeviceStep, run_decode_layers
 
 
+# Sliding-window layers are rings (kv/ring.py): the decode kernel must read position p at slot p % capacity
+# with lengths beyond the capacity. Until its ring semantics land, sliding-window models decode eagerly
+# (block_attention over the ring's band), which is exact.
+RING_DECODE = False
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
@@ -39,7 +45,8 @@ def graph_decode_supported(mb: ModelBinding, device: torch.device, dtype: torch.
     the call (dynamic/longrope read the maximum position on the host, which a replayed graph cannot);
     the whole model on one device (one graph, no offloaded weights loaded by hooks)."""
     return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not mb.rope_needs_global_max
-            and mb.devices.single and all(ops.decode_kernel_supports(lb.head_dim, device) for lb in mb.layers))
+            and mb.devices.single and all(ops.decode_kernel_supports(lb.head_dim, device) for lb in mb.layers)
+            and (RING_DECODE or not any(lb.window for lb in mb.layers)))
 
 
 def _buffers(cache: ChunkKVCache) -> tuple:

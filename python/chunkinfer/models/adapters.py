@@ -50,6 +50,7 @@ class Adapter:
     moe: MoeSpec | None = None     # the MLP of layers whose mlp has ``experts`` (others are dense)
     act_attr: str = "hidden_act"   # config attribute naming the MLP activation
     qkv_bias: bool | None = None   # q/k/v projections carry a bias regardless of the config (Qwen2); None: config.attention_bias
+    o_bias: bool = False           # o_proj carries a bias when config.attention_bias does (Llama, gpt-oss)
 
     def norm_count(self) -> int:
         """RMSNorms per decoder layer over the hidden size."""
@@ -61,7 +62,7 @@ _GEMMA_NORMS = dict(gemma_norms=True, mlp_norm="pre_feedforward_layernorm", attn
 _GLM4_NORMS = dict(attn_out_norm="post_self_attn_layernorm", mlp_out_norm="post_mlp_layernorm")
 
 ADAPTERS: dict[str, Adapter] = {
-    "LlamaForCausalLM": Adapter("llama", ("llama",), "Llama"),
+    "LlamaForCausalLM": Adapter("llama", ("llama",), "Llama", o_bias=True),
     "MistralForCausalLM": Adapter("mistral", ("mistral",), "Mistral"),
     "Qwen2ForCausalLM": Adapter("qwen2", ("qwen2",), "Qwen2", qkv_bias=True),
     "Qwen3ForCausalLM": Adapter("qwen3", ("qwen3",), "Qwen3", qk_norm=True),
@@ -74,7 +75,7 @@ ADAPTERS: dict[str, Adapter] = {
     "Qwen3MoeForCausalLM": Adapter("qwen3_moe", ("qwen3_moe",), "Qwen3-MoE", qk_norm=True,
                                    moe=MoeSpec("gate", experts_attr="num_experts",
                                                intermediate_attr="moe_intermediate_size")),
-    "GptOssForCausalLM": Adapter("gpt_oss", ("gpt_oss",), "gpt-oss", rope_half_tables=True, sinks=True,
+    "GptOssForCausalLM": Adapter("gpt_oss", ("gpt_oss",), "gpt-oss", rope_half_tables=True, sinks=True, o_bias=True,
                                  moe=MoeSpec("router", transposed=True, bias=True)),
 }
 
@@ -123,6 +124,18 @@ def check_layer_types(config) -> None:
     if unknown:
         raise ValueError(f"chunkinfer.convert: layer type(s) {', '.join(map(repr, unknown))} in config.layer_types "
                          f"are not supported (supported: {', '.join(LAYER_TYPES)})")
+
+
+def sparse_layers(config) -> tuple[bool, ...]:
+    """Per layer whether its MLP is a mixture of experts, as transformers builds it: every layer of a
+    family with experts, except Qwen3-MoE's ``mlp_only_layers`` and those off its ``decoder_sparse_step``."""
+    adapter = adapter_for_config(config)
+    n = config.num_hidden_layers
+    if adapter.moe is None:
+        return (False,) * n
+    dense = set(getattr(config, "mlp_only_layers", None) or ())
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    return tuple(i not in dense and (i + 1) % step == 0 for i in range(n))
 
 
 def supported_architectures() -> list[str]:

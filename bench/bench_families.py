@@ -27,8 +27,8 @@ import transformers as T
 import chunkinfer  # the installed package: its compiled kernels, not the source tree
 from chunkinfer.planner.rates import decode_bytes
 from chunkinfer.planner.shape import Shape
-from chunkinfer.tools.benchmark import (build_model, catching_oom, prefill, reset_memory, row, timed, warm_up,
-                                        weight_bytes)
+from chunkinfer.tools.benchmark import (build_model, catching_oom, memory_now, prefill, reset_memory, row, timed,
+                                        warm_up, weight_bytes)
 
 from .common import markdown_table, write_rows
 
@@ -68,28 +68,30 @@ def decode_ms(model, out, steps: int, warmup: int = 5) -> float:
     sliding layers cannot be cropped back once past their window)."""
     cache, nxt, times = out.past_key_values, out.logits[:, -1:].argmax(-1), []
     for i in range(steps + warmup):
-        step, sec = timed(lambda: model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1))
+        step, sec = timed(lambda: model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1), nxt.device)
         nxt = step.logits[:, -1:].argmax(-1)
         if i >= warmup:
             times.append(sec * 1e3)
     return sorted(times)[len(times) // 2]
 
 
-def run_shape(name: str, lengths: list[int], args) -> list[dict]:
+def run_shape(name: str, lengths: list[int], args, device="cuda", dtype=torch.bfloat16) -> list[dict]:
     config = SHAPES[name](max(lengths) + 4096)
-    model = build_model(config, "cuda", torch.bfloat16)
+    model = build_model(config, device, dtype)
     with torch.no_grad():  # random routers would route every token alike; spread them as trained ones do
         for n, p in model.named_parameters():
             if n.endswith("mlp.gate.weight"):
                 p.normal_(0, 0.02)
-    reset_memory()
-    base_alloc, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    reset_memory(device)
+    base_alloc, base_reserved = memory_now(device)
     shape = Shape.from_config(config)
-    rows = [{**row(f"{name} weights", 0, peak_alloc=base_alloc, peak_reserved=base_reserved), "shape": name}]
+    elt = torch.empty((), dtype=dtype).element_size()
+    rows = [{**row(f"{name} weights", 0, peak_alloc=base_alloc, peak_reserved=base_reserved, device=device),
+             "shape": name}]
     warmed: set[str] = set()
     for length in lengths:
-        ids = torch.randint(0, config.vocab_size, (1, length), device="cuda")
-        step_bytes = decode_bytes(shape, length, 1, 2)
+        ids = torch.randint(0, config.vocab_size, (1, length), device=device)
+        step_bytes = decode_bytes(shape, length, 1, elt)
         next_token = {}
         for impl in ("stock", "chunkinfer"):
             if impl == "stock" and length > args.skip_stock_above:
@@ -108,7 +110,7 @@ def run_shape(name: str, lengths: list[int], args) -> list[dict]:
                 r["decode_ms_per_token"], r["decode_error"] = ms, error
             rows.append(r)
             del out
-            reset_memory()
+            reset_memory(device)
             print(r, flush=True)
         if len(next_token) == 2:
             rows[-1]["same_next_token_as_stock"] = next_token["stock"] == next_token["chunkinfer"]
@@ -117,7 +119,7 @@ def run_shape(name: str, lengths: list[int], args) -> list[dict]:
         del ids
     rows[0]["weight_bytes"] = weight_bytes(model)
     del model
-    reset_memory()
+    reset_memory(device)
     return rows
 
 

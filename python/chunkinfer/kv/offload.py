@@ -134,12 +134,13 @@ class LayerStreamer:
         self.cpu_keys = cpu_keys or {}      # li -> positions [0, n) the CPU attends (not prefetched)
 
     @classmethod
-    def for_call(cls, cache, shape_of, start: int, end: int, headroom: int,
-                 attends_all=lambda li: True) -> "LayerStreamer | None":
+    def for_call(cls, cache, shape_of, start: int, end: int, headroom: int, attends_all=lambda li: True,
+                 step: bool = False) -> "LayerStreamer | None":
         """The streamer of one call over ``cache``, or None when every layer is resident. Starts
         pinning the host memory the call will need on the arena's thread, overlapped with compute.
-        A one-token decode step leaves the first positions of each layer that ``attends_all`` (no
-        sliding window) to the CPU (host_attention.py), unless a host region must grow this call."""
+        A ``step`` (a few new tokens on the decode kernels) leaves the first positions of each layer that
+        ``attends_all`` (no sliding window) to the CPU (host_attention.py), unless a host region must
+        grow this call."""
         streamed = cache.streamed_layers()
         if not streamed:
             return None
@@ -156,7 +157,7 @@ class LayerStreamer:
         if need:  # pinning is slow (~2.6 GiB/s): start it now, on the arena's thread
             host.arena.grow_async(host.arena.bytes_used + need, region)
         cpu_keys = {}
-        if host.cpu_share is not None and end - start == 1 and not need:
+        if host.cpu_share is not None and step and not need:
             n_cpu = host.cpu_share.cpu_positions(start)
             cpu_keys = {li: n_cpu for li in streamed if n_cpu > 0 and attends_all(li)}
             if cpu_keys:

@@ -13,6 +13,10 @@ import torch
 from .cache import GROWTH, ChunkKVLayer
 
 STEP_TOKENS = 64  # a call of at most this many new tokens is a step: a ring keeps its room for the next one
+# Whether ops.decode_attention reads rings (position p at slot p % capacity, lengths beyond the capacity).
+# Until it does, steps attend sliding-window layers eagerly over the ring's band (loop/step.py), exactly,
+# and such models take no CUDA graph (loop/decode_graph.py).
+RING_DECODE = False
 
 
 def ring_capacity(window: int, end: int, new_tokens: int) -> int:
@@ -92,9 +96,9 @@ class RingKVLayer(ChunkKVLayer):
         return (torch.cat([self.k_buf[:, :, s0:], self.k_buf[:, :, :tail]], dim=2),
                 torch.cat([self.v_buf[:, :, s0:], self.v_buf[:, :, :tail]], dim=2))
 
-    def position_limit(self) -> float:
-        """Positions a one-token step can reach without growing: unbounded once the ring wraps safely."""
-        return float("inf") if self.capacity >= self.window else self.capacity
+    def position_limit(self, new_tokens: int = 1) -> float:
+        """Positions a step of ``new_tokens`` can reach without growing: unbounded once the ring wraps safely."""
+        return float("inf") if self.capacity >= self.window - 1 + new_tokens else self.capacity
 
     # ---- transformers' CacheLayerMixin (a stock forward on this cache sees DynamicSlidingWindowLayer's view) ----
     @property
@@ -125,8 +129,8 @@ class RingKVLayer(ChunkKVLayer):
         self.k_buf.index_copy_(2, slots, k.to(self.k_buf.dtype))
         self.v_buf.index_copy_(2, slots, v.to(self.v_buf.dtype))
 
-    def crop(self, tokens_to_remove: int) -> None:
-        new = max(0, self.length + tokens_to_remove) if tokens_to_remove < 0 else min(self.length, tokens_to_remove)
+    def crop_to(self, length: int) -> None:
+        new = min(self.length, length)
         if new < self.length and self.first_held(new) < self.length - self.capacity:
             raise ValueError(f"cannot crop a sliding-window layer (window {self.window}) back to {new} positions: "
                              "the ring no longer holds the keys that length needs")

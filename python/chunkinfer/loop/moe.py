@@ -70,11 +70,16 @@ def _gathered(experts: nn.Module, spec: MoeSpec, x: torch.Tensor, weights: torch
     return torch.zeros_like(x).index_add_(0, rows, y.to(x.dtype))
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def moe_mlp(lb: LayerBinding, spec: MoeSpec, h: torch.Tensor) -> torch.Tensor:
     """The mixture-of-experts MLP of rows h [B, c, H] (normed); returns [B, c, H]."""
     shape = h.shape
     x = h.reshape(-1, shape[-1])
     routed = lb.router(x)  # (logits, routing weights [N, k], expert indices [N, k])
     weights, idx = routed[1], routed[2]
-    fn = _gathered if x.shape[0] <= GATHER_MAX_ROWS else _grouped
+    # a step captured in a CUDA graph cannot read the counts on the host: it gathers whatever its rows
+    fn = _gathered if x.shape[0] <= GATHER_MAX_ROWS or _capturing(x) else _grouped
     return fn(lb.experts, spec, x, weights, idx).view(shape)

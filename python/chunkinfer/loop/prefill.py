@@ -16,7 +16,6 @@ import torch
 
 from ..kv.cache import PREFILL_HEADROOM, ChunkKVCache
 from ..kv.ring import STEP_TOKENS, RingKVLayer
-from ..kv.host_attention import SplitStep, split_decode_attention
 from ..kv.offload import LayerStreamer
 from ..models.adapters import LayerBinding, ModelBinding
 from .. import ops
@@ -43,7 +42,7 @@ def kv_only(layer: LayerOps, inp: LoopInputs, r0: int, r1: int) -> None:
     """Write the layer's K, V for rows [r0, r1) without computing anything else."""
     h = layer.norm(inp.hidden[:, r0:r1], layer.lb.input_norm)
     _, k, v = layer.qkv(h, want_q=False)
-    layer.rotate_and_write(None, k, v, r0, r1, layer.kv.slots(inp.write_index[r0:r1]))
+    layer.rotate_and_write(None, k, v, r0, r1, inp.write_index[r0:r1])
 
 
 def block(layer: LayerOps, inp: LoopInputs, r0: int, r1: int) -> None:
@@ -51,21 +50,12 @@ def block(layer: LayerOps, inp: LoopInputs, r0: int, r1: int) -> None:
     lb = layer.lb
     x = inp.hidden[:, r0:r1]
     q, k, v = layer.qkv(layer.norm(x, lb.input_norm), want_q=True)
-    layer.rotate_and_write(q, k, v, r0, r1, layer.kv.slots(inp.write_index[r0:r1]))
+    layer.rotate_and_write(q, k, v, r0, r1, inp.write_index[r0:r1])
     q_start = inp.start + r0
     lo = first_key(q_start, lb.window)  # a ring (sliding-window layer) holds only the window
     keys, values = layer.kv.band(lo, q_start + x.shape[1])
     x.add_(layer.finish(x, block_attention(q.transpose(1, 2), keys, values, q_start, inp.key_starts,
                                            lb.window, lb.scale, key_offset=lo, sinks=lb.sinks)))
-
-
-def split_decode(layer: LayerOps, inp: LoopInputs, host_layer, split: SplitStep, share, r0: int, r1: int) -> None:
-    """One new token per sequence on a host-resident layer: its first cached positions attended on the
-    CPU where they live, the staged rest on the GPU, merged (kv/host_attention.py)."""
-    lb, x = layer.lb, inp.hidden
-    q, k, v = layer.qkv(layer.norm(x, lb.input_norm), want_q=True)
-    layer.rotate_and_write(q, k, v, r0, r1, layer.kv.slots(inp.write_index[r0:r1]))
-    x.add_(layer.finish(x, split_decode_attention(q.transpose(1, 2), layer.kv, host_layer, split, lb.scale, share)))
 
 
 def _layer_chunks(inp: LoopInputs, n_layers: int) -> list[int]:
@@ -113,17 +103,7 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.
     def n_chunks(rows: int, chunk: int) -> int:
         return -(-rows // chunk)
 
-    streamer = LayerStreamer.for_call(cache, shape_of, inp.start, end, headroom,
-                                      attends_all=lambda li: not mb.layers[li].window and mb.layers[li].sinks is None and ops.decode_kernel_supports(
-                                          mb.layers[li].head_dim, hidden.device))
-    splits: dict = {}  # (n_q, head_dim) -> the SplitStep of this call's CPU-attended host layers
-
-    def split_for(lb: LayerBinding, n_cpu: int) -> SplitStep:
-        key = (lb.n_q, lb.head_dim)
-        if key not in splits:
-            splits[key] = SplitStep.build(n_cpu, end, inp.key_starts, b, lb.n_q, lb.head_dim, hidden.dtype,
-                                          hidden.device)
-        return splits[key]
+    streamer = LayerStreamer.for_call(cache, shape_of, inp.start, end, headroom)
 
     lf = inp.last_rows_from
     total = sum(n_chunks(s, c) for c in chunks[:-1]) + n_chunks(lf, chunks[-1]) + n_chunks(s - lf, chunks[-1])
@@ -156,11 +136,6 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.
             first = lf if li == last else 0
             steps = [(functools.partial(kv_only, layer, inp), r0, min(r0 + chunk, first)) for r0 in range(0, first, chunk)]
             steps += [(functools.partial(block, layer, inp), r0, min(r0 + chunk, s)) for r0 in range(first, s, chunk)]
-            n_cpu = streamer.cpu_keys.get(li, 0) if streamed else 0
-            if n_cpu:  # a one-token decode step (s == 1): attention split between the CPU and the GPU
-                split = functools.partial(split_decode, layer, inp, cache.layers[li], split_for(lb, n_cpu),
-                                          cache.host.cpu_share)
-                steps = [(split, 0, s)]
             with mb.devices.onloaded(li):  # accelerate-offloaded weights: loaded once for all chunks
                 for fn, r0, r1 in steps:
                     fn(r0, r1)

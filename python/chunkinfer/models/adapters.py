@@ -6,7 +6,7 @@ after conversion keeps working.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -189,6 +189,7 @@ class ModelBinding:
     final_softcap: float | None
     rope_needs_global_max: bool  # dynamic / longrope: frequencies depend on the call's max position
     devices: ModelDevices | None = None  # where each part runs (set by bind)
+    memo: dict = field(default_factory=dict)  # answers that depend on the weights alone (loop/step.py)
 
     @property
     def windows(self) -> list[int | None]:

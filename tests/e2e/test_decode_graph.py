@@ -11,7 +11,8 @@ import chunkinfer
 from chunkinfer import forward
 from chunkinfer.kv.ring import RING_DECODE
 from chunkinfer.loop.decode_graph import step_logits
-from chunkinfer.loop.step import DeviceStep
+from chunkinfer.loop.step import DeviceStep, choose_split_keys, reserve
+from chunkinfer.loop.step import device_step as step_on_device
 from tests.tiny_models import left_padded_batch, make_model
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -52,9 +53,9 @@ def test_device_step_matches_stock_decode_on_cpu(arch):
         pos = (mask.long().cumsum(-1) - 1)[:, -1:]  # what generate() passes
         want = stock(nxt, attention_mask=mask, position_ids=pos, past_key_values=ref_cache).logits
         mb = ours._chunkinfer.binding
-        for layer in cache.layers:
-            layer.reserve(2, layer.k_buf.shape[1], layer.k_buf.shape[3], torch.float32, "cpu", past + 1)
-        got = step_logits(mb, cache, nxt, pos, device_step(cache, past, cache.key_starts, 2, "cpu"))
+        reserve(mb, cache, 2, past + 1)
+        cache.split_keys = cache.split_keys or choose_split_keys(mb, past + 1, 2, torch.device("cpu"))
+        got = step_logits(mb, cache, nxt, None, pos, step_on_device(cache, past, 1, 2, cache.key_starts, "cpu"), 1)
         for layer in cache.layers:
             layer.length = past + 1
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4

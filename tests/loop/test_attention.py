@@ -9,8 +9,9 @@ from chunkinfer.loop.attention_backend import _math_with_lse, attention_with_lse
 from chunkinfer.ops.reference import merge_attn_states
 
 
-def _dense_reference(q, k, v, q_start, key_starts, window, scale):
-    """fp64 attention with an explicit mask, GQA by repetition (what transformers does)."""
+def _dense_reference(q, k, v, q_start, key_starts, window, scale, sinks=None):
+    """fp64 attention with an explicit mask, GQA by repetition (what transformers does); ``sinks``: a
+    logit per head as one more softmax column, dropped after (gpt-oss's eager path)."""
     b, hq, c, d = q.shape
     g = hq // k.shape[1]
     k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
@@ -24,6 +25,9 @@ def _dense_reference(q, k, v, q_start, key_starts, window, scale):
     for i, s in enumerate(key_starts or [0] * b):
         allowed[i, :, :s] = False
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.double()[None, :, None, None].expand(*scores.shape[:3], 1)], -1)
+        return torch.softmax(scores, -1)[..., :-1] @ v
     return torch.softmax(scores, -1).nan_to_num() @ v
 
 
@@ -72,23 +76,6 @@ def test_block_attention_matches_dense_mask(q_start, c, key_starts, window):
     assert diff[rows].max() < 1e-10
 
 
-def _dense_with_sinks(q, k, v, q_start, key_starts, window, scale, sinks):
-    """As _dense_reference, with a sink logit per head as one more softmax column (gpt-oss's eager path)."""
-    b, hq, c, d = q.shape
-    g = hq // k.shape[1]
-    kr, vr = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
-    scores = q.double() @ kr.transpose(-1, -2) * scale
-    qi = torch.arange(q_start, q_start + c)[:, None]
-    kj = torch.arange(k.shape[2])[None]
-    allowed = (kj <= qi) & ((kj > qi - window) if window is not None else True)
-    allowed = allowed[None].repeat(b, 1, 1)
-    for i, s in enumerate(key_starts or [0] * b):
-        allowed[i, :, :s] = False
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    scores = torch.cat([scores, sinks.double()[None, :, None, None].expand(b, hq, c, 1)], -1)
-    return torch.softmax(scores, -1)[..., :-1] @ vr
-
-
 @pytest.mark.parametrize("q_start, c", [(0, 9), (13, 9), (40, 1), (40, 3), (30, 20)])
 @pytest.mark.parametrize("key_starts", [None, [0, 17]])
 @pytest.mark.parametrize("window", [None, 11])
@@ -104,7 +91,7 @@ def test_sinks_and_key_offset_match_dense(q_start, c, key_starts, window, dtype)
     sinks = torch.randn(hq, dtype=dtype) * 2
     lo = 0 if window is None else max(0, q_start - window + 1)
     out = block_attention(q, k[:, :, lo:], v[:, :, lo:], q_start, key_starts, window, 0.4, key_offset=lo, sinks=sinks)
-    ref = _dense_with_sinks(q, k, v, q_start, key_starts, window, 0.4, sinks)
+    ref = _dense_reference(q, k, v, q_start, key_starts, window, 0.4, sinks)
     rows = torch.ones(b, c, dtype=torch.bool)
     for i, s in enumerate(key_starts or []):
         rows[i, : max(0, s - q_start)] = False

@@ -184,8 +184,10 @@ def test_every_architecture_plans(name, tmp_path):
     p = plan(cfg, 8192, device_memory="24GiB", host_memory="64GiB", dtype="float16")
     assert p.fits and p.chunk_size == 8192 and p.prefill_seconds > 0 and p.decode_ms_per_token > 0
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_layer = 2 * cfg.num_key_value_heads * head_dim * 2 * p.kv_capacity
-    assert p.device_breakdown["KV resident"] == cfg.num_hidden_layers * per_layer
+    per_position = 2 * cfg.num_key_value_heads * head_dim * 2
+    # full-attention layers hold the capacity, sliding ones a ring of window - 1 (kv/ring.py)
+    positions = sum(p.kv_capacity if w is None else min(8192, w - 1) for w in Shape.from_config(cfg).windows)
+    assert p.device_breakdown["KV resident"] == per_position * positions
     # through a config.json too
     cfg.to_json_file(tmp_path / "config.json")
     q = plan(tmp_path / "config.json", 8192, device_memory="24GiB", host_memory="64GiB", dtype="float16")

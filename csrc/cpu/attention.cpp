@@ -15,6 +15,7 @@
 
 #include "../dispatch.h"
 #include "../ops.h"
+#include "../register_backend.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CHUNKINFER_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -22,7 +23,7 @@
 #define CHUNKINFER_SIMD_CLONES
 #endif
 
-namespace chunkinfer {
+namespace chunkinfer::cpu {
 namespace {
 
 constexpr int64_t kBlockKeys = 64;      // keys converted and scored at a time (fits L1 with V)
@@ -401,10 +402,10 @@ void decode_attention_cpu_impl(at::Tensor& out, at::Tensor& lse, const at::Tenso
   });
 }
 
-void decode_attention_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
-                              const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                              const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t window,
-                              bool /*prefix_ready: a CUDA launch-order promise, nothing to do here*/) {
+void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& seq_lens,
+                          const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t window,
+                          bool /*prefix_ready: a CUDA launch-order promise, nothing to do here*/) {
   const DecodeArgs a =
       check_decode_attention_args("decode_attention", out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window);
   if (a.B == 0 || a.Hq == 0 || a.T == 0) return;
@@ -413,16 +414,6 @@ void decode_attention_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tensor
   CHUNKINFER_DISPATCH_FLOATING(q.scalar_type(), [&] {
     decode_attention_cpu_impl<scalar_t>(out, lse, q, k_cache, v_cache, lens, st, a);
   });
-}
-
-std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                                                        const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                                                        const std::optional<at::Tensor>& starts,
-                                                        std::optional<double> scale, int64_t window,
-                                                        bool prefix_ready) {
-  auto [out, lse] = decode_attention_outputs(q);
-  decode_attention_out_cpu(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window, prefix_ready);
-  return {out, lse};
 }
 
 template <typename T>
@@ -459,8 +450,8 @@ void merge_rows(const MergeRows& r, T* out, float* lse, const T* a, const float*
   });
 }
 
-void merge_attn_states_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tensor& out_a, const at::Tensor& lse_a,
-                               const at::Tensor& out_b, const at::Tensor& lse_b) {
+void merge_attn_states_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& out_a, const at::Tensor& lse_a,
+                           const at::Tensor& out_b, const at::Tensor& lse_b) {
   const MergeRows r = check_merge_attn_states_args("merge_attn_states", out, lse, out_a, lse_a, out_b, lse_b);
   if (r.rows == 0) return;
   CHUNKINFER_DISPATCH_FLOATING(out_a.scalar_type(), [&] {
@@ -469,19 +460,9 @@ void merge_attn_states_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tenso
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> merge_attn_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
-                                                         const at::Tensor& out_b, const at::Tensor& lse_b) {
-  auto [out, lse] = merge_attn_states_outputs(out_a);
-  merge_attn_states_out_cpu(out, lse, out_a, lse_a, out_b, lse_b);
-  return {out, lse};
-}
-
 }  // namespace
-}  // namespace chunkinfer
+}  // namespace chunkinfer::cpu
 
 TORCH_LIBRARY_IMPL(chunkinfer, CPU, m) {
-  m.impl("decode_attention", &chunkinfer::decode_attention_cpu);
-  m.impl("decode_attention_out", &chunkinfer::decode_attention_out_cpu);
-  m.impl("merge_attn_states", &chunkinfer::merge_attn_states_cpu);
-  m.impl("merge_attn_states_out", &chunkinfer::merge_attn_states_out_cpu);
+  chunkinfer::register_attention<&chunkinfer::cpu::decode_attention_out, &chunkinfer::cpu::merge_attn_states_out>(m);
 }

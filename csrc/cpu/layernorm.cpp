@@ -6,6 +6,7 @@
 
 #include "../dispatch.h"
 #include "../ops.h"
+#include "../register_backend.h"
 #include "vec_util.h"
 
 namespace chunkinfer::cpu {
@@ -100,26 +101,9 @@ void rms_norm_impl(const char* op, const at::Tensor& out, const at::Tensor& x, c
   });
 }
 
-void rms_norm_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma) {
-  rms_norm_impl<false>("rms_norm", out, x, nullptr, weight, eps, gemma);
-}
-
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma) {
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  rms_norm_out(out, x, weight, eps, gemma);
-  return out;
-}
-
-void fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps,
-                        bool gemma) {
-  rms_norm_impl<true>("fused_add_rms_norm", x, x, &residual, weight, eps, gemma);
-}
-
 }  // namespace
 }  // namespace chunkinfer::cpu
 
 TORCH_LIBRARY_IMPL(chunkinfer, CPU, m) {
-  m.impl("rms_norm", &chunkinfer::cpu::rms_norm);
-  m.impl("rms_norm_out", &chunkinfer::cpu::rms_norm_out);
-  m.impl("fused_add_rms_norm", &chunkinfer::cpu::fused_add_rms_norm);
+  chunkinfer::register_norm<&chunkinfer::cpu::rms_norm_impl<false>, &chunkinfer::cpu::rms_norm_impl<true>>(m);
 }

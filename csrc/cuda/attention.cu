@@ -10,9 +10,10 @@
 
 #include "../dispatch.h"
 #include "../ops.h"
+#include "../register_backend.h"
 #include "attention_kernels.cuh"
 
-namespace chunkinfer {
+namespace chunkinfer::cuda {
 namespace {
 
 template <typename T>
@@ -36,10 +37,10 @@ bool aligned16(const at::Tensor& t) {
   return (t.size(-1) * t.element_size()) % 16 == 0;
 }
 
-void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
-                               const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                               const std::optional<at::Tensor>& starts, std::optional<double> scale,
-                               int64_t window, bool prefix_ready) {
+void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& seq_lens,
+                          const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t window,
+                          bool prefix_ready) {
   constexpr const char* op = "decode_attention";
   const DecodeArgs a = check_decode_attention_args(op, out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window);
   CHUNKINFER_CHECK(a.D == 64 || a.D == 128 || a.D == 256, op, ": head dim ", a.D,
@@ -94,18 +95,8 @@ void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tenso
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
-                                                         const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                                                         const std::optional<at::Tensor>& starts,
-                                                         std::optional<double> scale, int64_t window,
-                                                         bool prefix_ready) {
-  auto [out, lse] = decode_attention_outputs(q);
-  decode_attention_out_cuda(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window, prefix_ready);
-  return {out, lse};
-}
-
-void merge_attn_states_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tensor& out_a, const at::Tensor& lse_a,
-                                const at::Tensor& out_b, const at::Tensor& lse_b) {
+void merge_attn_states_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& out_a, const at::Tensor& lse_a,
+                           const at::Tensor& out_b, const at::Tensor& lse_b) {
   const MergeRows r = check_merge_attn_states_args("merge_attn_states", out, lse, out_a, lse_a, out_b, lse_b);
   if (r.rows == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(out_a.device());
@@ -134,19 +125,9 @@ void merge_attn_states_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tens
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> merge_attn_states_cuda(const at::Tensor& out_a, const at::Tensor& lse_a,
-                                                          const at::Tensor& out_b, const at::Tensor& lse_b) {
-  auto [out, lse] = merge_attn_states_outputs(out_a);
-  merge_attn_states_out_cuda(out, lse, out_a, lse_a, out_b, lse_b);
-  return {out, lse};
-}
-
 }  // namespace
-}  // namespace chunkinfer
+}  // namespace chunkinfer::cuda
 
 TORCH_LIBRARY_IMPL(chunkinfer, CUDA, m) {
-  m.impl("decode_attention", &chunkinfer::decode_attention_cuda);
-  m.impl("decode_attention_out", &chunkinfer::decode_attention_out_cuda);
-  m.impl("merge_attn_states", &chunkinfer::merge_attn_states_cuda);
-  m.impl("merge_attn_states_out", &chunkinfer::merge_attn_states_out_cuda);
+  chunkinfer::register_attention<&chunkinfer::cuda::decode_attention_out, &chunkinfer::cuda::merge_attn_states_out>(m);
 }

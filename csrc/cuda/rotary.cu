@@ -11,6 +11,7 @@
 
 #include "../dispatch.h"
 #include "../ops.h"
+#include "../register_backend.h"
 #include "device_util.cuh"
 #include "torch_types.cuh"
 
@@ -120,4 +121,4 @@ void rotary_kv_write(const std::optional<at::Tensor>& q, const at::Tensor& k, co
 }  // namespace
 }  // namespace chunkinfer::cuda
 
-TORCH_LIBRARY_IMPL(chunkinfer, CUDA, m) { m.impl("rotary_kv_write", &chunkinfer::cuda::rotary_kv_write); }
+TORCH_LIBRARY_IMPL(chunkinfer, CUDA, m) { chunkinfer::register_rotary<&chunkinfer::cuda::rotary_kv_write>(m); }

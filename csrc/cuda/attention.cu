@@ -12,26 +12,14 @@
 #include "../ops.h"
 #include "../register_backend.h"
 #include "attention_kernels.cuh"
+#include "torch_types.cuh"
 
 namespace chunkinfer::cuda {
 namespace {
 
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
 // 16-byte vector loads need the base and every stride (of dims longer than one) 16-byte aligned.
-bool aligned16(const at::Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+bool vectorisable16(const at::Tensor& t) {
+  if (!aligned16(t.const_data_ptr())) return false;
   for (int64_t i = 0; i + 1 < t.dim(); ++i)
     if (t.size(i) > 1 && (t.stride(i) * t.element_size()) % 16 != 0) return false;
   return (t.size(-1) * t.element_size()) % 16 == 0;
@@ -45,7 +33,7 @@ void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q,
   const DecodeArgs a = check_decode_attention_args(op, out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window);
   CHUNKINFER_CHECK(a.D == 64 || a.D == 128 || a.D == 256, op, ": head dim ", a.D,
               " is not supported on CUDA (64, 128 or 256)");
-  CHUNKINFER_CHECK(aligned16(k_cache) && aligned16(v_cache), op,
+  CHUNKINFER_CHECK(vectorisable16(k_cache) && vectorisable16(v_cache), op,
               ": k_cache and v_cache must be 16-byte aligned: their data pointer and every stride a multiple "
               "of 16 bytes (a view at an odd offset into a larger buffer is not)");
   CHUNKINFER_CHECK(a.B <= 65535 && a.Hkv <= 65535, op, ": batch (", a.B, ") and kv heads (", a.Hkv,
@@ -61,7 +49,7 @@ void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q,
   const bool tensor_cores = cc_major >= 8;  // mma.sync m16n8k16 for fp16/bf16
 
   CHUNKINFER_DISPATCH_FLOATING(q.scalar_type(), [&] {
-    using T = typename CudaType<scalar_t>::type;
+    using T = cuda_t<scalar_t>;
     attention::DecodeParams p{};
     p.B = int(a.B);
     p.Hq = int(a.Hq);
@@ -102,7 +90,7 @@ void merge_attn_states_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& o
   const c10::cuda::OptionalCUDAGuard guard(out_a.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   CHUNKINFER_DISPATCH_FLOATING(out_a.scalar_type(), [&] {
-    using T = typename CudaType<scalar_t>::type;
+    using T = cuda_t<scalar_t>;
     attention::MergeParams p{};
     p.out_a = out_a.data_ptr();
     p.out_b = out_b.data_ptr();
@@ -116,7 +104,7 @@ void merge_attn_states_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& o
     p.D = int(r.d);
     const int64_t bytes = sizeof(T);
     auto ok16 = [&](const void* ptr, int64_t stride) {
-      return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (r.rows <= 1 || (stride * bytes) % 16 == 0);
+      return aligned16(ptr) && (r.rows <= 1 || (stride * bytes) % 16 == 0);
     };
     const bool vectorised = (r.d * bytes) % 16 == 0 && ok16(p.out_a, p.sa) && ok16(p.out_b, p.sb) &&
                             ok16(p.out, p.so);

@@ -117,19 +117,9 @@ __device__ __forceinline__ void unpack(const Pack8<__half>& p, float f[kVec]) {
   }
 }
 
-template <typename T>
-__device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
-template <>
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x) { return static_cast<T>(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
+// single elements to and from fp32 (round to nearest even)
+using ::chunkinfer::cuda::from_float;
+using ::chunkinfer::cuda::to_float;
 
 // Programmatic dependent launch (device_util.cuh): pass 2 is launched while pass 1 still runs and
 // waits for it on the device, which hides the launch gap between the two.

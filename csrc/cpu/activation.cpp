@@ -30,19 +30,16 @@ inline fVec act_vec(const fVec& g) {
   return g / (fVec(1.0f) + (fVec(-2.0f) * u).exp());
 }
 
+// out = act(gate) * up over columns [begin, end) of one row.
 template <typename scalar_t, Activation A>
 void act_and_mul_row(scalar_t* out, const scalar_t* gate, const scalar_t* up, int64_t begin, int64_t end) {
-  constexpr int64_t step = kPairStep<scalar_t>;
-  int64_t c = begin;
-  for (; c + step <= end; c += step) {
-    fVec g0, g1, u0, u1;
-    load_float(gate + c, g0, g1);
-    load_float(up + c, u0, u1);
-    store_float(out + c, act_vec<A>(g0) * u0, act_vec<A>(g1) * u1);
-  }
-  for (; c < end; ++c) {
-    out[c] = static_cast<scalar_t>(act_scalar<A>(static_cast<float>(gate[c])) * static_cast<float>(up[c]));
-  }
+  map2_row(
+      out, gate, up, begin, end,
+      [](fVec& g0, fVec& g1, const fVec& u0, const fVec& u1) {
+        g0 = act_vec<A>(g0) * u0;
+        g1 = act_vec<A>(g1) * u1;
+      },
+      [](float g, float u) { return act_scalar<A>(g) * u; });
 }
 
 void act_and_mul_out(const char* op, Activation act, const at::Tensor& out, const at::Tensor& x,

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../dispatch.h"
+#include "../merge_weights.h"
 #include "../ops.h"
 #include "../register_backend.h"
 
@@ -406,36 +407,28 @@ void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q,
   });
 }
 
+// merge_weights' math on the CPU
+struct HostMath {
+  static float max(float a, float b) { return std::max(a, b); }
+  static float exp(float x) { return std::exp(x); }
+  static float log(float x) { return std::log(x); }
+};
+
 template <typename T>
 void merge_rows(const MergeRows& r, T* out, float* lse, const T* a, const float* la, const T* b, const float* lb) {
   at::parallel_for(0, r.rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float xa = la[i * r.lse_a_stride], xb = lb[i * r.lse_b_stride];
-      const float mx = std::max(xa, xb);
-      float wa = 0.f, wb = 0.f, merged = kNegInf;
-      if (mx == std::numeric_limits<float>::infinity()) {  // infinite mass: shared by the infinite ones
-        wa = xa == mx ? 1.f : 0.f;
-        wb = xb == mx ? 1.f : 0.f;
-        const float n = wa + wb;
-        wa /= n;
-        wb /= n;
-        merged = mx;
-      } else if (mx != kNegInf) {
-        const float ea = std::exp(xa - mx), eb = std::exp(xb - mx);
-        wa = ea / (ea + eb);
-        wb = eb / (ea + eb);
-        merged = mx + std::log(ea + eb);
-      }
+      const MergeWeights w = merge_weights<HostMath>(la[i * r.lse_a_stride], lb[i * r.lse_b_stride]);
       const T* ra = a + i * r.out_a_stride;
       const T* rb = b + i * r.out_b_stride;
       T* ro = out + i * r.out_stride;
       for (int64_t d = 0; d < r.d; ++d) {
         // a segment of zero weight contributes nothing, even where its output is not finite
-        const float va = wa != 0.f ? wa * static_cast<float>(ra[d]) : 0.f;
-        const float vb = wb != 0.f ? wb * static_cast<float>(rb[d]) : 0.f;
+        const float va = w.a != 0.f ? w.a * static_cast<float>(ra[d]) : 0.f;
+        const float vb = w.b != 0.f ? w.b * static_cast<float>(rb[d]) : 0.f;
         ro[d] = static_cast<T>(va + vb);
       }
-      lse[i * r.lse_stride] = merged;  // after the reads: lse may alias lse_a or lse_b
+      lse[i * r.lse_stride] = w.lse;  // after the reads: lse may alias lse_a or lse_b
     }
   });
 }

@@ -17,6 +17,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../merge_weights.h"
 #include "device_util.cuh"
 
 #include <cstdint>
@@ -878,31 +879,19 @@ bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool pr
 
 constexpr int kMergeWarps = 8;
 
+// merge_weights' math on the device: the fast intrinsics
+struct FastMath {
+  __device__ static float max(float a, float b) { return fmaxf(a, b); }
+  __device__ static float exp(float x) { return __expf(x); }
+  __device__ static float log(float x) { return __logf(x); }
+};
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMergeWarps * 32) merge_attn_states_kernel(const MergeParams p) {
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * kMergeWarps + (threadIdx.x >> 5);
   if (row >= p.rows) return;
-  const float la = p.lse_a[row * p.la], lb = p.lse_b[row * p.lb];
-  const float mx = fmaxf(la, lb);
-  float wa, wb, lse;
-  if (mx == -INFINITY) {  // neither segment saw a key
-    wa = wb = 0.f;
-    lse = -INFINITY;
-  } else if (mx == INFINITY) {  // infinite mass: the infinite segments share it
-    wa = la == INFINITY ? 1.f : 0.f;
-    wb = lb == INFINITY ? 1.f : 0.f;
-    const float n = wa + wb;
-    wa /= n;
-    wb /= n;
-    lse = INFINITY;
-  } else {
-    const float ea = __expf(la - mx), eb = __expf(lb - mx);
-    const float sum = ea + eb;
-    wa = ea / sum;
-    wb = eb / sum;
-    lse = mx + __logf(sum);
-  }
+  const MergeWeights w = merge_weights<FastMath>(p.lse_a[row * p.la], p.lse_b[row * p.lb]);
   const T* a = static_cast<const T*>(p.out_a) + row * p.sa;
   const T* bb = static_cast<const T*>(p.out_b) + row * p.sb;
   T* o = static_cast<T*>(p.out) + row * p.so;
@@ -921,8 +910,8 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_attn_states_kernel(con
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       // a segment with zero weight contributes nothing, even where its output is not finite
-      const float va = wa != 0.f ? wa * to_float(xa[i]) : 0.f;
-      const float vb = wb != 0.f ? wb * to_float(xb[i]) : 0.f;
+      const float va = w.a != 0.f ? w.a * to_float(xa[i]) : 0.f;
+      const float vb = w.b != 0.f ? w.b * to_float(xb[i]) : 0.f;
       xo[i] = from_float<T>(va + vb);
     }
     if constexpr (VEC * sizeof(T) == 16) {
@@ -933,7 +922,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_attn_states_kernel(con
     }
   }
   __syncwarp();  // every lane has read lse_a, lse_b before they may be overwritten
-  if (lane == 0) p.lse[row * p.lo] = lse;
+  if (lane == 0) p.lse[row * p.lo] = w.lse;
 }
 
 // `vectorised`: D and the three row strides are multiples of 16 bytes and the pointers aligned.

@@ -98,21 +98,17 @@ __device__ __forceinline__ void unpack(const Pack8<float>& p, float f[kVec]) {
   for (int i = 0; i < kVec; ++i) f[i] = s[i];
 }
 
-__device__ __forceinline__ void unpack(const Pack8<__nv_bfloat16>& p, float f[kVec]) {
-  const __nv_bfloat162* s = reinterpret_cast<const __nv_bfloat162*>(p.raw);
-#pragma unroll
-  for (int i = 0; i < kVec / 2; ++i) {
-    float2 x = __bfloat1622float2(s[i]);
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
-}
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+__device__ __forceinline__ float2 to_float2(__half2 x) { return __half22float2(x); }
 
-__device__ __forceinline__ void unpack(const Pack8<__half>& p, float f[kVec]) {
-  const __half2* s = reinterpret_cast<const __half2*>(p.raw);
+// fp16, bf16: four pairs, each converted at once
+template <typename T>
+__device__ __forceinline__ void unpack(const Pack8<T>& p, float f[kVec]) {
+  using Pair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  const Pair* s = reinterpret_cast<const Pair*>(p.raw);
 #pragma unroll
   for (int i = 0; i < kVec / 2; ++i) {
-    float2 x = __half22float2(s[i]);
+    float2 x = to_float2(s[i]);
     f[2 * i] = x.x;
     f[2 * i + 1] = x.y;
   }

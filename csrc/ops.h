@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include "activation.h"
 #include "message.h"
 #include "row_layout.h"
 #include <optional>
@@ -13,7 +14,6 @@ namespace chunkinfer {
 
 // ---- activation (csrc/cpu/activation.cpp, csrc/cuda/activation.cu) ----
 // x: [..., 2d] (gate | up) when up is absent, else gate [..., d] and up [..., d]; out: [..., d].
-enum class Activation { kSilu, kGeluErf, kGeluTanh };
 Activation parse_gelu_approximate(const std::string& approximate);
 
 // ---- normalisation (csrc/cpu/layernorm.cpp, csrc/cuda/layernorm.cu) ----

@@ -1,5 +1,6 @@
 // Every schema of the chunkinfer op library, in one place. Backends add kernels with
-// TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (Meta) kernels live in ops.py.
+// TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu, each through register_backend.h (which
+// also derives every functional form from its `_out` op); fake (Meta) kernels live in ops.py.
 // No Python here: the C++ tests link this file to call the ops through the dispatcher.
 #include <torch/library.h>
 

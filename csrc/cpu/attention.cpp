@@ -14,7 +14,9 @@
 #include <vector>
 
 #include "../dispatch.h"
+#include "../merge_weights.h"
 #include "../ops.h"
+#include "../register_backend.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CHUNKINFER_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -22,36 +24,39 @@
 #define CHUNKINFER_SIMD_CLONES
 #endif
 
-namespace chunkinfer {
+namespace chunkinfer::cpu {
 namespace {
 
 constexpr int64_t kBlockKeys = 64;      // keys converted and scored at a time (fits L1 with V)
 constexpr int64_t kMinSplitKeys = 1024;  // below this a task's fixed costs stop being small
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 0 as plain float arithmetic the compiler vectorises (std::exp does not):
-// 2^n * e^r with |r| <= ln2/2, degree-6 Taylor, relative error under 2e-7; underflows to ~1e-38.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
+// exp(x) for x in [-87, 0] as plain arithmetic the compiler vectorises (std::exp it does not), on a
+// float or on 16 lanes (V = v16f, I = v16i) alike: 2^n * e^r with |r| <= ln2/2, degree-6 Taylor,
+// relative error under 2e-7.
+template <typename V, typename I>
+__attribute__((always_inline)) inline V exp_clamped(V x) {
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  const float t = x * 1.44269504088896341f + shifter;
-  const float n = t - shifter;
-  int32_t ti;
-  std::memcpy(&ti, &t, 4);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
+  const V t = x * 1.44269504088896341f + shifter;
+  const V n = t - shifter;
+  const V r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  V p = r * (1.0f / 720) + 1.0f / 120;
   p = p * r + 1.0f / 24;
   p = p * r + 1.0f / 6;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t pi;
-  std::memcpy(&pi, &p, 4);
+  I pi, ti;
+  static_assert(sizeof(I) == sizeof(V));
+  std::memcpy(&pi, &p, sizeof(V));
+  std::memcpy(&ti, &t, sizeof(V));
   pi += (ti - 0x4B400000) << 23;  // 0x4B400000 is the bit pattern of the shifter
-  std::memcpy(&p, &pi, 4);
+  std::memcpy(&p, &pi, sizeof(V));
   return p;
 }
+
+// exp(x) for x <= 0; underflows to ~1e-38.
+inline float exp_nonpositive(float x) { return exp_clamped<float, int32_t>(std::max(x, -87.0f)); }
 
 // 16 floats as one value: GCC lowers it to one zmm (x86-64-v4 clone), two ymm (v3) or four xmm
 // (baseline), so the same source is explicit SIMD on every target. aligned(4): unaligned loads.
@@ -76,20 +81,7 @@ __attribute__((always_inline)) inline float hsum(v16f x) {
 // exp_nonpositive on 16 lanes, and exactly 0 below -87 (masked keys are -inf)
 __attribute__((always_inline)) inline v16f exp16(v16f x) {
   const v16f lo = splat16(-87.0f);
-  const v16f xc = x < lo ? lo : x;
-  const v16f shifter = splat16(12582912.0f);
-  const v16f t = xc * 1.44269504088896341f + shifter;
-  const v16f n = t - shifter;
-  const v16f r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  v16f p = splat16(1.0f / 720);
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const v16i bits = reinterpret_cast<const v16i&>(p) + ((reinterpret_cast<const v16i&>(t) - 0x4B400000) << 23);
-  const v16f e = reinterpret_cast<const v16f&>(bits);
+  const v16f e = exp_clamped<v16f, v16i>(x < lo ? lo : x);
   return x < lo ? v16f{} : e;
 }
 
@@ -401,10 +393,10 @@ void decode_attention_cpu_impl(at::Tensor& out, at::Tensor& lse, const at::Tenso
   });
 }
 
-void decode_attention_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
-                              const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                              const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t window,
-                              bool /*prefix_ready: a CUDA launch-order promise, nothing to do here*/) {
+void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& seq_lens,
+                          const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t window,
+                          bool /*prefix_ready: a CUDA launch-order promise, nothing to do here*/) {
   const DecodeArgs a =
       check_decode_attention_args("decode_attention", out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window);
   if (a.B == 0 || a.Hq == 0 || a.T == 0) return;
@@ -415,52 +407,34 @@ void decode_attention_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tensor
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                                                        const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                                                        const std::optional<at::Tensor>& starts,
-                                                        std::optional<double> scale, int64_t window,
-                                                        bool prefix_ready) {
-  auto [out, lse] = decode_attention_outputs(q);
-  decode_attention_out_cpu(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window, prefix_ready);
-  return {out, lse};
-}
+// merge_weights' math on the CPU
+struct HostMath {
+  static float max(float a, float b) { return std::max(a, b); }
+  static float exp(float x) { return std::exp(x); }
+  static float log(float x) { return std::log(x); }
+};
 
 template <typename T>
 void merge_rows(const MergeRows& r, T* out, float* lse, const T* a, const float* la, const T* b, const float* lb) {
   at::parallel_for(0, r.rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float xa = la[i * r.lse_a_stride], xb = lb[i * r.lse_b_stride];
-      const float mx = std::max(xa, xb);
-      float wa = 0.f, wb = 0.f, merged = kNegInf;
-      if (mx == std::numeric_limits<float>::infinity()) {  // infinite mass: shared by the infinite ones
-        wa = xa == mx ? 1.f : 0.f;
-        wb = xb == mx ? 1.f : 0.f;
-        const float n = wa + wb;
-        wa /= n;
-        wb /= n;
-        merged = mx;
-      } else if (mx != kNegInf) {
-        const float ea = std::exp(xa - mx), eb = std::exp(xb - mx);
-        wa = ea / (ea + eb);
-        wb = eb / (ea + eb);
-        merged = mx + std::log(ea + eb);
-      }
+      const MergeWeights w = merge_weights<HostMath>(la[i * r.lse_a_stride], lb[i * r.lse_b_stride]);
       const T* ra = a + i * r.out_a_stride;
       const T* rb = b + i * r.out_b_stride;
       T* ro = out + i * r.out_stride;
       for (int64_t d = 0; d < r.d; ++d) {
         // a segment of zero weight contributes nothing, even where its output is not finite
-        const float va = wa != 0.f ? wa * static_cast<float>(ra[d]) : 0.f;
-        const float vb = wb != 0.f ? wb * static_cast<float>(rb[d]) : 0.f;
+        const float va = w.a != 0.f ? w.a * static_cast<float>(ra[d]) : 0.f;
+        const float vb = w.b != 0.f ? w.b * static_cast<float>(rb[d]) : 0.f;
         ro[d] = static_cast<T>(va + vb);
       }
-      lse[i * r.lse_stride] = merged;  // after the reads: lse may alias lse_a or lse_b
+      lse[i * r.lse_stride] = w.lse;  // after the reads: lse may alias lse_a or lse_b
     }
   });
 }
 
-void merge_attn_states_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tensor& out_a, const at::Tensor& lse_a,
-                               const at::Tensor& out_b, const at::Tensor& lse_b) {
+void merge_attn_states_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& out_a, const at::Tensor& lse_a,
+                           const at::Tensor& out_b, const at::Tensor& lse_b) {
   const MergeRows r = check_merge_attn_states_args("merge_attn_states", out, lse, out_a, lse_a, out_b, lse_b);
   if (r.rows == 0) return;
   CHUNKINFER_DISPATCH_FLOATING(out_a.scalar_type(), [&] {
@@ -469,19 +443,9 @@ void merge_attn_states_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tenso
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> merge_attn_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
-                                                         const at::Tensor& out_b, const at::Tensor& lse_b) {
-  auto [out, lse] = merge_attn_states_outputs(out_a);
-  merge_attn_states_out_cpu(out, lse, out_a, lse_a, out_b, lse_b);
-  return {out, lse};
-}
-
 }  // namespace
-}  // namespace chunkinfer
+}  // namespace chunkinfer::cpu
 
 TORCH_LIBRARY_IMPL(chunkinfer, CPU, m) {
-  m.impl("decode_attention", &chunkinfer::decode_attention_cpu);
-  m.impl("decode_attention_out", &chunkinfer::decode_attention_out_cpu);
-  m.impl("merge_attn_states", &chunkinfer::merge_attn_states_cpu);
-  m.impl("merge_attn_states_out", &chunkinfer::merge_attn_states_out_cpu);
+  chunkinfer::register_attention<&chunkinfer::cpu::decode_attention_out, &chunkinfer::cpu::merge_attn_states_out>(m);
 }

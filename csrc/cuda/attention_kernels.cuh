@@ -17,6 +17,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../merge_weights.h"
 #include "device_util.cuh"
 
 #include <cstdint>
@@ -97,39 +98,25 @@ __device__ __forceinline__ void unpack(const Pack8<float>& p, float f[kVec]) {
   for (int i = 0; i < kVec; ++i) f[i] = s[i];
 }
 
-__device__ __forceinline__ void unpack(const Pack8<__nv_bfloat16>& p, float f[kVec]) {
-  const __nv_bfloat162* s = reinterpret_cast<const __nv_bfloat162*>(p.raw);
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+__device__ __forceinline__ float2 to_float2(__half2 x) { return __half22float2(x); }
+
+// fp16, bf16: four pairs, each converted at once
+template <typename T>
+__device__ __forceinline__ void unpack(const Pack8<T>& p, float f[kVec]) {
+  using Pair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  const Pair* s = reinterpret_cast<const Pair*>(p.raw);
 #pragma unroll
   for (int i = 0; i < kVec / 2; ++i) {
-    float2 x = __bfloat1622float2(s[i]);
+    float2 x = to_float2(s[i]);
     f[2 * i] = x.x;
     f[2 * i + 1] = x.y;
   }
 }
 
-__device__ __forceinline__ void unpack(const Pack8<__half>& p, float f[kVec]) {
-  const __half2* s = reinterpret_cast<const __half2*>(p.raw);
-#pragma unroll
-  for (int i = 0; i < kVec / 2; ++i) {
-    float2 x = __half22float2(s[i]);
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
-template <>
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x) { return static_cast<T>(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
+// single elements to and from fp32 (round to nearest even)
+using ::chunkinfer::cuda::from_float;
+using ::chunkinfer::cuda::to_float;
 
 // Programmatic dependent launch (device_util.cuh): pass 2 is launched while pass 1 still runs and
 // waits for it on the device, which hides the launch gap between the two.
@@ -888,31 +875,19 @@ bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool pr
 
 constexpr int kMergeWarps = 8;
 
+// merge_weights' math on the device: the fast intrinsics
+struct FastMath {
+  __device__ static float max(float a, float b) { return fmaxf(a, b); }
+  __device__ static float exp(float x) { return __expf(x); }
+  __device__ static float log(float x) { return __logf(x); }
+};
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMergeWarps * 32) merge_attn_states_kernel(const MergeParams p) {
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * kMergeWarps + (threadIdx.x >> 5);
   if (row >= p.rows) return;
-  const float la = p.lse_a[row * p.la], lb = p.lse_b[row * p.lb];
-  const float mx = fmaxf(la, lb);
-  float wa, wb, lse;
-  if (mx == -INFINITY) {  // neither segment saw a key
-    wa = wb = 0.f;
-    lse = -INFINITY;
-  } else if (mx == INFINITY) {  // infinite mass: the infinite segments share it
-    wa = la == INFINITY ? 1.f : 0.f;
-    wb = lb == INFINITY ? 1.f : 0.f;
-    const float n = wa + wb;
-    wa /= n;
-    wb /= n;
-    lse = INFINITY;
-  } else {
-    const float ea = __expf(la - mx), eb = __expf(lb - mx);
-    const float sum = ea + eb;
-    wa = ea / sum;
-    wb = eb / sum;
-    lse = mx + __logf(sum);
-  }
+  const MergeWeights w = merge_weights<FastMath>(p.lse_a[row * p.la], p.lse_b[row * p.lb]);
   const T* a = static_cast<const T*>(p.out_a) + row * p.sa;
   const T* bb = static_cast<const T*>(p.out_b) + row * p.sb;
   T* o = static_cast<T*>(p.out) + row * p.so;
@@ -931,8 +906,8 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_attn_states_kernel(con
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       // a segment with zero weight contributes nothing, even where its output is not finite
-      const float va = wa != 0.f ? wa * to_float(xa[i]) : 0.f;
-      const float vb = wb != 0.f ? wb * to_float(xb[i]) : 0.f;
+      const float va = w.a != 0.f ? w.a * to_float(xa[i]) : 0.f;
+      const float vb = w.b != 0.f ? w.b * to_float(xb[i]) : 0.f;
       xo[i] = from_float<T>(va + vb);
     }
     if constexpr (VEC * sizeof(T) == 16) {
@@ -943,7 +918,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_attn_states_kernel(con
     }
   }
   __syncwarp();  // every lane has read lse_a, lse_b before they may be overwritten
-  if (lane == 0) p.lse[row * p.lo] = lse;
+  if (lane == 0) p.lse[row * p.lo] = w.lse;
 }
 
 // `vectorised`: D and the three row strides are multiples of 16 bytes and the pointers aligned.

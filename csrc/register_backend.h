@@ -59,9 +59,10 @@ template <auto Out>
 std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                                     const at::Tensor& v_cache, const at::Tensor& seq_lens,
                                                     const std::optional<at::Tensor>& starts,
-                                                    std::optional<double> scale, int64_t window, bool prefix_ready) {
+                                                    std::optional<double> scale, int64_t window, bool prefix_ready,
+                                                    int64_t split_keys) {
   auto [out, lse] = decode_attention_outputs(q);
-  Out(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window, prefix_ready);
+  Out(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window, prefix_ready, split_keys);
   return {out, lse};
 }
 

@@ -28,9 +28,10 @@ bool vectorisable16(const at::Tensor& t) {
 void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& seq_lens,
                           const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t window,
-                          bool prefix_ready) {
+                          bool prefix_ready, int64_t split_keys) {
   constexpr const char* op = "decode_attention";
-  const DecodeArgs a = check_decode_attention_args(op, out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window);
+  const DecodeArgs a =
+      check_decode_attention_args(op, out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window, split_keys);
   CHUNKINFER_CHECK(a.D == 64 || a.D == 128 || a.D == 256, op, ": head dim ", a.D,
               " is not supported on CUDA (64, 128 or 256)");
   CHUNKINFER_CHECK(vectorisable16(k_cache) && vectorisable16(v_cache), op,
@@ -60,8 +61,10 @@ void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q,
     p.window = int(a.window > 0 ? a.window : 0);
     p.scale_log2 = float(a.scale) * attention::kLog2e;
     p.prefix_ready = prefix_ready;
-    // fixed by shapes and capacity alone, so a captured graph's workspace fits every replay
-    p.splits = attention::decode_attention_num_splits<T>(p.B, p.Hq, p.Hkv, p.T, p.D, p.cap, num_sms, tensor_cores);
+    p.split_keys = int(a.split_keys);
+    // fixed by shapes, capacity and split_keys alone, so a captured graph's workspace fits every replay
+    p.splits = attention::decode_attention_num_splits<T>(p.B, p.Hq, p.Hkv, p.T, p.D, p.cap, num_sms, tensor_cores,
+                                                         p.split_keys);
     const int64_t part_rows = a.B * a.Hq * a.T * p.splits;
     at::Tensor workspace = at::empty({part_rows * (a.D + 1)}, q.options().dtype(at::kFloat));
     p.part_out = workspace.data_ptr<float>();

@@ -1,6 +1,6 @@
 """The forward a converted model runs: the call read once, its path chosen once.
 
-  step     1 to STEP_MAX_TOKENS new tokens per sequence on a non-empty cache: the decode kernels
+  step     1 to STEP_TOKENS new tokens per sequence on a non-empty cache: the decode kernels
            (loop/step.py), graph-captured where they can be (loop/decode_graph.py)
   prompt   everything else the loop handles: the chunked prefill (loop/prefill.py); with integer
            ``logits_to_keep`` = k >= 2, the rows after the first kept one run as a step (so that a
@@ -24,7 +24,7 @@ from .kv.placement import PromptCall, place, plan_prompt
 from .loop.head import final_norm, head_chunk_rows, iter_logits, logits_of
 from .loop.loss import ChunkedCrossEntropy, shifted_targets
 from .loop.prefill import LoopInputs, run_layers
-from .loop.step import STEP_MAX_TOKENS
+from .loop.step import STEP_TOKENS
 from .loop.step_path import run_step
 from .models.devices import moves_inputs
 from .planner.schedule import CHUNK_LIMITS
@@ -167,6 +167,10 @@ def check_inputs(model, a: dict, past: int) -> tuple[int, int]:
     return b, s
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def check_cache(cache: ChunkKVCache, state: ConvertedState, batch: int) -> None:
     """A cache another model, dtype, device or batch filled: ValueError before any work."""
     mb = state.binding
@@ -179,12 +183,12 @@ def check_cache(cache: ChunkKVCache, state: ConvertedState, batch: int) -> None:
         if layer.k_buf is None or not layer.length:
             continue
         _, h, _, d = layer.k_buf.shape
-        weight = lb.o_proj.weight
-        if (h, d) != (lb.n_kv, lb.head_dim) or layer.k_buf.dtype != weight.dtype or (
-                isinstance(layer, ChunkKVLayer) and layer.k_buf.device != weight.device):
+        dtype, device = lb.o_proj.weight.dtype, mb.devices.layers[li]  # where the layer runs (accelerate)
+        if (h, d) != (lb.n_kv, lb.head_dim) or layer.k_buf.dtype != dtype or (
+                isinstance(layer, ChunkKVLayer) and not _same_device(layer.k_buf.device, device)):
             raise ValueError(f"the cache passed was filled by another model: layer {li} holds {h} KV heads of "
                              f"dim {d} in {layer.k_buf.dtype} on {layer.k_buf.device}, the model has {lb.n_kv} of "
-                             f"dim {lb.head_dim} in {weight.dtype} on {weight.device}")
+                             f"dim {lb.head_dim} in {dtype} on {device}")
 
 
 def take_cache(call: Call, state: ConvertedState, batch: int) -> ChunkKVCache:
@@ -281,13 +285,13 @@ def _loop_forward(model, state: ConvertedState, call: Call) -> CausalLMOutputWit
     ltk = call.get("logits_to_keep", 0)
     labels = call.get("labels")
     plain = labels is None and not want_hidden and not torch.is_tensor(ltk)
-    if plain and past > 0 and s <= STEP_MAX_TOKENS:
+    if plain and past > 0 and s <= STEP_TOKENS:
         keep = s if ltk == 0 else min(ltk, s)
         logits = run_step(state, cache, call.get("input_ids"), call.get("inputs_embeds"), call.get("position_ids"),
                           past, layout.starts, keep)
         return _output(logits=logits, cache=cache if keep_cache else None)
     tail = 0  # rows after the first kept one, run as a step once the rows before them are cached
-    if plain and isinstance(ltk, int) and 2 <= ltk <= min(s, STEP_MAX_TOKENS + 1) and not layout.trailing:
+    if plain and isinstance(ltk, int) and 2 <= ltk <= min(s, STEP_TOKENS + 1) and not layout.trailing:
         tail = ltk - 1
     out = _prompt(model, state, cache, call, past, s - tail, layout, want_hidden, 1 if tail else ltk)
     if tail:

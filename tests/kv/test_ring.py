@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chunkinfer.kv.cache import ChunkKVCache
-from chunkinfer.kv.ring import RingKVLayer, held_capacity, ring_capacity
+from chunkinfer.kv.ring import STEP_TOKENS, RingKVLayer, held_capacity, ring_capacity
 from chunkinfer.ops import reference
 
 
@@ -24,14 +24,17 @@ def _filled(window: int, n: int, new_tokens: int, seed: int = 0):
 
 
 def test_sizes():
-    assert ring_capacity(16, 400, 1) == 16 and ring_capacity(16, 10, 1) == 10
-    assert ring_capacity(16, 400, 50) == 65 and held_capacity(16, 400) == 15 and held_capacity(16, 7) == 7
+    # a step of any length up to STEP_TOKENS keeps one room: the same slots for every step's length
+    room = 15 + STEP_TOKENS
+    assert ring_capacity(16, 400, 1) == room == ring_capacity(16, 400, 50) and ring_capacity(16, 10, 1) == 10
+    assert ring_capacity(16, 4000, 500) == 15 + 500 and ring_capacity(16, 400, 500) == 400  # a prompt chunk
+    assert held_capacity(16, 400) == 15 and held_capacity(16, 7) == 7
 
 
 @pytest.mark.parametrize("new_tokens", [1, 5, 37])
 def test_band_is_logical_order_across_the_wrap(new_tokens):
     ring, full_k, full_v = _filled(16, 203, new_tokens)
-    assert ring.capacity <= 15 + new_tokens
+    assert ring.capacity <= 15 + STEP_TOKENS
     for lo in (203 - 15, 203 - 9):
         k, v = ring.band(lo, 203)
         assert torch.equal(k, full_k[:, :, lo:203]) and torch.equal(v, full_v[:, :, lo:203])
@@ -42,10 +45,10 @@ def test_shrink_keeps_the_window_and_growth_remaps():
     ring, full_k, _ = _filled(16, 100, 40)
     ring.shrink(100)
     assert ring.capacity == 15 and torch.equal(ring.band(85, 100)[0], full_k[:, :, 85:100])
-    ring.reserve(2, 3, 8, torch.float32, torch.device("cpu"), 101, new_tokens=1)  # the next step: 16 slots
-    assert ring.capacity == 16 and torch.equal(ring.band(85, 100)[0], full_k[:, :, 85:100])
+    ring.reserve(2, 3, 8, torch.float32, torch.device("cpu"), 101, new_tokens=1)  # the next step: the step room
+    assert ring.capacity == 15 + STEP_TOKENS and torch.equal(ring.band(85, 100)[0], full_k[:, :, 85:100])
     with pytest.raises(ValueError, match="exceed"):
-        ring.band(80, 100)
+        ring.band(100 - ring.capacity - 1, 100)
 
 
 def test_short_sequence_grows_geometrically_up_to_the_window():
@@ -55,7 +58,8 @@ def test_short_sequence_grows_geometrically_up_to_the_window():
     for n in range(21, 80):
         ring.reserve(2, 3, 8, torch.float32, torch.device("cpu"), n, new_tokens=1)
         caps.append(ring.capacity)
-    assert max(caps) == 64 and len(set(caps)) < 10 and torch.equal(ring.band(0, 20)[0], full_k[:, :, :20])
+    assert 79 <= max(caps) <= 63 + STEP_TOKENS  # every position held (no wrap yet), never past the room
+    assert len(set(caps)) < 10 and torch.equal(ring.band(0, 20)[0], full_k[:, :, :20])
 
 
 def ring_decode_attention(q, k_ring, v_ring, seq_lens, starts, scale, window):

@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 ALIGN = 256              # capacity granularity (positions)
 GROWTH = 1.25            # geometric growth factor when a step overflows the capacity
 PREFILL_HEADROOM = 1024  # spare positions after a prompt, so the first decode steps do not grow the buffers
+STEP_TOKENS = 64         # new tokens per sequence a step takes (the decode kernels); longer appends are prompts
 
 
 def round_up_positions(n: int) -> int:

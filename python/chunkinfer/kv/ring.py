@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import torch
 
-from .cache import GROWTH, ChunkKVLayer
-
-STEP_TOKENS = 64  # a call of at most this many new tokens is a step: a ring keeps its room for the next one
+from .cache import GROWTH, STEP_TOKENS, ChunkKVLayer
 # Whether ops.decode_attention reads rings (position p at slot p % capacity, lengths beyond the capacity).
 # Until it does, steps attend sliding-window layers eagerly over the ring's band (loop/step.py), exactly,
 # and such models take no CUDA graph (loop/decode_graph.py).
-RING_DECODE = False
+RING_DECODE = True
+
+
+def ring_room(window: int, new_tokens: int) -> int:
+    """Slots a ring holds when calls write ``new_tokens`` at a time: W - 1 + T, with T = STEP_TOKENS for
+    every step, so that a ring's slots (and the attention's pieces over them) are the same for a
+    one-token step and a speculative verification: each row then computes alike (loop/step.py)."""
+    return window - 1 + (STEP_TOKENS if new_tokens <= STEP_TOKENS else new_tokens)
 
 
 def ring_capacity(window: int, end: int, new_tokens: int) -> int:
     """Slots a ring needs to hold ``end`` positions when calls write ``new_tokens`` at a time: every
-    position while they fit in W - 1 + T, else W - 1 + T."""
-    return min(end, window - 1 + max(new_tokens, 1))
+    position while they fit in its room, else its room."""
+    return min(end, ring_room(window, new_tokens))
 
 
 def held_capacity(window: int, end: int) -> int:
@@ -58,8 +63,7 @@ class RingKVLayer(ChunkKVLayer):
         if cap >= need:
             self.dtype, self.device, self.is_initialized = dtype, device, True
             return
-        limit = self.window - 1 + max(new_tokens, 1)
-        new_cap = need if not cap else min(limit, max(need, int(cap * GROWTH)))
+        new_cap = need if not cap else min(ring_room(self.window, new_tokens), max(need, int(cap * GROWTH)))
         self._resize(batch, n_kv, head_dim, dtype, device, new_cap)
 
     def shrink(self, end: int) -> None:

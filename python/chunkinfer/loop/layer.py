@@ -47,6 +47,12 @@ def gate_up_weights(lb: LayerBinding) -> tuple[torch.Tensor, torch.Tensor, bool]
             lb.gate_up[0].bias is not None or lb.gate_up[1].bias is not None)
 
 
+def to_layer_device(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """The residual stream (or a tensor that travels with it) on the next layer's device: the whole
+    stream once per device boundary, never per chunk (a model spread over devices)."""
+    return None if x is None or x.device == device else x.to(device)
+
+
 def act_buffer(mb: ModelBinding, like: torch.Tensor, rows: int) -> torch.Tensor:
     """The MLP activation buffer every chunk and layer reuses: rows x the widest intermediate size."""
     return like.new_empty(rows * max(lb.intermediate for lb in mb.layers))

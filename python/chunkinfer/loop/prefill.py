@@ -19,6 +19,7 @@ from ..kv.ring import STEP_TOKENS, RingKVLayer
 from ..kv.offload import LayerStreamer
 from ..models.adapters import LayerBinding, ModelBinding
 from .. import ops
+from . import layer as layer_mod
 from .attention import block_attention, first_key
 from .layer import LayerOps, act_buffer
 from .rope import Rope
@@ -69,9 +70,8 @@ def _layer_chunks(inp: LoopInputs, n_layers: int) -> list[int]:
 
 
 def cross_to(inp: LoopInputs, device: torch.device) -> None:
-    """The residual stream (and the positions) go to the next layer's device: the whole stream once
-    per device boundary, never per chunk."""
-    inp.hidden = inp.hidden.to(device)
+    """The residual stream and the positions go to the next layer's device."""
+    inp.hidden = layer_mod.to_layer_device(inp.hidden, device)
     inp.position_ids = inp.position_ids.to(device)
     if inp.write_index is not None:
         inp.write_index = inp.write_index.to(device)

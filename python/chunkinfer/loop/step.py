@@ -1,4 +1,4 @@
-"""A step: 1 to STEP_MAX_TOKENS new tokens per sequence on a cache, through every layer on the decode
+"""A step: 1 to STEP_TOKENS new tokens per sequence on a cache, through every layer on the decode
 kernels. Positions, write index and lengths live in device tensors, so the same launches serve every
 step of a length (what decode_graph.py captures).
 
@@ -17,15 +17,15 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..kv.cache import ChunkKVCache, KVBuffers
+from ..kv.cache import STEP_TOKENS, ChunkKVCache, KVBuffers
 from ..kv.ring import RING_DECODE
 from .attention import block_attention, first_key, with_sinks
 from ..models.adapters import ModelBinding
 from .head import final_norm, logits_of, softcap
+from . import layer as layer_mod
 from .layer import LayerOps, act_buffer, gate_up_weights
 from .rope import Rope
 
-STEP_MAX_TOKENS = 64  # new tokens per sequence a step takes; longer appends run the chunked prefill
 
 
 @dataclass
@@ -36,6 +36,12 @@ class DeviceStep:
     seq_lens: torch.Tensor       # [B] int32: cached length after the write
     starts: torch.Tensor | None  # [B] int32: first visible position (left padding), or None
     split_keys: int              # decode attention's split of the keys (the cache's, fixed)
+
+    def to(self, device: torch.device) -> "DeviceStep":
+        if self.write_index.device == device:
+            return self
+        return DeviceStep(self.write_index.to(device), self.seq_lens.to(device),
+                          None if self.starts is None else self.starts.to(device), self.split_keys)
 
 
 def row_groups(rows: int) -> list[tuple[int, int]]:
@@ -150,20 +156,32 @@ def step_logits(mb: ModelBinding, cache: ChunkKVCache, ids: torch.Tensor | None,
     cache layers (or ``source``'s buffers) must already have room for the write."""
     hidden = mb.embed(ids) if embeds is None else embeds.clone()
     b, t, _ = hidden.shape
-    exact = exact_rows(mb, hidden)
-    rope = Rope(mb, positions, hidden, single_block=True)
+    exact = mb.devices.single and exact_rows(mb, hidden)
     buf = None if exact else act_buffer(mb, hidden, b * t)
     spare = torch.empty_like(hidden) if exact else None  # the residual's second buffer (exact_block)
+    per_device: dict = {}  # a model spread over devices: its rotary tables and step tensors on each
     pending = None
+    here = hidden.device
     for li, lb in enumerate(mb.layers):
+        device = mb.devices.layers[li]
+        if device != here:  # the residual stream moves once per device boundary
+            here = device
+            hidden = layer_mod.to_layer_device(hidden, device)
+            pending = None if pending is None else pending.to(device)
+            buf = act_buffer(mb, hidden, b * t)
+        if device not in per_device:
+            per_device[device] = (Rope(mb, positions, hidden, single_block=True), step.to(device))
+        rope, dstep = per_device[device]
         kv = cache.layers[li] if source is None else source.kv(li)
-        attend = (None if source is None else source.attend(li)) or (lambda lo, q: device_attention(lo, q, step))
+        attend = (None if source is None else source.attend(li)) or (
+            lambda lo, q, dstep=dstep: device_attention(lo, q, dstep))
         layer = LayerOps(mb, lb, kv, rope, buf, ops.GEMV_MAX_ROWS if exact else 1)
         cos, sin = rope.get(lb.rope_key, 0, t)
-        if exact:
-            pending = exact_block(layer, hidden, cos, sin, step, pending, spare, attend)
-        else:
-            pending = matrix_block(layer, hidden, cos, sin, step, pending, attend)
+        with mb.devices.onloaded(li):  # accelerate-offloaded weights: loaded for the layer
+            if exact:
+                pending = exact_block(layer, hidden, cos, sin, dstep, pending, spare, attend)
+            else:
+                pending = matrix_block(layer, hidden, cos, sin, dstep, pending, attend)
         if source is not None:
             source.done(li)
     if not exact:
@@ -193,11 +211,11 @@ def choose_split_keys(mb: ModelBinding, length: int, batch: int, device: torch.d
 
 
 def reserve(mb: ModelBinding, cache: ChunkKVCache, batch: int, end: int, new_tokens: int = 1) -> None:
-    """Room for positions [0, end) in every device-resident layer, written ``new_tokens`` at a time (a
-    sliding-window layer's ring keeps its window plus them)."""
-    weight = mb.embed.weight
-    for layer, lb in zip(cache.layers, mb.layers):
-        layer.reserve(batch, lb.n_kv, lb.head_dim, weight.dtype, weight.device, end, new_tokens=new_tokens)
+    """Room for positions [0, end) in every layer, on the device the layer runs on, written ``new_tokens``
+    at a time (a sliding-window layer's ring keeps its window plus them)."""
+    dtype = mb.embed.weight.dtype
+    for layer, lb, device in zip(cache.layers, mb.layers, mb.devices.layers):
+        layer.reserve(batch, lb.n_kv, lb.head_dim, dtype, device, end, new_tokens=new_tokens)
 
 
 def device_step(cache: ChunkKVCache, past: int, t: int, batch: int, key_starts: list[int] | None,

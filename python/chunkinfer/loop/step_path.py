@@ -19,17 +19,18 @@ def run_step(state, cache: ChunkKVCache, ids: torch.Tensor | None, embeds: torch
     b, t = x.shape[:2]
     weight = mb.embed.weight
     if not cache.split_keys:
-        cache.split_keys = choose_split_keys(mb, past + t, b, weight.device)
+        cache.split_keys = choose_split_keys(mb, past + t, b, mb.devices.layers[0])
     if cache.streamed_layers():
         logits = offloaded_step_logits(mb, cache, ids, embeds, positions, past, key_starts, keep)
     elif ids is not None and state.cuda_graphs and state.graphs.supported(mb, weight.device, weight.dtype):
         logits = state.graphs.step(mb, cache, ids, positions, past, key_starts, keep)
     else:
         reserve(mb, cache, b, past + t, t)
+        device = mb.devices.layers[0]
         if positions is None:
-            positions = torch.arange(past, past + t, device=weight.device)[None]
-        logits = step_logits(mb, cache, ids, embeds, positions.to(weight.device),
-                             device_step(cache, past, t, b, key_starts, weight.device), keep)
+            positions = torch.arange(past, past + t, device=device)[None]
+        logits = step_logits(mb, cache, ids, embeds, positions.to(device),
+                             device_step(cache, past, t, b, key_starts, device), keep)
     for layer in cache.layers:
         layer.length = past + t
     cache.key_starts = key_starts

@@ -148,12 +148,13 @@ def catching_oom(fn):
 
 
 def row(what, length, seconds=None, peak_alloc=None, peak_reserved=None, tokens=None, ms_per_token=None,
-        error=None, device="cuda") -> dict:
+        error=None, device="cuda", **extra) -> dict:
+    """One measurement as a JSON-able dict; ``extra`` adds fields of the benchmark's own."""
     return {"what": what, "length": length, "seconds": seconds, "peak_alloc_beyond_weights": peak_alloc,
             "peak_reserved_beyond_weights": peak_reserved,
             "tokens_per_s": (tokens / seconds) if (tokens and seconds) else None, "ms_per_token": ms_per_token,
             "error": error, "oom": bool(error and error.startswith("OOM")), "torch": torch.__version__,
-            "transformers": T.__version__, "device": device_name(device)}
+            "transformers": T.__version__, "device": device_name(device), **extra}
 
 
 def prefill(model, ids, label, base_alloc, base_reserved, reps: int = 1, **forward_kw):

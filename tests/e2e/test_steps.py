@@ -231,3 +231,49 @@ def test_beam_reorder_keeps_padding_per_row():
     cache = out.past_key_values
     cache.reorder_cache(torch.tensor([2, 0, 1]))
     assert cache.key_starts == [2, 0, 5]
+
+
+# ---- on the GPU: bit-identical speculation (bf16) ----
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _gpu_model(arch: str):
+    extra = dict(query_pre_attn_scalar=64) if arch == "gemma3" else {}
+    return chunkinfer.convert(make_model(arch, dtype=torch.bfloat16, device="cuda", random_norms=True, hidden_size=256,
+                                         intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+                                         head_dim=64, layers=4, **extra))
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("graphs", [True, False])
+@torch.no_grad()
+def test_t_token_step_rows_equal_one_token_steps_bit_for_bit(arch, graphs):
+    model = _gpu_model(arch)
+    model._chunkinfer.cuda_graphs = graphs
+    ids = torch.randint(3, 250, (1, 3000), device="cuda")
+    cache = model(ids[:, :2990], use_cache=True).past_key_values
+    step = model(ids[:, 2990:], past_key_values=cache, logits_to_keep=10).logits
+    cache.crop(-10)
+    for t in range(10):
+        one = model(ids[:, 2990 + t:2991 + t], past_key_values=cache).logits
+        assert torch.equal(one[:, 0], step[:, t]), f"row {t}"
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@torch.no_grad()
+def test_speculative_tokens_equal_greedy_bit_for_bit_on_the_gpu(arch):
+    from chunkinfer.tools.replay import ReplayAssistant
+
+    model = _gpu_model(arch)
+    base = torch.randint(3, 250, (1, 1500), device="cuda", generator=None)
+    ids = torch.cat([base, base[:, 200:900]], dim=1)  # repeats itself: prompt lookup finds drafts
+    kw = dict(max_new_tokens=160, min_new_tokens=160, do_sample=False)
+    plain = model.generate(ids, **kw)
+    assert torch.equal(model.generate(ids, prompt_lookup_num_tokens=8, **kw), plain)
+    replay = ReplayAssistant.of(model, ids, plain[:, ids.shape[1]:], drafts=8)
+    assert torch.equal(model.generate(ids, assistant_model=replay, **kw), plain)

@@ -8,7 +8,8 @@
 #
 # Phases: build, cuda-core (the kernels and steps' CUDA tests), cuda-all (every CUDA test), steps
 # (bench_steps: T-token steps, speculation, exactness, host KV), model (bench_model vs stock: prefill and
-# decode headline rows), offload (bench_offload 262k), families (bench_families), codec (bench_kv_codec).
+# decode headline rows), steps-quick (steps and speculation at 32k and 131k), profile (profile_decode),
+# offload (bench_offload 262k), families (bench_families), codec (bench_kv_codec).
 set -u
 WORK=/tmp/ci_work
 RES=/tmp/ci_results
@@ -30,6 +31,12 @@ run_phase() {
     steps)
       python3 -m bench.bench_steps --lengths 32768 131072 --exact-length 32768 --exact-tokens 512 \
         --offload-length 262144 --out "$RES/steps_h200.jsonl" > "$RES/steps.log" 2>&1 || rc=$? ;;
+    steps-quick)
+      python3 -m bench.bench_steps --lengths 32768 131072 --generate-tokens 64 --out "$RES/steps_quick_h200.jsonl" \
+        > "$RES/steps_quick.log" 2>&1 || rc=$? ;;
+    profile)
+      python3 -m bench.profile_decode --lengths 32768 131072 --out "$RES/profile_decode_h200.jsonl" \
+        > "$RES/profile.log" 2>&1 || rc=$? ;;
     model)
       python3 -m bench.bench_model --lengths 32768 131072 --skip-stock-above 131072 --decode \
         --generate-lengths 32768 131072 --llama3-rope --out "$RES/model_h200.jsonl" > "$RES/model.log" 2>&1 || rc=$? ;;

@@ -37,8 +37,8 @@ void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q,
   CHUNKINFER_CHECK(vectorisable16(k_cache) && vectorisable16(v_cache), op,
               ": k_cache and v_cache must be 16-byte aligned: their data pointer and every stride a multiple "
               "of 16 bytes (a view at an odd offset into a larger buffer is not)");
-  CHUNKINFER_CHECK(a.B <= 65535 && a.Hkv <= 65535, op, ": batch (", a.B, ") and kv heads (", a.Hkv,
-              ") must each be at most 65535");
+  CHUNKINFER_CHECK(a.B * a.Hkv <= std::numeric_limits<int32_t>::max() / 64, op, ": batch (", a.B,
+                   ") times kv heads (", a.Hkv, ") is too large");
   CHUNKINFER_CHECK(a.B * a.Hq * a.T <= std::numeric_limits<int32_t>::max(), op, ": B * Hq * T is too large");
   if (a.B == 0 || a.Hq == 0 || a.T == 0) return;
 
@@ -65,6 +65,8 @@ void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q,
     // fixed by shapes, capacity and split_keys alone, so a captured graph's workspace fits every replay
     p.splits = attention::decode_attention_num_splits<T>(p.B, p.Hq, p.Hkv, p.T, p.D, p.cap, num_sms, tensor_cores,
                                                          p.split_keys);
+    CHUNKINFER_CHECK(p.splits <= 65535, op, ": capacity ", a.cap, " over split_keys ", a.split_keys,
+                     " gives more than 65535 pieces");
     const int64_t part_rows = a.B * a.Hq * a.T * p.splits;
     at::Tensor workspace = at::empty({part_rows * (a.D + 1)}, q.options().dtype(at::kFloat));
     p.part_out = workspace.data_ptr<float>();

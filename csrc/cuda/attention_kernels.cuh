@@ -127,6 +127,25 @@ using ::chunkinfer::cuda::wait_for_prerequisite_grid;
 // exp2 of a difference whose reference may be -inf (nothing seen yet): 0 instead of NaN.
 __device__ __forceinline__ float safe_ref(float m) { return m == -INFINITY ? 0.f : m; }
 
+// Which (row chunk, kv head, batch, split) a block serves. The split is the grid's slowest dimension, so
+// blocks go out split by split: a range's last splits (empty or short while the cache has room) are the
+// last blocks, and a grid a little over one wave leaves only them for the second. A row chunk's blocks
+// of one split are neighbours: K, V reuse in L2.
+struct BlockIndex {
+  int chunk, h, b, split;
+};
+
+__device__ __forceinline__ BlockIndex block_index(const DecodeParams& p, int rows_per_block) {
+  const int n_chunks = ((p.Hq / p.Hkv) * p.T + rows_per_block - 1) / rows_per_block;
+  BlockIndex ix;
+  ix.chunk = blockIdx.x % n_chunks;
+  const int hb = blockIdx.x / n_chunks;
+  ix.h = hb % p.Hkv;
+  ix.b = hb / p.Hkv;
+  ix.split = blockIdx.y;
+  return ix;
+}
+
 // The keys one block reduces, [k0, k1), and `base`, where its tiles (or load steps) start. With
 // split_keys = L > 0 the block holds the absolute piece a = split (mod splits) at or after lo's piece:
 // [aL, (a + 1)L), its tiles aligned at aL. Which keys a query's partials hold, and in which order, then
@@ -227,10 +246,8 @@ decode_attention_kernel(const DecodeParams p) {
 
   const int g = p.Hq / p.Hkv;
   const int rows_total = g * p.T;
-  const int n_chunks = (rows_total + ROWS - 1) / ROWS;
-  const int chunk = blockIdx.x % n_chunks;  // chunks of one split are neighbours: K,V reuse in L2
-  const int split = blockIdx.x / n_chunks;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const BlockIndex ix = block_index(p, ROWS);
+  const int chunk = ix.chunk, split = ix.split, h = ix.h, b = ix.b;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int sub = tid % TPR, group = tid / TPR;
 
@@ -586,10 +603,8 @@ decode_attention_mma_kernel(const DecodeParams p) {
 
   const int g = p.Hq / p.Hkv;
   const int rows_total = g * p.T;
-  const int n_chunks = (rows_total + ROWS - 1) / ROWS;
-  const int chunk = blockIdx.x % n_chunks;
-  const int split = blockIdx.x / n_chunks;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const BlockIndex ix = block_index(p, ROWS);
+  const int chunk = ix.chunk, split = ix.split, h = ix.h, b = ix.b;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gq = lane >> 2, cq = lane & 3;  // the mma fragments' row group and column pair
 
@@ -894,7 +909,7 @@ bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool pr
   DecodeKernel k{};
   if (!select_decode_kernel<T>(p.D, rows_total, tensor_cores, k)) return false;
   const int chunks = (rows_total + k.rows - 1) / k.rows;
-  const dim3 grid(unsigned(chunks * p.splits), unsigned(p.Hkv), unsigned(p.B));
+  const dim3 grid(unsigned(int64_t(chunks) * p.Hkv * p.B), unsigned(p.splits));
   // per launch, not once: the attribute belongs to the current device
   cudaFuncSetAttribute(k.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem);
   ::chunkinfer::cuda::launch_kernel(programmatic_launch, k.kernel, grid, dim3(k.threads), size_t(k.smem), stream, p);

@@ -57,14 +57,18 @@ def exact_rows(mb: ModelBinding, x: torch.Tensor) -> bool:
         return False
     key = ("exact step", x.device, x.dtype)
     if key not in mb.memo:
-        probe = torch.empty(1, ops.GEMV_MAX_ROWS, x.shape[-1], dtype=x.dtype, device=x.device)
-        ok = ops.gemv_supports(probe, mb.lm_head.weight) and getattr(mb.lm_head, "bias", None) is None
+        def rows_of(width: int) -> torch.Tensor:  # what a group of rows looks like to a projection
+            return torch.empty(1, ops.GEMV_MAX_ROWS, width, dtype=x.dtype, device=x.device)
+
+        def takes(m) -> bool:
+            return ops.gemv_supports(rows_of(m.weight.shape[1]), m.weight)
+
+        ok = takes(mb.lm_head) and getattr(mb.lm_head, "bias", None) is None
         ok = ok and all(lb.experts is None for lb in mb.layers)  # a mixture of experts: loop/moe.py's rows
         for lb in mb.layers if ok else ():
             gate, up, biased = gate_up_weights(lb)
-            inter = torch.empty(1, ops.GEMV_MAX_ROWS, lb.down.weight.shape[1], dtype=x.dtype, device=x.device)
-            ok = ok and not biased and ops.gemv_supports(probe, *(m.weight for m in lb.qkv), lb.o_proj.weight,
-                                                         gate, up) and ops.gemv_supports(inter, lb.down.weight)
+            ok = (ok and not biased and ops.gemv_supports(rows_of(x.shape[-1]), *(m.weight for m in lb.qkv), gate, up)
+                  and takes(lb.o_proj) and takes(lb.down))
         mb.memo[key] = ok
     return mb.memo[key]
 
@@ -198,15 +202,17 @@ def step_logits(mb: ModelBinding, cache: ChunkKVCache, ids: torch.Tensor | None,
 
 def choose_split_keys(mb: ModelBinding, length: int, batch: int, device: torch.device) -> int:
     """The key-range length decode attention splits into for a cache first stepped at ``length``
-    positions: about two blocks per multiprocessor (CUDA) or four tasks per thread (CPU) then, a power
-    of two of at least 256 positions (a multiple of every kernel's keys per load step). Fixed for the
-    cache's life: a row's attention then reduces over the same pieces whatever the step's length."""
+    positions: pieces for about two waves of blocks then (two resident blocks per multiprocessor on CUDA,
+    four tasks per thread on the CPU; the kernel sends the pieces out split by split, so the empty ones
+    at the end cost nothing), a power of two of at least 256 positions (a multiple of every kernel's keys
+    per load step). Fixed for the cache's life: a row's attention then reduces over the same pieces
+    whatever the step's length."""
     heads = batch * max(lb.n_kv for lb in mb.layers)
     if device.type == "cuda":
-        workers = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        wave = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
-        workers = 4 * torch.get_num_threads()
-    want = max(1, -(-length * heads // workers))
+        wave = 4 * torch.get_num_threads()
+    want = max(1, -(-length * heads // (2 * wave)))
     return max(256, 1 << (want - 1).bit_length())
 
 

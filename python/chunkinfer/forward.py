@@ -179,6 +179,8 @@ def check_cache(cache: ChunkKVCache, state: ConvertedState, batch: int) -> None:
     held = cache.batch_size_held()
     if held is not None and held != batch:
         raise ValueError(f"the cache passed holds batch {held}, the input has batch {batch}")
+    if cache.filled_by is mb:  # this model filled it: its shapes were checked (a step's host time counts)
+        return
     for li, (layer, lb) in enumerate(zip(cache.layers, mb.layers)):
         if layer.k_buf is None or not layer.length:
             continue
@@ -203,6 +205,7 @@ def take_cache(call: Call, state: ConvertedState, batch: int) -> ChunkKVCache:
     elif cache.host is None:
         cache.host = state.host
     check_cache(cache, state, batch)
+    cache.filled_by = state.binding
     return cache
 
 

@@ -211,6 +211,7 @@ class ChunkKVCache(DynamicCache):
         self.split_keys = 0           # 0: not chosen yet
         self.host = host              # offload.HostKV when this cache may offload layers
         self.staging = None           # offload.Staging once a layer is host-resident
+        self.filled_by = None         # the binding of the model whose calls wrote it (forward.check_cache)
 
     @classmethod
     def adopt_in_place(cls, cache: DynamicCache, num_layers: int, host=None, windows=None) -> "ChunkKVCache":

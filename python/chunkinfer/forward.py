@@ -230,7 +230,8 @@ def mask_layout(mask: torch.Tensor | None, past: int, s: int) -> MaskLayout:
     contiguous = (m == ((idx[None] >= lead[:, None]) & (idx[None] < (lead + ones)[:, None]))).all(1)
     lead_h, ones_h, ok = torch.stack([lead, ones, contiguous.long()]).tolist()
     if not all(ok):
-        raise NotOnLoop("attention_mask with zeros between ones (the kernels express left and right padding)")
+        raise NotOnLoop("attention_mask with zeros between ones (padding inside a sequence, or a continuation of a "
+                        "right-padded cache: the kernels express left and right padding)")
     if any(o == 0 for o in ones_h):
         raise NotOnLoop("a sequence that is all padding")
     ends = [a + o for a, o in zip(lead_h, ones_h)]

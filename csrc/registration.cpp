@@ -1,5 +1,6 @@
 // Every schema of the chunkinfer op library, in one place. Backends add kernels with
-// TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (Meta) kernels live in ops.py.
+// TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu, each through register_backend.h (which
+// also derives every functional form from its `_out` op); fake (Meta) kernels live in ops.py.
 // No Python here: the C++ tests link this file to call the ops through the dispatcher.
 #include <torch/library.h>
 
@@ -17,8 +18,8 @@ TORCH_LIBRARY(chunkinfer, m) {
   // decode attention over a preallocated cache: q [B, Hq, T, D], k_cache/v_cache [B, Hkv, cap, D],
   // seq_lens/starts [B] int32 on q's device (read there, so one CUDA graph serves every length);
   // returns out [B, Hq, T, D] and lse [B, Hq, T] (fp32, natural log); window <= 0: none
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0, bool prefix_ready=False) -> (Tensor, Tensor)");
-  m.def("decode_attention_out(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0, bool prefix_ready=False) -> ()");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0, bool prefix_ready=False, int split_keys=0) -> (Tensor, Tensor)");
+  m.def("decode_attention_out(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0, bool prefix_ready=False, int split_keys=0) -> ()");
   // exact merge of two partial attentions over disjoint keys: out [..., D], lse [...] (fp32)
   m.def("merge_attn_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
   m.def("merge_attn_states_out(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> ()");

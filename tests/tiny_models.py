@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import transformers as T
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "glm", "glm4", "mixtral", "qwen3_moe", "gpt_oss"]
+MOE_ARCHS = ["mixtral", "qwen3_moe", "gpt_oss"]
 
 
 def make_model(arch: str, *, layers: int = 3, dtype=torch.float32, device="cpu", seed: int = 0,
@@ -31,10 +32,25 @@ def make_model(arch: str, *, layers: int = 3, dtype=torch.float32, device="cpu",
         types = ["sliding_attention" if (i % 2 == 0) else "full_attention" for i in range(layers)]
         cls, extra = T.Gemma3ForCausalLM, dict(head_dim=16, sliding_window=40, query_pre_attn_scalar=24,
                                                final_logit_softcapping=30.0, layer_types=types)
+    elif arch == "glm":
+        cls, extra = T.GlmForCausalLM, dict(head_dim=16)  # partial rotary (half the head), q/k/v biases
+    elif arch == "glm4":
+        cls, extra = T.Glm4ForCausalLM, dict(head_dim=16)
+    elif arch == "mixtral":
+        cls, extra = T.MixtralForCausalLM, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)
+    elif arch == "qwen3_moe":  # one dense layer among the sparse ones, as mlp_only_layers allows
+        cls, extra = T.Qwen3MoeForCausalLM, dict(head_dim=16, num_experts=8, num_experts_per_tok=3,
+                                                 moe_intermediate_size=32, norm_topk_prob=True,
+                                                 mlp_only_layers=[1] if layers > 1 else [])
+    elif arch == "gpt_oss":  # sliding / full layers alternating, sinks, YaRN, biased experts
+        types = ["sliding_attention" if (i % 2 == 0) else "full_attention" for i in range(layers)]
+        cls, extra = T.GptOssForCausalLM, dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                               intermediate_size=48, sliding_window=24, layer_types=types, max_position_embeddings=131072,
+                                               attention_bias=True)
     else:
         raise ValueError(arch)
     cfg = cls.config_class(**{**common, **extra, **overrides})
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = "eager" if arch == "gpt_oss" else "sdpa"  # sinks: transformers' eager path
     with torch.device(device):
         model = cls(cfg).to(dtype).eval()
     if random_norms if random_norms is not None else arch == "gemma3":
@@ -42,6 +58,10 @@ def make_model(arch: str, *, layers: int = 3, dtype=torch.float32, device="cpu",
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(0, 0.3)
+    with torch.no_grad():  # routers, sinks and biases away from their zero / constant initialisation
+        for name, p in model.named_parameters():
+            if "sinks" in name or "router" in name or ".gate." in name or name.endswith("bias"):
+                p.normal_(0, 0.5 if "sinks" in name else 0.1)
     return model
 
 

@@ -55,7 +55,7 @@ int main() {
   bf16* x = alloc_random(rows * 2 * d, 1);
   bf16* out = alloc_random(rows * d, 2);
   const float act_ms = median_ms([&] {
-    launch_act_and_mul<bf16, ActKind::kSilu>(out, x, x + d, rows, d, contiguous_rows(rows, 2 * d),
+    launch_act_and_mul<bf16, chunkinfer::Activation::kSilu>(out, x, x + d, rows, d, contiguous_rows(rows, 2 * d),
                                              contiguous_rows(rows, 2 * d), contiguous_rows(rows, d), 0);
   });
   const double act_gbs = 3.0 * rows * d * sizeof(bf16) / act_ms / 1e6;

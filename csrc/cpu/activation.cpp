@@ -6,6 +6,7 @@
 
 #include "../dispatch.h"
 #include "../ops.h"
+#include "../register_backend.h"
 #include "vec_util.h"
 
 namespace chunkinfer::cpu {
@@ -29,75 +30,45 @@ inline fVec act_vec(const fVec& g) {
   return g / (fVec(1.0f) + (fVec(-2.0f) * u).exp());
 }
 
+// out = act(gate) * up over columns [begin, end) of one row.
 template <typename scalar_t, Activation A>
 void act_and_mul_row(scalar_t* out, const scalar_t* gate, const scalar_t* up, int64_t begin, int64_t end) {
-  constexpr int64_t step = kPairStep<scalar_t>;
-  int64_t c = begin;
-  for (; c + step <= end; c += step) {
-    fVec g0, g1, u0, u1;
-    load_float(gate + c, g0, g1);
-    load_float(up + c, u0, u1);
-    store_float(out + c, act_vec<A>(g0) * u0, act_vec<A>(g1) * u1);
-  }
-  for (; c < end; ++c) {
-    out[c] = static_cast<scalar_t>(act_scalar<A>(static_cast<float>(gate[c])) * static_cast<float>(up[c]));
-  }
+  map2_row(
+      out, gate, up, begin, end,
+      [](fVec& g0, fVec& g1, const fVec& u0, const fVec& u1) {
+        g0 = act_vec<A>(g0) * u0;
+        g1 = act_vec<A>(g1) * u1;
+      },
+      [](float g, float u) { return act_scalar<A>(g) * u; });
 }
 
-template <Activation A>
-void act_and_mul_impl(const char* op, const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& up) {
+void act_and_mul_out(const char* op, Activation act, const at::Tensor& out, const at::Tensor& x,
+                     const std::optional<at::Tensor>& up) {
   const ActRows r = check_act_args(op, x, up, out);
   CHUNKINFER_CHECK(x.device().is_cpu(), op, ": expected CPU tensors");
   if (r.rows == 0 || r.d == 0) return;
   // Work items are (row, column block), so that a few long rows (decode) still use every core.
   constexpr int64_t kBlock = 4096;
   const int64_t blocks_per_row = (r.d + kBlock - 1) / kBlock;
-  CHUNKINFER_DISPATCH_FLOATING(x.scalar_type(), [&] {
-    const scalar_t* gate = r.gate.const_data_ptr<scalar_t>();  // rows at r.gate_rows
-    const scalar_t* upp = r.up.const_data_ptr<scalar_t>();     // rows at r.up_rows
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();             // rows at r.out_rows
-    at::parallel_for(0, r.rows * blocks_per_row, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t row = i / blocks_per_row;
-        const int64_t c0 = (i % blocks_per_row) * kBlock;
-        act_and_mul_row<scalar_t, A>(o + r.out_rows.offset(row), gate + r.gate_rows.offset(row),
-                                     upp + r.up_rows.offset(row), c0, std::min(c0 + kBlock, r.d));
-      }
+  with_activation(act, [&](auto a) {
+    constexpr Activation A = decltype(a)::value;
+    CHUNKINFER_DISPATCH_FLOATING(x.scalar_type(), [&] {
+      const scalar_t* gate = r.gate.const_data_ptr<scalar_t>();  // rows at r.gate_rows
+      const scalar_t* upp = r.up.const_data_ptr<scalar_t>();     // rows at r.up_rows
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();             // rows at r.out_rows
+      at::parallel_for(0, r.rows * blocks_per_row, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t row = i / blocks_per_row;
+          const int64_t c0 = (i % blocks_per_row) * kBlock;
+          act_and_mul_row<scalar_t, A>(o + r.out_rows.offset(row), gate + r.gate_rows.offset(row),
+                                       upp + r.up_rows.offset(row), c0, std::min(c0 + kBlock, r.d));
+        }
+      });
     });
   });
-}
-
-void silu_and_mul_out(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& up) {
-  act_and_mul_impl<Activation::kSilu>("silu_and_mul", out, x, up);
-}
-
-void gelu_and_mul_out(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& up,
-                      const std::string& approximate) {
-  if (parse_gelu_approximate(approximate) == Activation::kGeluErf) {
-    act_and_mul_impl<Activation::kGeluErf>("gelu_and_mul", out, x, up);
-  } else {
-    act_and_mul_impl<Activation::kGeluTanh>("gelu_and_mul", out, x, up);
-  }
-}
-
-at::Tensor silu_and_mul(const at::Tensor& x, const std::optional<at::Tensor>& up) {
-  at::Tensor out = act_output_like(x, up);
-  silu_and_mul_out(out, x, up);
-  return out;
-}
-
-at::Tensor gelu_and_mul(const at::Tensor& x, const std::optional<at::Tensor>& up, const std::string& approximate) {
-  at::Tensor out = act_output_like(x, up);
-  gelu_and_mul_out(out, x, up, approximate);
-  return out;
 }
 
 }  // namespace
 }  // namespace chunkinfer::cpu
 
-TORCH_LIBRARY_IMPL(chunkinfer, CPU, m) {
-  m.impl("silu_and_mul", &chunkinfer::cpu::silu_and_mul);
-  m.impl("silu_and_mul_out", &chunkinfer::cpu::silu_and_mul_out);
-  m.impl("gelu_and_mul", &chunkinfer::cpu::gelu_and_mul);
-  m.impl("gelu_and_mul_out", &chunkinfer::cpu::gelu_and_mul_out);
-}
+TORCH_LIBRARY_IMPL(chunkinfer, CPU, m) { chunkinfer::register_activation<&chunkinfer::cpu::act_and_mul_out>(m); }

@@ -14,7 +14,9 @@
 #include <vector>
 
 #include "../dispatch.h"
+#include "../merge_weights.h"
 #include "../ops.h"
+#include "../register_backend.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CHUNKINFER_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -22,36 +24,39 @@
 #define CHUNKINFER_SIMD_CLONES
 #endif
 
-namespace chunkinfer {
+namespace chunkinfer::cpu {
 namespace {
 
 constexpr int64_t kBlockKeys = 64;      // keys converted and scored at a time (fits L1 with V)
 constexpr int64_t kMinSplitKeys = 1024;  // below this a task's fixed costs stop being small
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 0 as plain float arithmetic the compiler vectorises (std::exp does not):
-// 2^n * e^r with |r| <= ln2/2, degree-6 Taylor, relative error under 2e-7; underflows to ~1e-38.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
+// exp(x) for x in [-87, 0] as plain arithmetic the compiler vectorises (std::exp it does not), on a
+// float or on 16 lanes (V = v16f, I = v16i) alike: 2^n * e^r with |r| <= ln2/2, degree-6 Taylor,
+// relative error under 2e-7.
+template <typename V, typename I>
+__attribute__((always_inline)) inline V exp_clamped(V x) {
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  const float t = x * 1.44269504088896341f + shifter;
-  const float n = t - shifter;
-  int32_t ti;
-  std::memcpy(&ti, &t, 4);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
+  const V t = x * 1.44269504088896341f + shifter;
+  const V n = t - shifter;
+  const V r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  V p = r * (1.0f / 720) + 1.0f / 120;
   p = p * r + 1.0f / 24;
   p = p * r + 1.0f / 6;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t pi;
-  std::memcpy(&pi, &p, 4);
+  I pi, ti;
+  static_assert(sizeof(I) == sizeof(V));
+  std::memcpy(&pi, &p, sizeof(V));
+  std::memcpy(&ti, &t, sizeof(V));
   pi += (ti - 0x4B400000) << 23;  // 0x4B400000 is the bit pattern of the shifter
-  std::memcpy(&p, &pi, 4);
+  std::memcpy(&p, &pi, sizeof(V));
   return p;
 }
+
+// exp(x) for x <= 0; underflows to ~1e-38.
+inline float exp_nonpositive(float x) { return exp_clamped<float, int32_t>(std::max(x, -87.0f)); }
 
 // 16 floats as one value: GCC lowers it to one zmm (x86-64-v4 clone), two ymm (v3) or four xmm
 // (baseline), so the same source is explicit SIMD on every target. aligned(4): unaligned loads.
@@ -76,20 +81,7 @@ __attribute__((always_inline)) inline float hsum(v16f x) {
 // exp_nonpositive on 16 lanes, and exactly 0 below -87 (masked keys are -inf)
 __attribute__((always_inline)) inline v16f exp16(v16f x) {
   const v16f lo = splat16(-87.0f);
-  const v16f xc = x < lo ? lo : x;
-  const v16f shifter = splat16(12582912.0f);
-  const v16f t = xc * 1.44269504088896341f + shifter;
-  const v16f n = t - shifter;
-  const v16f r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  v16f p = splat16(1.0f / 720);
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const v16i bits = reinterpret_cast<const v16i&>(p) + ((reinterpret_cast<const v16i&>(t) - 0x4B400000) << 23);
-  const v16f e = reinterpret_cast<const v16f&>(bits);
+  const v16f e = exp_clamped<v16f, v16i>(x < lo ? lo : x);
   return x < lo ? v16f{} : e;
 }
 
@@ -160,17 +152,17 @@ template <typename E>
 __attribute__((always_inline)) inline void attend_block16_body(
     const float* __restrict q,  // [R, D], already times the softmax scale
     int64_t R, int64_t D,
-    const E* __restrict k, int64_t k_stride,  // [n, k_stride]
-    const E* __restrict v, int64_t v_stride,  // [n, v_stride]
-    int64_t n, const int64_t* lo, const int64_t* hi,  // [R], block-relative
+    const E* __restrict k, int64_t k_stride,  // [kBlockKeys, k_stride]: only rows [vlo, vhi) are read
+    const E* __restrict v, int64_t v_stride,  // [kBlockKeys, v_stride]
+    int64_t vlo, int64_t vhi, const int64_t* lo, const int64_t* hi,  // block-relative
     float* __restrict s,                              // [R, kBlockKeys] scratch
     float* __restrict m, float* __restrict l,         // [R]
     float* __restrict acc) {                          // [R, D]
   const int64_t nv = D / 16;
-  int64_t j0 = n, j1 = 0;
+  int64_t j0 = vhi, j1 = vlo;
   for (int64_t r = 0; r < R; ++r) {
-    j0 = std::min(j0, std::max<int64_t>(lo[r], 0));
-    j1 = std::max(j1, std::min<int64_t>(hi[r], n));
+    j0 = std::min(j0, std::max(lo[r], vlo));
+    j1 = std::max(j1, std::min(hi[r], vhi));
   }
   if (j0 >= j1) return;
   // scores, four rows at a time against each key row
@@ -197,34 +189,29 @@ __attribute__((always_inline)) inline void attend_block16_body(
       s[r * kBlockKeys + j] = hsum(a0);
     }
   }
-  // softmax update per row; keys outside the row's range get probability 0 (so the P V tiles below
-  // may run over the union of their rows' ranges)
+  // softmax update per row over the whole block, 16 keys a lane group, the keys outside the row's range
+  // at probability 0: a row's sum then runs in the same order whatever the other rows (a T-token step
+  // computes each row as a one-token step does), and the P V tiles below may run over the union of ranges
   for (int64_t r = 0; r < R; ++r) {
     float* sr = s + r * kBlockKeys;
-    const int64_t a = std::max<int64_t>(lo[r], 0), b = std::min<int64_t>(hi[r], n);
+    const int64_t a = std::max(lo[r], vlo), b = std::min(hi[r], vhi);
     if (a >= b) {
       std::fill(sr + j0, sr + j1, 0.f);
       continue;
     }
-    for (int64_t j = j0; j < j1; ++j)
+    for (int64_t j = 0; j < kBlockKeys; ++j)
       if (j < a || j >= b) sr[j] = kNegInf;
     float mx = m[r];
     for (int64_t j = a; j < b; ++j) mx = std::max(mx, sr[j]);
     const float corr = m[r] == kNegInf ? 0.f : std::exp(m[r] - mx);
     m[r] = mx;
     v16f sum{};
-    int64_t j = j0;
-    for (; j + 16 <= j1; j += 16) {
+    for (int64_t j = 0; j < kBlockKeys; j += 16) {
       const v16f p = exp16(load16(sr + j) - mx);
       store16(sr + j, p);
       sum += p;
     }
-    float tail = 0.f;
-    for (; j < j1; ++j) {
-      sr[j] = sr[j] == kNegInf ? 0.f : exp_nonpositive(sr[j] - mx);
-      tail += sr[j];
-    }
-    l[r] = l[r] * corr + hsum(sum) + tail;
+    l[r] = l[r] * corr + hsum(sum);
     float* o = acc + r * D;
     for (int64_t i = 0; i < nv; ++i) store16(o + 16 * i, load16(o + 16 * i) * corr);
   }
@@ -236,25 +223,27 @@ __attribute__((always_inline)) inline void attend_block16_body(
 
 CHUNKINFER_SIMD_CLONES
 void attend_block16(const float* __restrict q, int64_t R, int64_t D, const float* __restrict k, int64_t k_stride,
-                    const float* __restrict v, int64_t v_stride, int64_t n, const int64_t* lo, const int64_t* hi,
-                    float* __restrict s, float* __restrict m, float* __restrict l, float* __restrict acc) {
-  attend_block16_body(q, R, D, k, k_stride, v, v_stride, n, lo, hi, s, m, l, acc);
+                    const float* __restrict v, int64_t v_stride, int64_t vlo, int64_t vhi, const int64_t* lo,
+                    const int64_t* hi, float* __restrict s, float* __restrict m, float* __restrict l,
+                    float* __restrict acc) {
+  attend_block16_body(q, R, D, k, k_stride, v, v_stride, vlo, vhi, lo, hi, s, m, l, acc);
 }
 
 CHUNKINFER_SIMD_CLONES
 void attend_block16_bf16(const float* __restrict q, int64_t R, int64_t D, const uint16_t* __restrict k,
-                         int64_t k_stride, const uint16_t* __restrict v, int64_t v_stride, int64_t n,
+                         int64_t k_stride, const uint16_t* __restrict v, int64_t v_stride, int64_t vlo, int64_t vhi,
                          const int64_t* lo, const int64_t* hi, float* __restrict s, float* __restrict m,
                          float* __restrict l, float* __restrict acc) {
-  attend_block16_body(q, R, D, k, k_stride, v, v_stride, n, lo, hi, s, m, l, acc);
+  attend_block16_body(q, R, D, k, k_stride, v, v_stride, vlo, vhi, lo, hi, s, m, l, acc);
 }
 
-// The same for any head dim, in plain scalar loops.
+// The same for any head dim, in plain scalar loops (a row's sum runs over its own keys in order).
 void attend_block_any(const float* __restrict q, int64_t R, int64_t D, const float* __restrict k, int64_t k_stride,
-                      const float* __restrict v, int64_t v_stride, int64_t n, const int64_t* lo, const int64_t* hi,
-                      float* __restrict s, float* __restrict m, float* __restrict l, float* __restrict acc) {
+                      const float* __restrict v, int64_t v_stride, int64_t vlo, int64_t vhi, const int64_t* lo,
+                      const int64_t* hi, float* __restrict s, float* __restrict m, float* __restrict l,
+                      float* __restrict acc) {
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t a = std::max<int64_t>(lo[r], 0), b = std::min<int64_t>(hi[r], n);
+    const int64_t a = std::max(lo[r], vlo), b = std::min(hi[r], vhi);
     if (a >= b) continue;
     float* sr = s + r * kBlockKeys;
     float mx = m[r];
@@ -277,22 +266,54 @@ void attend_block_any(const float* __restrict q, int64_t R, int64_t D, const flo
   }
 }
 
-// n rows of K or V as fp32: fp32 rows are used where they are, others converted into buf [n, D].
+// The block of kBlockKeys keys from position `base` as fp32 rows: only rows [vlo, vhi) (the keys that
+// exist) are read. fp32 rows outside a ring are used where they are; the others are converted (and, in a
+// ring, gathered from slot key % cap) into buf [kBlockKeys, D].
 template <typename T>
-const float* rows_as_float(const T* src, int64_t stride, int64_t n, int64_t D, float* buf, int64_t* out_stride) {
+const float* block_as_float(const T* src, int64_t stride, int64_t base, int64_t vlo, int64_t vhi, int64_t D,
+                            int64_t ring_cap, float* buf, int64_t* out_stride) {
   if constexpr (std::is_same_v<T, float>) {
-    *out_stride = stride;
-    return src;
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      if constexpr (std::is_same_v<T, at::BFloat16>)
-        bf16_to_float(reinterpret_cast<const uint16_t*>(src + j * stride), buf + j * D, D);
-      else
-        for (int64_t d = 0; d < D; ++d) buf[j * D + d] = static_cast<float>(src[j * stride + d]);
+    if (ring_cap == 0) {
+      *out_stride = stride;
+      return src + base * stride;
     }
-    *out_stride = D;
-    return buf;
   }
+  for (int64_t j = vlo; j < vhi; ++j) {
+    const int64_t key = base + j;
+    const T* row = src + (ring_cap ? key % ring_cap : key) * stride;
+    if constexpr (std::is_same_v<T, at::BFloat16>)
+      bf16_to_float(reinterpret_cast<const uint16_t*>(row), buf + j * D, D);
+    else
+      for (int64_t d = 0; d < D; ++d) buf[j * D + d] = static_cast<float>(row[d]);
+  }
+  *out_stride = D;
+  return buf;
+}
+
+// The keys a task of sequence b reduces: [k0, k1), its blocks aligned at `base`. split_keys = L > 0:
+// the absolute piece a = split (mod splits) at or after lo's, [aL, (a + 1)L), so that a query's blocks
+// and their order depend on positions alone (a T-token step computes each row as a one-token step
+// does); 0: [lo, len) in equal pieces.
+struct TaskKeys {
+  int64_t base = 0, k0 = 0, k1 = 0;
+};
+
+TaskKeys task_keys(int64_t lo, int64_t len, int64_t split, int64_t splits, int64_t split_keys) {
+  TaskKeys t;
+  if (split_keys > 0) {
+    const int64_t first = lo / split_keys;
+    const int64_t piece = first + ((split - first) % splits + splits) % splits;
+    t.base = piece * split_keys;
+    t.k0 = std::max(t.base, lo);
+    t.k1 = std::min(len, t.base + split_keys);
+  } else {
+    const int64_t n = std::max<int64_t>(len - lo, 0);
+    const int64_t per = (n + splits - 1) / splits;
+    t.k0 = lo + std::min(split * per, n);
+    t.k1 = std::min(len, t.k0 + per);
+    t.base = t.k0;
+  }
+  return t;
 }
 
 template <typename T>
@@ -301,18 +322,24 @@ void decode_attention_cpu_impl(at::Tensor& out, at::Tensor& lse, const at::Tenso
                                const DecodeArgs& a) {
   const int64_t B = a.B, Hkv = a.Hkv, T_ = a.T, D = a.D, g = a.Hq / a.Hkv, R = g * a.T;
   const float scale = static_cast<float>(a.scale);
+  const bool ring = a.window > 0;  // key j at slot j % cap (the caller keeps the keys in view within it)
   // keys the queries of sequence b may see: [lo[b], len[b]); the first query's window starts earliest
   std::vector<int64_t> len(B), start(B), lo(B);
   int64_t max_keys = 0;
   for (int64_t b = 0; b < B; ++b) {
-    len[b] = std::clamp<int64_t>(seq_lens[b], 0, a.cap);
+    len[b] = ring ? std::max<int64_t>(seq_lens[b], 0) : std::clamp<int64_t>(seq_lens[b], 0, a.cap);
     start[b] = starts ? std::clamp<int64_t>(starts[b], 0, len[b]) : 0;
-    lo[b] = a.window > 0 ? std::max(start[b], len[b] - T_ - a.window + 1) : start[b];
+    lo[b] = ring ? std::max(start[b], len[b] - T_ - a.window + 1) : start[b];
     max_keys = std::max(max_keys, len[b] - lo[b]);
   }
-  const int64_t threads = at::get_num_threads();
-  const int64_t want = (4 * threads + B * Hkv - 1) / (B * Hkv);
-  const int64_t splits = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, max_keys / kMinSplitKeys));
+  int64_t splits = 0;
+  if (a.split_keys > 0) {
+    splits = (a.cap + a.split_keys - 1) / a.split_keys + 1;  // as the CUDA kernel: fixed by the capacity
+  } else {
+    const int64_t threads = at::get_num_threads();
+    const int64_t want = (4 * threads + B * Hkv - 1) / (B * Hkv);
+    splits = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, max_keys / kMinSplitKeys));
+  }
   const int64_t tasks = B * Hkv * splits;
   // per task: R rows of (m, l) and R x D unnormalised outputs
   std::vector<float> part_ml(tasks * R * 2), part_acc(tasks * R * D);
@@ -332,45 +359,45 @@ void decode_attention_cpu_impl(at::Tensor& out, at::Tensor& lse, const at::Tenso
       std::fill(m, m + R, kNegInf);
       std::fill(l, l + R, 0.f);
       std::fill(acc, acc + R * D, 0.f);
-      const int64_t n = len[b] - lo[b];
-      if (n <= 0) continue;
-      const int64_t per = (n + splits - 1) / splits;
-      const int64_t k0 = lo[b] + std::min(split * per, n), k1 = std::min(len[b], k0 + per);
-      if (k0 >= k1) continue;
+      const TaskKeys tk = task_keys(lo[b], len[b], split, splits, a.split_keys);
+      if (tk.k0 >= tk.k1) continue;
       for (int64_t r = 0; r < R; ++r) {
         const int64_t hq = h * g + r / T_, t = r % T_;
         const int64_t pos = len[b] - T_ + t;
         row_hi[r] = pos + 1;
-        row_lo[r] = a.window > 0 ? std::max(start[b], pos - a.window + 1) : start[b];
+        row_lo[r] = ring ? std::max(start[b], pos - a.window + 1) : start[b];
         const T* qr = qd + b * q.stride(0) + hq * q.stride(1) + t * q.stride(2);
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(qr[d]) * scale;
       }
       const T* kb = kd + b * k_cache.stride(0) + h * k_cache.stride(1);
       const T* vb = vd + b * v_cache.stride(0) + h * v_cache.stride(1);
       const int64_t ks = k_cache.stride(2), vs = v_cache.stride(2);
-      for (int64_t j0 = k0; j0 < k1; j0 += kBlockKeys) {
-        const int64_t nb = std::min(kBlockKeys, k1 - j0);
+      // blocks of kBlockKeys aligned at the task's base; the keys of [k0, k1) in each are [vlo, vhi)
+      for (int64_t j0 = tk.base + (tk.k0 - tk.base) / kBlockKeys * kBlockKeys; j0 < tk.k1; j0 += kBlockKeys) {
+        const int64_t vlo = std::max<int64_t>(tk.k0 - j0, 0), vhi = std::min(kBlockKeys, tk.k1 - j0);
         for (int64_t r = 0; r < R; ++r) {
           blk_lo[r] = row_lo[r] - j0;
           blk_hi[r] = row_hi[r] - j0;
         }
         if constexpr (std::is_same_v<T, at::BFloat16>) {
-          if (D % 16 == 0) {  // bf16 widened in registers, straight from the cache
+          if (D % 16 == 0 && !ring) {  // bf16 widened in registers, straight from the cache
             attend_block16_bf16(qf.data(), R, D, reinterpret_cast<const uint16_t*>(kb + j0 * ks), ks,
-                                reinterpret_cast<const uint16_t*>(vb + j0 * vs), vs, nb, blk_lo.data(),
+                                reinterpret_cast<const uint16_t*>(vb + j0 * vs), vs, vlo, vhi, blk_lo.data(),
                                 blk_hi.data(), s.data(), m, l, acc);
             continue;
           }
         }
+        const int64_t ring_cap = ring ? a.cap : 0;
         int64_t kstr = 0, vstr = 0;
-        const float* kf = rows_as_float(kb + j0 * ks, ks, nb, D, kbuf.data(), &kstr);
-        const float* vf = rows_as_float(vb + j0 * vs, vs, nb, D, vbuf.data(), &vstr);
-        attend_block(qf.data(), R, D, kf, kstr, vf, vstr, nb, blk_lo.data(), blk_hi.data(), s.data(), m, l, acc);
+        const float* kf = block_as_float(kb, ks, j0, vlo, vhi, D, ring_cap, kbuf.data(), &kstr);
+        const float* vf = block_as_float(vb, vs, j0, vlo, vhi, D, ring_cap, vbuf.data(), &vstr);
+        attend_block(qf.data(), R, D, kf, kstr, vf, vstr, vlo, vhi, blk_lo.data(), blk_hi.data(), s.data(), m, l,
+                     acc);
       }
     }
   });
 
-  // merge the splits of each (batch, query row)
+  // merge the splits of each (batch, query row), in split order
   T* od = out.data_ptr<T>();
   float* ld = lse.data_ptr<float>();
   at::parallel_for(0, B * Hkv * R, 1, [&](int64_t begin, int64_t end) {
@@ -401,12 +428,13 @@ void decode_attention_cpu_impl(at::Tensor& out, at::Tensor& lse, const at::Tenso
   });
 }
 
-void decode_attention_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
-                              const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                              const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t window,
-                              bool /*prefix_ready: a CUDA launch-order promise, nothing to do here*/) {
-  const DecodeArgs a =
-      check_decode_attention_args("decode_attention", out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window);
+void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& seq_lens,
+                          const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t window,
+                          bool /*prefix_ready: a CUDA launch-order promise, nothing to do here*/,
+                          int64_t split_keys) {
+  const DecodeArgs a = check_decode_attention_args("decode_attention", out, lse, q, k_cache, v_cache, seq_lens, starts,
+                                                   scale, window, split_keys);
   if (a.B == 0 || a.Hq == 0 || a.T == 0) return;
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* st = starts.has_value() ? starts->data_ptr<int32_t>() : nullptr;
@@ -415,52 +443,34 @@ void decode_attention_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tensor
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                                                        const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                                                        const std::optional<at::Tensor>& starts,
-                                                        std::optional<double> scale, int64_t window,
-                                                        bool prefix_ready) {
-  auto [out, lse] = decode_attention_outputs(q);
-  decode_attention_out_cpu(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window, prefix_ready);
-  return {out, lse};
-}
+// merge_weights' math on the CPU
+struct HostMath {
+  static float max(float a, float b) { return std::max(a, b); }
+  static float exp(float x) { return std::exp(x); }
+  static float log(float x) { return std::log(x); }
+};
 
 template <typename T>
 void merge_rows(const MergeRows& r, T* out, float* lse, const T* a, const float* la, const T* b, const float* lb) {
   at::parallel_for(0, r.rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float xa = la[i * r.lse_a_stride], xb = lb[i * r.lse_b_stride];
-      const float mx = std::max(xa, xb);
-      float wa = 0.f, wb = 0.f, merged = kNegInf;
-      if (mx == std::numeric_limits<float>::infinity()) {  // infinite mass: shared by the infinite ones
-        wa = xa == mx ? 1.f : 0.f;
-        wb = xb == mx ? 1.f : 0.f;
-        const float n = wa + wb;
-        wa /= n;
-        wb /= n;
-        merged = mx;
-      } else if (mx != kNegInf) {
-        const float ea = std::exp(xa - mx), eb = std::exp(xb - mx);
-        wa = ea / (ea + eb);
-        wb = eb / (ea + eb);
-        merged = mx + std::log(ea + eb);
-      }
+      const MergeWeights w = merge_weights<HostMath>(la[i * r.lse_a_stride], lb[i * r.lse_b_stride]);
       const T* ra = a + i * r.out_a_stride;
       const T* rb = b + i * r.out_b_stride;
       T* ro = out + i * r.out_stride;
       for (int64_t d = 0; d < r.d; ++d) {
         // a segment of zero weight contributes nothing, even where its output is not finite
-        const float va = wa != 0.f ? wa * static_cast<float>(ra[d]) : 0.f;
-        const float vb = wb != 0.f ? wb * static_cast<float>(rb[d]) : 0.f;
+        const float va = w.a != 0.f ? w.a * static_cast<float>(ra[d]) : 0.f;
+        const float vb = w.b != 0.f ? w.b * static_cast<float>(rb[d]) : 0.f;
         ro[d] = static_cast<T>(va + vb);
       }
-      lse[i * r.lse_stride] = merged;  // after the reads: lse may alias lse_a or lse_b
+      lse[i * r.lse_stride] = w.lse;  // after the reads: lse may alias lse_a or lse_b
     }
   });
 }
 
-void merge_attn_states_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tensor& out_a, const at::Tensor& lse_a,
-                               const at::Tensor& out_b, const at::Tensor& lse_b) {
+void merge_attn_states_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& out_a, const at::Tensor& lse_a,
+                           const at::Tensor& out_b, const at::Tensor& lse_b) {
   const MergeRows r = check_merge_attn_states_args("merge_attn_states", out, lse, out_a, lse_a, out_b, lse_b);
   if (r.rows == 0) return;
   CHUNKINFER_DISPATCH_FLOATING(out_a.scalar_type(), [&] {
@@ -469,19 +479,9 @@ void merge_attn_states_out_cpu(at::Tensor& out, at::Tensor& lse, const at::Tenso
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> merge_attn_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
-                                                         const at::Tensor& out_b, const at::Tensor& lse_b) {
-  auto [out, lse] = merge_attn_states_outputs(out_a);
-  merge_attn_states_out_cpu(out, lse, out_a, lse_a, out_b, lse_b);
-  return {out, lse};
-}
-
 }  // namespace
-}  // namespace chunkinfer
+}  // namespace chunkinfer::cpu
 
 TORCH_LIBRARY_IMPL(chunkinfer, CPU, m) {
-  m.impl("decode_attention", &chunkinfer::decode_attention_cpu);
-  m.impl("decode_attention_out", &chunkinfer::decode_attention_out_cpu);
-  m.impl("merge_attn_states", &chunkinfer::merge_attn_states_cpu);
-  m.impl("merge_attn_states_out", &chunkinfer::merge_attn_states_out_cpu);
+  chunkinfer::register_attention<&chunkinfer::cpu::decode_attention_out, &chunkinfer::cpu::merge_attn_states_out>(m);
 }

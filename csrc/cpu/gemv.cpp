@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../ops.h"
+#include "../register_backend.h"
 
 namespace chunkinfer::cpu {
 namespace {
@@ -71,6 +72,5 @@ at::Tensor gemv_act_and_mul(const at::Tensor& x_in, const at::Tensor& gate, cons
 }  // namespace chunkinfer::cpu
 
 TORCH_LIBRARY_IMPL(chunkinfer, CPU, m) {
-  m.impl("gemv", &chunkinfer::cpu::gemv);
-  m.impl("gemv_act_and_mul", &chunkinfer::cpu::gemv_act_and_mul);
+  chunkinfer::register_gemv<&chunkinfer::cpu::gemv, &chunkinfer::cpu::gemv_act_and_mul>(m);
 }

@@ -6,6 +6,7 @@
 
 #include "../dispatch.h"
 #include "../ops.h"
+#include "../register_backend.h"
 #include "vec_util.h"
 
 namespace chunkinfer::cpu {
@@ -15,26 +16,24 @@ namespace {
 // Llama rounds v * inv to the dtype before the weight multiply; Gemma multiplies by (1 + w) in fp32.
 template <typename scalar_t, bool kGemma>
 void normalise_row(scalar_t* out, const scalar_t* in, const scalar_t* w, int64_t h, float inv) {
-  constexpr int64_t step = kPairStep<scalar_t>;
-  int64_t c = 0;
-  for (; c + step <= h; c += step) {
-    fVec v0, v1, w0, w1;
-    load_float(in + c, v0, v1);
-    load_float(w + c, w0, w1);
-    v0 = v0 * fVec(inv);
-    v1 = v1 * fVec(inv);
-    if constexpr (kGemma) {
-      store_float(out + c, v0 * (fVec(1.0f) + w0), v1 * (fVec(1.0f) + w1));
-    } else {
-      round_to<scalar_t>(v0, v1);
-      store_float(out + c, v0 * w0, v1 * w1);
-    }
-  }
-  for (; c < h; ++c) {
-    const float v = static_cast<float>(in[c]) * inv;
-    const float wf = static_cast<float>(w[c]);
-    out[c] = static_cast<scalar_t>(kGemma ? v * (1.0f + wf) : round_to<scalar_t>(v) * wf);
-  }
+  map2_row(
+      out, in, w, 0, h,
+      [inv](fVec& v0, fVec& v1, const fVec& w0, const fVec& w1) {
+        v0 = v0 * fVec(inv);
+        v1 = v1 * fVec(inv);
+        if constexpr (kGemma) {
+          v0 = v0 * (fVec(1.0f) + w0);
+          v1 = v1 * (fVec(1.0f) + w1);
+        } else {
+          round_to<scalar_t>(v0, v1);
+          v0 = v0 * w0;
+          v1 = v1 * w1;
+        }
+      },
+      [inv](float x, float wf) {
+        const float v = x * inv;
+        return kGemma ? v * (1.0f + wf) : round_to<scalar_t>(v) * wf;
+      });
 }
 
 template <typename scalar_t>
@@ -56,15 +55,13 @@ float sum_squares(const scalar_t* in, int64_t h) {
 // residual = round(residual + x), in place.
 template <typename scalar_t>
 void add_into_residual(scalar_t* residual, const scalar_t* x, int64_t h) {
-  constexpr int64_t step = kPairStep<scalar_t>;
-  int64_t c = 0;
-  for (; c + step <= h; c += step) {
-    fVec r0, r1, x0, x1;
-    load_float(residual + c, r0, r1);
-    load_float(x + c, x0, x1);
-    store_float(residual + c, r0 + x0, r1 + x1);
-  }
-  for (; c < h; ++c) residual[c] = static_cast<scalar_t>(static_cast<float>(residual[c]) + static_cast<float>(x[c]));
+  map2_row(
+      residual, residual, x, 0, h,
+      [](fVec& r0, fVec& r1, const fVec& x0, const fVec& x1) {
+        r0 = r0 + x0;
+        r1 = r1 + x1;
+      },
+      [](float r, float xv) { return r + xv; });
 }
 
 template <bool kFused>
@@ -100,26 +97,9 @@ void rms_norm_impl(const char* op, const at::Tensor& out, const at::Tensor& x, c
   });
 }
 
-void rms_norm_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma) {
-  rms_norm_impl<false>("rms_norm", out, x, nullptr, weight, eps, gemma);
-}
-
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma) {
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  rms_norm_out(out, x, weight, eps, gemma);
-  return out;
-}
-
-void fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps,
-                        bool gemma) {
-  rms_norm_impl<true>("fused_add_rms_norm", x, x, &residual, weight, eps, gemma);
-}
-
 }  // namespace
 }  // namespace chunkinfer::cpu
 
 TORCH_LIBRARY_IMPL(chunkinfer, CPU, m) {
-  m.impl("rms_norm", &chunkinfer::cpu::rms_norm);
-  m.impl("rms_norm_out", &chunkinfer::cpu::rms_norm_out);
-  m.impl("fused_add_rms_norm", &chunkinfer::cpu::fused_add_rms_norm);
+  chunkinfer::register_norm<&chunkinfer::cpu::rms_norm_impl<false>, &chunkinfer::cpu::rms_norm_impl<true>>(m);
 }

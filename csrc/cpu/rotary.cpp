@@ -6,6 +6,7 @@
 
 #include "../dispatch.h"
 #include "../ops.h"
+#include "../register_backend.h"
 
 namespace chunkinfer::cpu {
 namespace {
@@ -63,4 +64,4 @@ void rotary_kv_write(const std::optional<at::Tensor>& q, const at::Tensor& k, co
 }  // namespace
 }  // namespace chunkinfer::cpu
 
-TORCH_LIBRARY_IMPL(chunkinfer, CPU, m) { m.impl("rotary_kv_write", &chunkinfer::cpu::rotary_kv_write); }
+TORCH_LIBRARY_IMPL(chunkinfer, CPU, m) { chunkinfer::register_rotary<&chunkinfer::cpu::rotary_kv_write>(m); }

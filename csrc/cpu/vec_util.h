@@ -53,6 +53,23 @@ inline float round_to(float v) {
   return static_cast<float>(static_cast<scalar_t>(v));
 }
 
+// out[c] = f(a[c], b[c]) for c in [begin, end), in fp32 with one rounding to scalar_t. Whole vector
+// pairs go to vf(a0, a1, b0, b1), which leaves the results in a0, a1; the tail to sf(a, b). out may be a.
+template <typename scalar_t, typename VecF, typename ScalarF>
+inline void map2_row(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t begin, int64_t end, VecF vf,
+                     ScalarF sf) {
+  constexpr int64_t step = kPairStep<scalar_t>;
+  int64_t c = begin;
+  for (; c + step <= end; c += step) {
+    fVec a0, a1, b0, b1;
+    load_float(a + c, a0, a1);
+    load_float(b + c, b0, b1);
+    vf(a0, a1, b0, b1);
+    store_float(out + c, a0, a1);
+  }
+  for (; c < end; ++c) out[c] = static_cast<scalar_t>(sf(static_cast<float>(a[c]), static_cast<float>(b[c])));
+}
+
 inline float sum_lanes(const fVec& v) {
   alignas(64) float lanes[fVec::size()];
   v.store(lanes);

@@ -1,26 +1,25 @@
 // act(gate) * up: fp32 math, one rounding to the output dtype. Pure CUDA (see device_util.cuh).
 #pragma once
 
+#include "../activation.h"
 #include "../row_layout.h"
 #include "device_util.cuh"
 
 namespace chunkinfer::cuda {
 
-enum class ActKind { kSilu, kGeluErf, kGeluTanh };
-
 // GELU as 0.5·g·erfc(−g/√2) and its tanh form as g·sigmoid(2u): 1 + erf / 1 + tanh cancel for very
 // negative g and would lose every digit of the (tiny) result.
-template <ActKind A>
+template <Activation A>
 __device__ __forceinline__ float act(float g) {
-  if constexpr (A == ActKind::kSilu) return g / (1.0f + __expf(-g));
-  if constexpr (A == ActKind::kGeluErf) return 0.5f * g * erfcf(g * -0.70710678118654752f);
+  if constexpr (A == Activation::kSilu) return g / (1.0f + __expf(-g));
+  if constexpr (A == Activation::kGeluErf) return 0.5f * g * erfcf(g * -0.70710678118654752f);
   const float u = 0.79788456080286536f * (g + 0.044715f * g * g * g);
   return g / (1.0f + __expf(-2.0f * u));
 }
 
 // One work item = one (row, column block) of kThreads * VEC elements; a grid-stride loop covers any
 // number of items. kVec: every row start is 16-byte aligned and d is a multiple of VEC.
-template <typename T, ActKind A, bool kVec>
+template <typename T, Activation A, bool kVec>
 __global__ void act_and_mul_kernel(T* __restrict__ out,          // [rows, d] at out_rows
                                    const T* __restrict__ gate,   // [rows, d] at gate_rows
                                    const T* __restrict__ up,     // [rows, d] at up_rows
@@ -46,7 +45,7 @@ __global__ void act_and_mul_kernel(T* __restrict__ out,          // [rows, d] at
   }
 }
 
-template <typename T, ActKind A>
+template <typename T, Activation A>
 void launch_act_and_mul(T* out, const T* gate, const T* up, int64_t rows, int64_t d, RowLayout gate_rows,
                         RowLayout up_rows, RowLayout out_rows, cudaStream_t stream) {
   constexpr int kThreads = 256;

@@ -10,45 +10,35 @@
 
 #include "../dispatch.h"
 #include "../ops.h"
+#include "../register_backend.h"
 #include "attention_kernels.cuh"
+#include "torch_types.cuh"
 
-namespace chunkinfer {
+namespace chunkinfer::cuda {
 namespace {
 
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
 // 16-byte vector loads need the base and every stride (of dims longer than one) 16-byte aligned.
-bool aligned16(const at::Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+bool vectorisable16(const at::Tensor& t) {
+  if (!aligned16(t.const_data_ptr())) return false;
   for (int64_t i = 0; i + 1 < t.dim(); ++i)
     if (t.size(i) > 1 && (t.stride(i) * t.element_size()) % 16 != 0) return false;
   return (t.size(-1) * t.element_size()) % 16 == 0;
 }
 
-void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
-                               const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                               const std::optional<at::Tensor>& starts, std::optional<double> scale,
-                               int64_t window, bool prefix_ready) {
+void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& seq_lens,
+                          const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t window,
+                          bool prefix_ready, int64_t split_keys) {
   constexpr const char* op = "decode_attention";
-  const DecodeArgs a = check_decode_attention_args(op, out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window);
+  const DecodeArgs a =
+      check_decode_attention_args(op, out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window, split_keys);
   CHUNKINFER_CHECK(a.D == 64 || a.D == 128 || a.D == 256, op, ": head dim ", a.D,
               " is not supported on CUDA (64, 128 or 256)");
-  CHUNKINFER_CHECK(aligned16(k_cache) && aligned16(v_cache), op,
+  CHUNKINFER_CHECK(vectorisable16(k_cache) && vectorisable16(v_cache), op,
               ": k_cache and v_cache must be 16-byte aligned: their data pointer and every stride a multiple "
               "of 16 bytes (a view at an odd offset into a larger buffer is not)");
-  CHUNKINFER_CHECK(a.B <= 65535 && a.Hkv <= 65535, op, ": batch (", a.B, ") and kv heads (", a.Hkv,
-              ") must each be at most 65535");
+  CHUNKINFER_CHECK(a.B * a.Hkv <= std::numeric_limits<int32_t>::max() / 64, op, ": batch (", a.B,
+                   ") times kv heads (", a.Hkv, ") is too large");
   CHUNKINFER_CHECK(a.B * a.Hq * a.T <= std::numeric_limits<int32_t>::max(), op, ": B * Hq * T is too large");
   if (a.B == 0 || a.Hq == 0 || a.T == 0) return;
 
@@ -60,7 +50,7 @@ void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tenso
   const bool tensor_cores = cc_major >= 8;  // mma.sync m16n8k16 for fp16/bf16
 
   CHUNKINFER_DISPATCH_FLOATING(q.scalar_type(), [&] {
-    using T = typename CudaType<scalar_t>::type;
+    using T = cuda_t<scalar_t>;
     attention::DecodeParams p{};
     p.B = int(a.B);
     p.Hq = int(a.Hq);
@@ -71,8 +61,12 @@ void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tenso
     p.window = int(a.window > 0 ? a.window : 0);
     p.scale_log2 = float(a.scale) * attention::kLog2e;
     p.prefix_ready = prefix_ready;
-    // fixed by shapes and capacity alone, so a captured graph's workspace fits every replay
-    p.splits = attention::decode_attention_num_splits<T>(p.B, p.Hq, p.Hkv, p.T, p.D, p.cap, num_sms, tensor_cores);
+    p.split_keys = int(a.split_keys);
+    // fixed by shapes, capacity and split_keys alone, so a captured graph's workspace fits every replay
+    p.splits = attention::decode_attention_num_splits<T>(p.B, p.Hq, p.Hkv, p.T, p.D, p.cap, num_sms, tensor_cores,
+                                                         p.split_keys);
+    CHUNKINFER_CHECK(p.splits <= 65535, op, ": capacity ", a.cap, " over split_keys ", a.split_keys,
+                     " gives more than 65535 pieces");
     const int64_t part_rows = a.B * a.Hq * a.T * p.splits;
     at::Tensor workspace = at::empty({part_rows * (a.D + 1)}, q.options().dtype(at::kFloat));
     p.part_out = workspace.data_ptr<float>();
@@ -94,24 +88,14 @@ void decode_attention_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tenso
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
-                                                         const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                                                         const std::optional<at::Tensor>& starts,
-                                                         std::optional<double> scale, int64_t window,
-                                                         bool prefix_ready) {
-  auto [out, lse] = decode_attention_outputs(q);
-  decode_attention_out_cuda(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window, prefix_ready);
-  return {out, lse};
-}
-
-void merge_attn_states_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tensor& out_a, const at::Tensor& lse_a,
-                                const at::Tensor& out_b, const at::Tensor& lse_b) {
+void merge_attn_states_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& out_a, const at::Tensor& lse_a,
+                           const at::Tensor& out_b, const at::Tensor& lse_b) {
   const MergeRows r = check_merge_attn_states_args("merge_attn_states", out, lse, out_a, lse_a, out_b, lse_b);
   if (r.rows == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(out_a.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   CHUNKINFER_DISPATCH_FLOATING(out_a.scalar_type(), [&] {
-    using T = typename CudaType<scalar_t>::type;
+    using T = cuda_t<scalar_t>;
     attention::MergeParams p{};
     p.out_a = out_a.data_ptr();
     p.out_b = out_b.data_ptr();
@@ -125,7 +109,7 @@ void merge_attn_states_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tens
     p.D = int(r.d);
     const int64_t bytes = sizeof(T);
     auto ok16 = [&](const void* ptr, int64_t stride) {
-      return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (r.rows <= 1 || (stride * bytes) % 16 == 0);
+      return aligned16(ptr) && (r.rows <= 1 || (stride * bytes) % 16 == 0);
     };
     const bool vectorised = (r.d * bytes) % 16 == 0 && ok16(p.out_a, p.sa) && ok16(p.out_b, p.sb) &&
                             ok16(p.out, p.so);
@@ -134,19 +118,9 @@ void merge_attn_states_out_cuda(at::Tensor& out, at::Tensor& lse, const at::Tens
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> merge_attn_states_cuda(const at::Tensor& out_a, const at::Tensor& lse_a,
-                                                          const at::Tensor& out_b, const at::Tensor& lse_b) {
-  auto [out, lse] = merge_attn_states_outputs(out_a);
-  merge_attn_states_out_cuda(out, lse, out_a, lse_a, out_b, lse_b);
-  return {out, lse};
-}
-
 }  // namespace
-}  // namespace chunkinfer
+}  // namespace chunkinfer::cuda
 
 TORCH_LIBRARY_IMPL(chunkinfer, CUDA, m) {
-  m.impl("decode_attention", &chunkinfer::decode_attention_cuda);
-  m.impl("decode_attention_out", &chunkinfer::decode_attention_out_cuda);
-  m.impl("merge_attn_states", &chunkinfer::merge_attn_states_cuda);
-  m.impl("merge_attn_states_out", &chunkinfer::merge_attn_states_out_cuda);
+  chunkinfer::register_attention<&chunkinfer::cuda::decode_attention_out, &chunkinfer::cuda::merge_attn_states_out>(m);
 }

@@ -17,6 +17,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../merge_weights.h"
 #include "device_util.cuh"
 
 #include <cstdint>
@@ -41,8 +42,9 @@ struct DecodeParams {
   int64_t o_sb, o_sh, o_st;
   int64_t l_sb, l_sh, l_st;
   int B, Hq, Hkv, T, D, cap;
-  int window;            // > 0: query at p sees keys (p - window, p]; <= 0: no window
-  int splits;
+  int window;            // > 0: query at p sees keys (p - window, p], key j at slot j % cap (a ring); <= 0: none
+  int splits;            // blocks per (batch, kv head, row chunk): pieces of the key range
+  int split_keys;        // > 0: every piece is [a * split_keys, (a + 1) * split_keys) of absolute position
   float scale_log2;      // softmax scale * log2(e): scores live in base 2 inside the kernels
   bool prefix_ready;     // keys before the new tokens may be read before waiting for the kernel ahead
 };
@@ -97,39 +99,25 @@ __device__ __forceinline__ void unpack(const Pack8<float>& p, float f[kVec]) {
   for (int i = 0; i < kVec; ++i) f[i] = s[i];
 }
 
-__device__ __forceinline__ void unpack(const Pack8<__nv_bfloat16>& p, float f[kVec]) {
-  const __nv_bfloat162* s = reinterpret_cast<const __nv_bfloat162*>(p.raw);
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+__device__ __forceinline__ float2 to_float2(__half2 x) { return __half22float2(x); }
+
+// fp16, bf16: four pairs, each converted at once
+template <typename T>
+__device__ __forceinline__ void unpack(const Pack8<T>& p, float f[kVec]) {
+  using Pair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  const Pair* s = reinterpret_cast<const Pair*>(p.raw);
 #pragma unroll
   for (int i = 0; i < kVec / 2; ++i) {
-    float2 x = __bfloat1622float2(s[i]);
+    float2 x = to_float2(s[i]);
     f[2 * i] = x.x;
     f[2 * i + 1] = x.y;
   }
 }
 
-__device__ __forceinline__ void unpack(const Pack8<__half>& p, float f[kVec]) {
-  const __half2* s = reinterpret_cast<const __half2*>(p.raw);
-#pragma unroll
-  for (int i = 0; i < kVec / 2; ++i) {
-    float2 x = __half22float2(s[i]);
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
-template <>
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x) { return static_cast<T>(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
+// single elements to and from fp32 (round to nearest even)
+using ::chunkinfer::cuda::from_float;
+using ::chunkinfer::cuda::to_float;
 
 // Programmatic dependent launch (device_util.cuh): pass 2 is launched while pass 1 still runs and
 // waits for it on the device, which hides the launch gap between the two.
@@ -138,6 +126,64 @@ using ::chunkinfer::cuda::wait_for_prerequisite_grid;
 
 // exp2 of a difference whose reference may be -inf (nothing seen yet): 0 instead of NaN.
 __device__ __forceinline__ float safe_ref(float m) { return m == -INFINITY ? 0.f : m; }
+
+// Which (row chunk, kv head, batch, split) a block serves. The split is the grid's slowest dimension, so
+// blocks go out split by split: a range's last splits (empty or short while the cache has room) are the
+// last blocks, and a grid a little over one wave leaves only them for the second. A row chunk's blocks
+// of one split are neighbours: K, V reuse in L2.
+struct BlockIndex {
+  int chunk, h, b, split;
+};
+
+__device__ __forceinline__ BlockIndex block_index(const DecodeParams& p, int rows_per_block) {
+  const int n_chunks = ((p.Hq / p.Hkv) * p.T + rows_per_block - 1) / rows_per_block;
+  BlockIndex ix;
+  ix.chunk = blockIdx.x % n_chunks;
+  const int hb = blockIdx.x / n_chunks;
+  ix.h = hb % p.Hkv;
+  ix.b = hb / p.Hkv;
+  ix.split = blockIdx.y;
+  return ix;
+}
+
+// The keys one block reduces, [k0, k1), and `base`, where its tiles (or load steps) start. With
+// split_keys = L > 0 the block holds the absolute piece a = split (mod splits) at or after lo's piece:
+// [aL, (a + 1)L), its tiles aligned at aL. Which keys a query's partials hold, and in which order, then
+// depends on positions alone (never on T, the other queries, the lengths or the capacity), so a T-token
+// step computes each row bit for bit as a one-token step at its position does. split_keys = 0: the
+// range [lo, len) cut into `splits` equal pieces, multiples of `align` keys.
+struct KeyRange {
+  int len, start, lo, base, k0, k1;
+};
+
+__device__ __forceinline__ KeyRange block_keys(const DecodeParams& p, int b, int split, int align) {
+  KeyRange r;
+  const bool ring = p.window > 0;  // the caller keeps cap >= window + T - 1: the keys in view fit the ring
+  r.len = ring ? max(p.seq_lens[b], 0) : min(max(p.seq_lens[b], 0), p.cap);
+  r.start = p.starts ? min(max(p.starts[b], 0), r.len) : 0;
+  // keys any of the T queries may see: [lo, len); the first query's window starts earliest
+  r.lo = ring ? max(r.start, r.len - p.T - p.window + 1) : r.start;
+  if (p.split_keys > 0) {
+    const int first = r.lo / p.split_keys;
+    const int a = first + ((split - first) % p.splits + p.splits) % p.splits;
+    r.base = a * p.split_keys;
+    r.k0 = max(r.base, r.lo);
+    r.k1 = min(r.len, r.base + p.split_keys);
+  } else {
+    const int n = r.len - r.lo;
+    const int per_split = n > 0 ? ((n + p.splits - 1) / p.splits + align - 1) / align * align : 0;
+    r.k0 = r.lo + min(split * per_split, max(n, 0));
+    r.k1 = min(r.len, r.k0 + per_split);
+    r.base = r.k0;
+  }
+  if (r.k0 >= r.k1) r.k0 = r.k1 = r.base;  // nothing: no tile, no step
+  return r;
+}
+
+// The cache slot of key j: j, or j % cap in a ring (sliding window)
+__device__ __forceinline__ int64_t key_slot(const DecodeParams& p, int key) {
+  return p.window > 0 ? key % p.cap : key;
+}
 
 // The end of both pass-1 kernels: the block's W warps' partial (m, l, o) of one query row and head-dim
 // element, read from shared memory at the given strides, merged into this split's normalised output
@@ -200,23 +246,16 @@ decode_attention_kernel(const DecodeParams p) {
 
   const int g = p.Hq / p.Hkv;
   const int rows_total = g * p.T;
-  const int n_chunks = (rows_total + ROWS - 1) / ROWS;
-  const int chunk = blockIdx.x % n_chunks;  // chunks of one split are neighbours: K,V reuse in L2
-  const int split = blockIdx.x / n_chunks;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const BlockIndex ix = block_index(p, ROWS);
+  const int chunk = ix.chunk, split = ix.split, h = ix.h, b = ix.b;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int sub = tid % TPR, group = tid / TPR;
 
-  const int len = min(max(p.seq_lens[b], 0), p.cap);
-  const int start = p.starts ? min(max(p.starts[b], 0), len) : 0;
-  // keys any of the T queries may see: [lo, len); the first query's window starts earliest
-  const int lo = p.window > 0 ? max(start, len - p.T - p.window + 1) : start;
-  const int n = len - lo;
-  const int per_split =
-      n > 0 ? ((n + p.splits - 1) / p.splits + C::kKeysPerStep - 1) / C::kKeysPerStep * C::kKeysPerStep
-            : 0;
-  const int k0 = lo + min(split * per_split, max(n, 0));
-  const int k1 = min(len, k0 + per_split);
+  const KeyRange kr_ = block_keys(p, b, split, C::kKeysPerStep);
+  const int len = kr_.len, start = kr_.start, k0 = kr_.k0, k1 = kr_.k1;
+  // load steps aligned at the range's base: a key's place (thread, step) depends on its position alone
+  const int first_step = (k0 - kr_.base) / C::kKeysPerStep;
+  const int step_base = kr_.base + first_step * C::kKeysPerStep;
 
   const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + sub * kVec;
   const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + sub * kVec;
@@ -224,16 +263,17 @@ decode_attention_kernel(const DecodeParams p) {
   extern __shared__ uint4 smem_raw[];
   Pack8<T>* const kpipe = reinterpret_cast<Pack8<T>*>(smem_raw);  // [stages][U][threads]
   Pack8<T>* const vpipe = kpipe + C::kStages * U * kDecodeThreads;
-  const int steps = k1 > k0 ? (k1 - k0 + C::kKeysPerStep - 1) / C::kKeysPerStep : 0;
+  const int steps = k1 > k0 ? (k1 - step_base + C::kKeysPerStep - 1) / C::kKeysPerStep : 0;
   auto issue = [&](int step) {  // one commit group per step, empty past the end
     if (step < steps) {
       const int slot = (step % C::kStages) * U;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int key = k0 + step * C::kKeysPerStep + u * GROUPS + group;
-        if (key < k1) {
-          cp_async_pack(kpipe + (slot + u) * kDecodeThreads + tid, kb + key * p.k_sp);
-          cp_async_pack(vpipe + (slot + u) * kDecodeThreads + tid, vb + key * p.v_sp);
+        const int key = step_base + step * C::kKeysPerStep + u * GROUPS + group;
+        if (key >= k0 && key < k1) {
+          const int64_t at = key_slot(p, key);
+          cp_async_pack(kpipe + (slot + u) * kDecodeThreads + tid, kb + at * p.k_sp);
+          cp_async_pack(vpipe + (slot + u) * kDecodeThreads + tid, vb + at * p.v_sp);
         }
       }
     }
@@ -277,13 +317,13 @@ decode_attention_kernel(const DecodeParams p) {
   for (int step = 0; step < steps; ++step) {
     issue(step + C::kStages - 1);
     cp_async_wait<C::kStages - 1>();  // this step's group has landed
-    const int base = k0 + step * C::kKeysPerStep, slot = (step % C::kStages) * U;
+    const int base = step_base + step * C::kKeysPerStep, slot = (step % C::kStages) * U;
     int key[U];
     Pack8<T> kr[U], vr[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       key[u] = base + u * GROUPS + group;
-      if (key[u] < k1) {
+      if (key[u] >= k0 && key[u] < k1) {
         kr[u] = kpipe[(slot + u) * kDecodeThreads + tid];
         vr[u] = vpipe[(slot + u) * kDecodeThreads + tid];
       } else {
@@ -317,7 +357,7 @@ decode_attention_kernel(const DecodeParams p) {
       float mx = -INFINITY;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const bool ok = key[u] >= row_lo[r] && key[u] < row_hi[r] && key[u] < k1;
+        const bool ok = key[u] >= row_lo[r] && key[u] < row_hi[r] && key[u] >= k0 && key[u] < k1;
         s[r][u] = ok ? s[r][u] : -INFINITY;
         mx = fmaxf(mx, s[r][u]);
       }
@@ -563,21 +603,13 @@ decode_attention_mma_kernel(const DecodeParams p) {
 
   const int g = p.Hq / p.Hkv;
   const int rows_total = g * p.T;
-  const int n_chunks = (rows_total + ROWS - 1) / ROWS;
-  const int chunk = blockIdx.x % n_chunks;
-  const int split = blockIdx.x / n_chunks;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const BlockIndex ix = block_index(p, ROWS);
+  const int chunk = ix.chunk, split = ix.split, h = ix.h, b = ix.b;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gq = lane >> 2, cq = lane & 3;  // the mma fragments' row group and column pair
 
-  const int len = min(max(p.seq_lens[b], 0), p.cap);
-  const int start = p.starts ? min(max(p.starts[b], 0), len) : 0;
-  const int lo = p.window > 0 ? max(start, len - p.T - p.window + 1) : start;
-  const int n = len - lo;
-  const int per_split =
-      n > 0 ? ((n + p.splits - 1) / p.splits + C::kKeysPerStep - 1) / C::kKeysPerStep * C::kKeysPerStep : 0;
-  const int k0 = lo + min(split * per_split, max(n, 0));
-  const int k1 = min(len, k0 + per_split);
+  const KeyRange kr_ = block_keys(p, b, split, C::kKeysPerStep);
+  const int len = kr_.len, start = kr_.start, k0 = kr_.k0, k1 = kr_.k1;
 
   const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
@@ -585,21 +617,25 @@ decode_attention_mma_kernel(const DecodeParams p) {
   extern __shared__ uint4 smem_raw[];
   const unsigned ring = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw)) +
                         unsigned(warp * C::kStages * C::kStageBytes);
-  // warp w takes the block's tiles w, w + W, ...
-  const int n_tiles = k1 > k0 ? (k1 - k0 + TK - 1) / TK : 0;
-  const int my_tiles = n_tiles > warp ? (n_tiles - warp + W - 1) / W : 0;
+  // tiles aligned at the range's base, tile j to warp j % W: a key's (warp, tile) depends on its
+  // position alone; warp w takes the tiles j = w (mod W) of [first, last)
+  const int first = (k0 - kr_.base) / TK, last = k1 > k0 ? (k1 - kr_.base + TK - 1) / TK : first;
+  const int my_first = first + ((warp - first) % W + W) % W;
+  const int my_tiles = my_first < last ? (last - my_first + W - 1) / W : 0;
+  auto tile_key0 = [&](int i) { return kr_.base + (my_first + i * W) * TK; };
   auto issue = [&](int i) {  // this warp's i-th tile; one commit group per call, empty past the end
     if (i < my_tiles) {
-      const int key0 = k0 + (warp + i * W) * TK;
+      const int key0 = tile_key0(i);
       const unsigned st = ring + unsigned((i % C::kStages) * C::kStageBytes);
 #pragma unroll
       for (int j = 0; j < C::kCopies; ++j) {
         const int idx = lane + 32 * j, row = idx / C::kChunks, piece = idx % C::kChunks;
         const int key = key0 + row;
-        const bool ok = key < k1;  // past the split's end: zeros (finite, and masked below)
+        const bool ok = key >= k0 && key < k1;  // outside the block's range: zeros (finite, masked below)
+        const int64_t at = ok ? key_slot(p, key) : 0;
         const unsigned off = tile_offset(row, piece, C::kRowBytes);
-        cp_async16_zfill(st + off, kb + (ok ? int64_t(key) * p.k_sp + piece * 8 : 0), ok);
-        cp_async16_zfill(st + C::kTileBytes + off, vb + (ok ? int64_t(key) * p.v_sp + piece * 8 : 0), ok);
+        cp_async16_zfill(st + off, kb + (ok ? at * p.k_sp + piece * 8 : 0), ok);
+        cp_async16_zfill(st + C::kTileBytes + off, vb + (ok ? at * p.v_sp + piece * 8 : 0), ok);
       }
     }
     cp_async_commit();
@@ -607,7 +643,7 @@ decode_attention_mma_kernel(const DecodeParams p) {
   // With prefix_ready nothing in flight writes the lengths or the keys before the new ones [len - T,
   // len), so a warp whose first tiles hold only older keys loads them before waiting for the kernel
   // ahead (0.06 ms of an 8B decode step at 32k: profile_decode_h200.md, session 9).
-  const bool early = p.prefix_ready && k0 + (warp + (C::kStages - 2) * W + 1) * TK <= len - p.T;
+  const bool early = p.prefix_ready && tile_key0(C::kStages - 2) + TK <= len - p.T;
   if (p.prefix_ready && !early) wait_for_prerequisite_grid();
 #pragma unroll
   for (int s = 0; s < C::kStages - 1; ++s) issue(s);
@@ -658,7 +694,7 @@ decode_attention_mma_kernel(const DecodeParams p) {
     __syncwarp();  // the tile's pieces copied by the other lanes are visible
     const unsigned ks_base = ring + unsigned((i % C::kStages) * C::kStageBytes);
     const unsigned vs_base = ks_base + C::kTileBytes;
-    const int key0 = k0 + (warp + i * W) * TK;
+    const int key0 = tile_key0(i);
 
     // S = Q K^T: the tile's keys are the n dimension
     float s[NT][4];
@@ -683,7 +719,7 @@ decode_attention_mma_kernel(const DecodeParams p) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const int key = key0 + nt * 8 + 2 * cq + j;
-          const bool ok = key < k1 && key >= row_lo[hf] && key < row_hi[hf];
+          const bool ok = key >= k0 && key < k1 && key >= row_lo[hf] && key < row_hi[hf];
           const float x = ok ? s[nt][2 * hf + j] * p.scale_log2 : -INFINITY;
           s[nt][2 * hf + j] = x;
           mx = fmaxf(mx, x);
@@ -845,7 +881,11 @@ bool select_decode_kernel(int D, int rows_total, bool tensor_cores, DecodeKernel
 // more than the capacity can fill with one load step each. Depends on shapes and capacity only,
 // never on seq_lens, so a captured graph's workspace stays the right size.
 template <typename T>
-int decode_attention_num_splits(int B, int Hq, int Hkv, int T_, int D, int cap, int num_sms, bool tensor_cores = true) {
+int decode_attention_num_splits(int B, int Hq, int Hkv, int T_, int D, int cap, int num_sms, bool tensor_cores = true,
+                                int split_keys = 0) {
+  // fixed pieces: enough for the capacity's worth of keys wherever they start (a ring's window may
+  // straddle a piece boundary), whatever the step's length
+  if (split_keys > 0) return (cap + split_keys - 1) / split_keys + 1;
   const int rows_total = (Hq / Hkv) * T_;
   DecodeKernel k{};
   if (!select_decode_kernel<T>(D, rows_total, tensor_cores, k)) return 1;
@@ -869,7 +909,7 @@ bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool pr
   DecodeKernel k{};
   if (!select_decode_kernel<T>(p.D, rows_total, tensor_cores, k)) return false;
   const int chunks = (rows_total + k.rows - 1) / k.rows;
-  const dim3 grid(unsigned(chunks * p.splits), unsigned(p.Hkv), unsigned(p.B));
+  const dim3 grid(unsigned(int64_t(chunks) * p.Hkv * p.B), unsigned(p.splits));
   // per launch, not once: the attribute belongs to the current device
   cudaFuncSetAttribute(k.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem);
   ::chunkinfer::cuda::launch_kernel(programmatic_launch, k.kernel, grid, dim3(k.threads), size_t(k.smem), stream, p);
@@ -888,31 +928,19 @@ bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool pr
 
 constexpr int kMergeWarps = 8;
 
+// merge_weights' math on the device: the fast intrinsics
+struct FastMath {
+  __device__ static float max(float a, float b) { return fmaxf(a, b); }
+  __device__ static float exp(float x) { return __expf(x); }
+  __device__ static float log(float x) { return __logf(x); }
+};
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMergeWarps * 32) merge_attn_states_kernel(const MergeParams p) {
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * kMergeWarps + (threadIdx.x >> 5);
   if (row >= p.rows) return;
-  const float la = p.lse_a[row * p.la], lb = p.lse_b[row * p.lb];
-  const float mx = fmaxf(la, lb);
-  float wa, wb, lse;
-  if (mx == -INFINITY) {  // neither segment saw a key
-    wa = wb = 0.f;
-    lse = -INFINITY;
-  } else if (mx == INFINITY) {  // infinite mass: the infinite segments share it
-    wa = la == INFINITY ? 1.f : 0.f;
-    wb = lb == INFINITY ? 1.f : 0.f;
-    const float n = wa + wb;
-    wa /= n;
-    wb /= n;
-    lse = INFINITY;
-  } else {
-    const float ea = __expf(la - mx), eb = __expf(lb - mx);
-    const float sum = ea + eb;
-    wa = ea / sum;
-    wb = eb / sum;
-    lse = mx + __logf(sum);
-  }
+  const MergeWeights w = merge_weights<FastMath>(p.lse_a[row * p.la], p.lse_b[row * p.lb]);
   const T* a = static_cast<const T*>(p.out_a) + row * p.sa;
   const T* bb = static_cast<const T*>(p.out_b) + row * p.sb;
   T* o = static_cast<T*>(p.out) + row * p.so;
@@ -931,8 +959,8 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_attn_states_kernel(con
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       // a segment with zero weight contributes nothing, even where its output is not finite
-      const float va = wa != 0.f ? wa * to_float(xa[i]) : 0.f;
-      const float vb = wb != 0.f ? wb * to_float(xb[i]) : 0.f;
+      const float va = w.a != 0.f ? w.a * to_float(xa[i]) : 0.f;
+      const float vb = w.b != 0.f ? w.b * to_float(xb[i]) : 0.f;
       xo[i] = from_float<T>(va + vb);
     }
     if constexpr (VEC * sizeof(T) == 16) {
@@ -943,7 +971,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_attn_states_kernel(con
     }
   }
   __syncwarp();  // every lane has read lse_a, lse_b before they may be overwritten
-  if (lane == 0) p.lse[row * p.lo] = lse;
+  if (lane == 0) p.lse[row * p.lo] = w.lse;
 }
 
 // `vectorised`: D and the three row strides are multiples of 16 bytes and the pointers aligned.

@@ -8,6 +8,7 @@
 
 #include "../dispatch.h"
 #include "../ops.h"
+#include "../register_backend.h"
 #include "gemv_kernels.cuh"
 #include "torch_types.cuh"
 
@@ -84,7 +85,7 @@ at::Tensor gemv(const at::Tensor& x, at::TensorList weights, const c10::List<std
   return out;
 }
 
-template <ActKind A>
+template <Activation A>
 void launch_act(const at::Tensor& out, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
                 const GemvArgs& a, const GemvPrologueArgs& pro, cudaStream_t stream) {
   const std::vector<at::Tensor> both{gate, up};
@@ -107,13 +108,7 @@ at::Tensor gemv_act_and_mul(const at::Tensor& x, const at::Tensor& gate, const a
   at::Tensor out = gemv_output(x, a.rows);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (act == Activation::kSilu) {
-    launch_act<ActKind::kSilu>(out, x, gate, up, a, pro, stream);
-  } else if (act == Activation::kGeluErf) {
-    launch_act<ActKind::kGeluErf>(out, x, gate, up, a, pro, stream);
-  } else {
-    launch_act<ActKind::kGeluTanh>(out, x, gate, up, a, pro, stream);
-  }
+  with_activation(act, [&](auto kind) { launch_act<decltype(kind)::value>(out, x, gate, up, a, pro, stream); });
   return out;
 }
 
@@ -121,6 +116,5 @@ at::Tensor gemv_act_and_mul(const at::Tensor& x, const at::Tensor& gate, const a
 }  // namespace chunkinfer::cuda
 
 TORCH_LIBRARY_IMPL(chunkinfer, CUDA, m) {
-  m.impl("gemv", &chunkinfer::cuda::gemv);
-  m.impl("gemv_act_and_mul", &chunkinfer::cuda::gemv_act_and_mul);
+  chunkinfer::register_gemv<&chunkinfer::cuda::gemv, &chunkinfer::cuda::gemv_act_and_mul>(m);
 }

@@ -159,7 +159,7 @@ struct StreamCursor {
 // lanes). The first stages are issued before waiting for the kernel that writes x (programmatic
 // dependent launch): weights never depend on it. kRows: the compile-time bound of x's rows.
 // out: [n, out_stride].
-template <typename T, int kRows, GemvEpilogue E, ActKind A>
+template <typename T, int kRows, GemvEpilogue E, Activation A>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(T* __restrict__ out, int64_t out_stride,
                                                             const GemvInput<T> in, const GemvWeights<T> wts,
                                                             int64_t rows) {
@@ -265,7 +265,7 @@ constexpr size_t gemv_smem_bytes(int64_t K, int n) {
 // How many blocks of a kernel stay resident per multiprocessor with `smem` bytes: asked once per
 // kernel, device and size (the answer does not change, and the decode step's eager path calls this
 // twice per layer).
-template <typename T, int kRows, GemvEpilogue E, ActKind A>
+template <typename T, int kRows, GemvEpilogue E, Activation A>
 cudaError_t resident_blocks_per_sm(int device, size_t smem, int* per_sm) {
   const auto kernel = gemv_kernel<T, kRows, E, A>;
   struct Entry {
@@ -295,7 +295,7 @@ cudaError_t resident_blocks_per_sm(int device, size_t smem, int* per_sm) {
 // second row, with too few loads in flight to keep HBM busy: o_proj with three blocks per
 // multiprocessor), fewer warps take equal shares (2048 warps of two rows); otherwise every resident
 // warp streams (14336 rows over 3168: 1664 on a fifth row), which measured faster than equal shares.
-template <typename T, int kRows, GemvEpilogue E, ActKind A>
+template <typename T, int kRows, GemvEpilogue E, Activation A>
 cudaError_t launch_gemv_rows(T* out, int64_t out_stride, const GemvInput<T>& in, const GemvWeights<T>& wts,
                              int64_t rows, cudaStream_t stream) {
   const auto kernel = gemv_kernel<T, kRows, E, A>;
@@ -318,7 +318,7 @@ cudaError_t launch_gemv_rows(T* out, int64_t out_stride, const GemvInput<T>& in,
 }
 
 // Launched programmatically where the device has it: may start before the kernel before it ends.
-template <typename T, GemvEpilogue E, ActKind A = ActKind::kSilu>
+template <typename T, GemvEpilogue E, Activation A = Activation::kSilu>
 cudaError_t launch_gemv(T* out, int64_t out_stride, const GemvInput<T>& in, const GemvWeights<T>& wts, int64_t rows,
                         cudaStream_t stream) {
   if (in.n == 1) return launch_gemv_rows<T, 1, E, A>(out, out_stride, in, wts, rows, stream);

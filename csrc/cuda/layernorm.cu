@@ -6,6 +6,7 @@
 
 #include "../dispatch.h"
 #include "../ops.h"
+#include "../register_backend.h"
 #include "layernorm_kernels.cuh"
 #include "torch_types.cuh"
 
@@ -39,26 +40,9 @@ void rms_norm_impl(const char* op, const at::Tensor& out, const at::Tensor& x, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void rms_norm_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma) {
-  rms_norm_impl<false>("rms_norm", out, x, nullptr, weight, eps, gemma);
-}
-
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma) {
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  rms_norm_out(out, x, weight, eps, gemma);
-  return out;
-}
-
-void fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps,
-                        bool gemma) {
-  rms_norm_impl<true>("fused_add_rms_norm", x, x, &residual, weight, eps, gemma);
-}
-
 }  // namespace
 }  // namespace chunkinfer::cuda
 
 TORCH_LIBRARY_IMPL(chunkinfer, CUDA, m) {
-  m.impl("rms_norm", &chunkinfer::cuda::rms_norm);
-  m.impl("rms_norm_out", &chunkinfer::cuda::rms_norm_out);
-  m.impl("fused_add_rms_norm", &chunkinfer::cuda::fused_add_rms_norm);
+  chunkinfer::register_norm<&chunkinfer::cuda::rms_norm_impl<false>, &chunkinfer::cuda::rms_norm_impl<true>>(m);
 }

@@ -2,16 +2,99 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 
+# plan()'s keyword names as the command line spells them, for its messages
+PLAN_FLAGS = {"allow_offload=True": "without --no-offload", "allow_offload": "--no-offload",
+              "device_memory": "--gpu", "host_memory": "--host", "seq_len": "--seq",
+              "decode_tokens": "--decode-tokens", "chunk_size": "--chunk-size"}
+_PLAN_FLAG_RE = re.compile("|".join(rf"\b{re.escape(k)}(?![\w=])" for k in PLAN_FLAGS))
+
+
+def flag_words(text: str) -> str:
+    """plan()'s Python names in ``text`` replaced by the flags that set them."""
+    return _PLAN_FLAG_RE.sub(lambda m: PLAN_FLAGS[m.group(0)], text)
+
+
+def _arg(parse, what: str):
+    """An argparse type from a parser raising ValueError, its message naming the flag."""
+    def convert(text: str):
+        try:
+            return parse(text, what)
+        except (ValueError, TypeError) as exc:  # argparse names the flag already: "argument --gpu: ..."
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{what} ").removeprefix(f"{what}: ")) from None
+    convert.__name__ = what
+    return convert
+
+
+def _size(text: str, what: str) -> int:
+    from .planner.units import parse_memory
+
+    return parse_memory(text, what, require_unit=True)
+
+
+def _count(text: str, what: str) -> int:
+    from .planner.units import parse_count
+
+    return parse_count(text, what)
+
+
+def _dtype(text: str, what: str) -> str:
+    from .planner.units import parse_dtype
+
+    try:
+        parse_dtype(text)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    return text
+
+
+def _whole(minimum: int):
+    def parse(text: str, what: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise ValueError(f"{what} must be a whole number, got {text!r}") from None
+        if n < minimum:
+            raise ValueError(f"{what} must be >= {minimum}, got {n}")
+        return n
+    return parse
+
+
+def times_label(gpu_memory: int) -> str:
+    """Which GPU plan()'s times belong to: the rates are an H200's, whatever --gpu says."""
+    import torch
+
+    from .planner.rates import RATES_FROM
+
+    here = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    if here is not None and "H200" in here:
+        return f"times: an NVIDIA H200's, as this machine's GPU ({RATES_FROM})"
+    local = f"this machine's {here}" if here else "this machine (no CUDA GPU)"
+    return (f"times: an NVIDIA H200's ({RATES_FROM}), not scaled to --gpu {gpu_memory / (1 << 30):g} GiB or to "
+            f"{local}: a slower GPU takes longer")
+
+
 def _plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from .planner.longest import longest_planned
     from .planner.plan import plan
 
-    p = plan(args.config, args.seq, batch=args.batch, dtype=args.dtype, device_memory=args.gpu,
-             host_memory=args.host, decode_tokens=args.decode_tokens, chunk_size=args.chunk_size,
-             allow_offload=not args.no_offload)
-    print(p.table())
+    if args.gpu is None and not torch.cuda.is_available():
+        raise ValueError("--gpu is needed: torch sees no CUDA GPU to read the memory size from (e.g. --gpu 80GiB)")
+    kw = dict(batch=args.batch, dtype=args.dtype, device_memory=args.gpu, host_memory=args.host,
+              decode_tokens=args.decode_tokens, chunk_size=args.chunk_size, allow_offload=not args.no_offload)
+    p = plan(args.config, args.seq, **kw)
+    print(flag_words(p.table()))
+    longest = longest_planned(args.config, **kw)
+    how = "every layer's KV on the GPU (--no-offload)" if args.no_offload else "offloading KV to the host as needed"
+    print(f"longest length that fits: {longest:,} tokens (--gpu {p.device_memory / (1 << 30):.2f} GiB, --host "
+          f"{p.host_memory / (1 << 30):.2f} GiB, {how})" if longest else
+          "longest length that fits: none (not even one token)")
+    print(times_label(p.device_memory))
     return 0 if p.fits else 1
 
 
@@ -81,13 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Predict device/host memory, chunk size, prefill seconds and decode ms/token. "
                                    "Exit status 0 when it fits, 1 when it does not (the reason is printed).")
     p.add_argument("--config", required=True, help="a config.json or a model directory holding one")
-    p.add_argument("--seq", required=True, type=int, help="prompt length in tokens")
-    p.add_argument("--gpu", default=None, help="device memory, e.g. 139GiB or 80GB (default: the CUDA device's total)")
-    p.add_argument("--host", default=None, help="host memory, e.g. 120GiB (default: physical memory)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
-    p.add_argument("--decode-tokens", type=int, default=0, help="tokens to generate after the prompt")
-    p.add_argument("--chunk-size", type=int, default=None, help="fix the chunk size instead of choosing it")
+    p.add_argument("--seq", required=True, type=_arg(_count, "--seq"),
+                   help="prompt length in tokens: 131072, 128k (= 131,072) or 1M (= 1,048,576)")
+    p.add_argument("--gpu", default=None, type=_arg(_size, "--gpu"),
+                   help="device memory with its unit, e.g. 139GiB or 80GB (default: the CUDA device's total)")
+    p.add_argument("--host", default=None, type=_arg(_size, "--host"),
+                   help="host memory with its unit, e.g. 120GiB (default: physical memory)")
+    p.add_argument("--batch", type=_arg(_whole(1), "--batch"), default=1)
+    p.add_argument("--dtype", default="bfloat16", type=_arg(_dtype, "--dtype"), help="bfloat16 | float16 | float32")
+    p.add_argument("--decode-tokens", type=_arg(_whole(0), "--decode-tokens"), default=0,
+                   help="tokens to generate after the prompt")
+    p.add_argument("--chunk-size", type=_arg(_whole(1), "--chunk-size"), default=None,
+                   help="fix the chunk size instead of choosing it")
     p.add_argument("--no-offload", action="store_true",
                    help="every layer's KV on the device (default: offload layers to pinned host memory when needed)")
     p.set_defaults(func=_plan)
@@ -106,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        print(f"chunkinfer {args.command}: error: {exc}", file=sys.stderr)
+        message = flag_words(str(exc)) if args.command == "plan" else str(exc)
+        print(f"chunkinfer {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import inspect
-import types
+import warnings
 
 import torch
+import transformers
+from packaging import version
 from torch import nn
 
 from .forward import converted_forward
@@ -13,7 +15,9 @@ from .kv.placement import OffloadSettings
 from .models.adapters import bind
 from .planner.schedule import default_chunk_size
 from .planner.units import parse_memory
-from .state import ConvertedState
+from .state import ConvertSettings, ConvertedState
+
+TRANSFORMERS_TESTED = ("5.17.0", "5.25.0")  # the oldest and newest releases CI runs the suite against
 
 
 def check_chunk_size(chunk_size) -> None:
@@ -77,7 +81,9 @@ def build_state(model: nn.Module, chunk_size: int | None = None, cuda_graphs: bo
         from .kv.offload import HostKV
 
         host = HostKV(device, cpu_share)
-    return ConvertedState(binding=binding, chunk_size=chunk_size or default_chunk_size(device),
+    settings = ConvertSettings(chunk_size, cuda_graphs, kv_offload, memory_budget, resident_layers, cpu_attention,
+                               progress)
+    return ConvertedState(settings=settings, binding=binding, chunk_size=chunk_size or default_chunk_size(device),
                           plan_chunks=chunk_size is None, memory_budget=budget, cuda_graphs=cuda_graphs,
                           offload=offload, host=host, progress=progress,
                           signature=inspect.signature(type(model).forward))
@@ -123,23 +129,57 @@ def convert(model: nn.Module, *, chunk_size: int | None = None, cuda_graphs: boo
     disk are loaded by their hooks once per layer per call. Convert after dispatching; each decoder
     layer must sit on one device. CUDA graphs need the whole model on one device, ``kv_offload`` too.
     """
+    check_transformers_version()
     state = build_state(model, chunk_size, cuda_graphs, kv_offload, memory_budget, resident_layers, progress,
                         cpu_attention)
-    original = type(model).forward
-
-    def forward(self, *args, **kwargs):
-        return converted_forward(self, *args, **kwargs)
-
-    forward.__wrapped__ = original  # inspect.signature (generate's logits_to_keep check) sees the stock one
-    forward.__doc__ = original.__doc__
     # Dispatched by accelerate: the model's own hook wraps ``_old_forward`` (moving inputs to the main
     # device and outputs back, as for the stock forward); the converted forward goes in its place.
     slot = "_old_forward" if getattr(model, "_hf_hook", None) is not None and "_old_forward" in vars(model) \
         else "forward"
     state.replaced = model._chunkinfer.replaced if is_converted(model) else (slot, vars(model).get(slot))
     model._chunkinfer = state
-    setattr(model, slot, types.MethodType(forward, model))
+    setattr(model, slot, ConvertedForward(model))
     return model
+
+
+class ConvertedForward:
+    """The forward convert() puts on a model: chunkinfer's, with the stock forward's signature and
+    documentation (generate() reads them). Picklable, as the model's ConvertedState is: a pickled,
+    deep-copied or torch.save'd converted model comes back converted, with the same settings, and
+    rebuilds what cannot travel (its binding, graphs, pinned memory) at its first call."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        state: ConvertedState = model._chunkinfer
+        if state.binding is None:  # unpickled or copied: bind this model afresh with the same settings
+            fresh = build_state(model, *state.settings.as_args())
+            fresh.replaced = state.replaced
+            model._chunkinfer = fresh
+        return converted_forward(model, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(type(self.model).forward.__get__(self.model))
+
+    @property
+    def __doc__(self) -> str | None:  # noqa: D105
+        return type(self.model).forward.__doc__
+
+    def __reduce__(self):
+        return ConvertedForward, (self.model,)
+
+
+def check_transformers_version() -> None:
+    """Warn when the installed transformers is outside the range chunkinfer is tested against."""
+    installed = version.parse(transformers.__version__)
+    if not version.parse(TRANSFORMERS_TESTED[0]) <= installed <= version.parse(TRANSFORMERS_TESTED[1]):
+        warnings.warn(f"chunkinfer is tested with transformers {TRANSFORMERS_TESTED[0]} to {TRANSFORMERS_TESTED[1]}; "
+                      f"{transformers.__version__} is installed. Calls whose semantics it cannot check take the "
+                      "stock forward, but other changes may go unnoticed: compare a few outputs with the stock "
+                      "model.", stacklevel=3)
 
 
 def revert(model: nn.Module) -> nn.Module:

@@ -1,64 +1,125 @@
-"""The forward a converted model runs: argument checks, cache choice, the layer loop, logits and loss.
+"""The forward a converted model runs: the call read once, its path chosen once.
 
-Whatever the loop does not support goes to the model's stock forward (warned once per reason).
+  step     1 to STEP_TOKENS new tokens per sequence on a non-empty cache: the decode kernels
+           (loop/step.py), graph-captured where they can be (loop/decode_graph.py)
+  prompt   everything else the loop handles: the chunked prefill (loop/prefill.py); with integer
+           ``logits_to_keep`` = k >= 2, the rows after the first kept one run as a step (so that a
+           verification appended to a prompt, as assisted generation's first call is, computes each
+           of them as plain decoding would)
+  stock    what the loop does not handle (autograd, dropout in training, attention weights, masks the
+           kernels cannot express, other cache types, float64): transformers' own forward, warned
+           once per reason. Never an assumption about the inputs.
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .kv.cache import ChunkKVCache
+from .kv.cache import ChunkKVCache, ChunkKVLayer
 from .kv.placement import PromptCall, place, plan_prompt
 from .loop.head import final_norm, head_chunk_rows, iter_logits, logits_of
 from .loop.loss import ChunkedCrossEntropy, shifted_targets
 from .loop.prefill import LoopInputs, run_layers
+from .loop.step import STEP_TOKENS
+from .loop.step_path import run_step
 from .models.devices import moves_inputs
 from .planner.schedule import CHUNK_LIMITS
 from .state import ConvertedState
 
-_HANDLED_KWARGS = {"output_hidden_states", "output_attentions", "num_items_in_batch", "shift_labels",
-                   "return_dict"}
-_PLAIN_DECODE_KWARGS = frozenset({"input_ids", "past_key_values", "use_cache", "attention_mask", "logits_to_keep",
-                                   "return_dict"})
-_DECODE_MAX_TOKENS = 64  # calls at most this long on a non-empty cache reuse the recorded padding
+LOOP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# forward arguments the loop reads; anything else (a flag of a newer transformers, a model-specific input)
+# runs the stock forward
+_READ = frozenset({"input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache", "past_key_values",
+                   "use_cache", "labels", "logits_to_keep", "return_dict", "output_attentions", "output_hidden_states",
+                   "num_items_in_batch", "shift_labels", "cache_position"})
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-class _Fallback(Exception):
-    """The loop does not handle this call; the stock forward does."""
+class NotOnLoop(Exception):
+    """The loop does not handle this call (the converted forward runs the stock one instead)."""
+
+
+@dataclass
+class Call:
+    """One forward call's arguments, by name (whether given by position or keyword)."""
+
+    args: dict
+    cache_name: str                  # the name the cache came under ("cache" or "past_key_values")
+    unknown: list = field(default_factory=list)
+
+    def get(self, name: str, default=None):
+        return self.args.get(name, default)
+
+    @property
+    def cache(self):
+        return self.args.get(self.cache_name)
+
+
+def read_call(state: ConvertedState, model, args: tuple, kwargs: dict) -> Call:
+    """The call's arguments by name: keywords as they are (the common case, generate()'s), positional
+    ones bound to the stock signature. Both of transformers' names for the cache are read."""
+    if args:
+        bound = state.signature.bind(model, *args, **kwargs)
+        a = dict(bound.arguments)
+        a.pop("self", None)
+        a.update(a.pop("kwargs", None) or {})
+    else:
+        a = kwargs
+    if "cache" in a and "past_key_values" in a and a["cache"] is not None and a["past_key_values"] is not None:
+        raise ValueError("You cannot specify both `cache` and `past_key_values`. use `cache` only.")
+    name = "cache" if a.get("cache") is not None or "past_key_values" not in a else "past_key_values"
+    return Call(a, name, [k for k in a if k not in _READ])
 
 
 def _warn_once(state: ConvertedState, reason: str) -> None:
     if reason not in state.warned:
         state.warned.add(reason)
-        warnings.warn(f"chunkinfer: {reason}; running the stock transformers forward for such calls",
-                      stacklevel=3)
+        warnings.warn(f"chunkinfer: {reason}; running the stock transformers forward for such calls", stacklevel=4)
 
 
-def _needs_stock(model, a: dict, extra: dict) -> str | None:
+def dropout_in_use(model) -> bool:
+    """Whether stock's forward would apply dropout: training mode and any dropout probability > 0 (a
+    Dropout module, or the attention's functional dropout read from the config)."""
+    if not model.training:
+        return False
+    config = model.config
+    if any(float(getattr(config, n, 0.0) or 0.0) > 0 for n in ("attention_dropout", "attn_pdrop", "dropout")):
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def stock_reason(model, state: ConvertedState, call: Call) -> str | None:
+    """Why this call must run the stock forward, or None when the loop runs it."""
     if torch.is_grad_enabled():
-        emb = a.get("inputs_embeds")
+        emb = call.get("inputs_embeds")
         if (emb is not None and emb.requires_grad) or any(p.requires_grad for p in model.parameters()):
-            return "autograd is recording (training)"
-    unknown = set(extra) - _HANDLED_KWARGS
-    if unknown:
-        return f"unsupported forward arguments {sorted(unknown)}"
-    if extra.get("output_attentions"):
-        return "output_attentions=True"
-    ohs = extra.get("output_hidden_states")
+            return ("autograd is recording (training, or inference outside torch.no_grad()); wrap inference in "
+                    "torch.no_grad() or torch.inference_mode() to run chunkinfer's loop")
+    if call.unknown:
+        return f"unsupported forward arguments {sorted(call.unknown)}"
+    if dropout_in_use(model):
+        return "training mode with dropout (call model.eval() to run chunkinfer's loop)"
+    oa = call.get("output_attentions")
+    if oa or (oa is None and getattr(model.config, "output_attentions", False)):
+        return "output_attentions=True (attention weights are never formed by the loop)"
+    ohs = call.get("output_hidden_states")
     if ohs is not None and not isinstance(ohs, bool):
         return "output_hidden_states given as layer indices"
-    mask = a.get("attention_mask")
+    if state.binding.embed.weight.dtype not in LOOP_DTYPES:
+        return f"weights in {state.binding.embed.weight.dtype} (the loop's kernels take float32, float16, bfloat16)"
+    mask = call.get("attention_mask")
     if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2):
         return "attention_mask that is not a 2-D padding mask"
-    ltk = a.get("logits_to_keep", 0)
+    ltk = call.get("logits_to_keep", 0)
     if torch.is_tensor(ltk) and ltk.dim() != 1:
         return "logits_to_keep given as a 2-D tensor"
-    pkv = a.get("past_key_values")
-    if pkv is not None and not isinstance(pkv, (ChunkKVCache, DynamicCache)):
-        return f"past_key_values of type {type(pkv).__name__}"
+    cache = call.cache
+    if cache is not None and not isinstance(cache, DynamicCache):
+        return f"a cache of type {type(cache).__name__} (chunkinfer continues DynamicCache and its own)"
     return None
 
 
@@ -99,112 +160,92 @@ def check_inputs(model, a: dict, past: int) -> tuple[int, int]:
             raise ValueError("logits_to_keep as a tensor must hold integer positions")
     elif not isinstance(ltk, int) or isinstance(ltk, bool) or ltk < 0:
         raise ValueError(f"logits_to_keep must be an int >= 0 or a 1-D tensor of positions, got {ltk!r}")
+    if labels is not None:
+        kept = len(ltk) if torch.is_tensor(ltk) else (s if ltk == 0 else min(ltk, s))
+        if kept != s:  # stock computes the loss over the kept logits against every label, and fails so
+            raise ValueError(f"Expected input batch_size ({b * kept}) to match target batch_size ({b * s}).")
     return b, s
 
 
-def _linked(pkv):
-    linked = getattr(pkv, "_chunkinfer_cache", None)
-    if linked is not None and pkv.get_seq_length() == pkv._chunkinfer_linked_len:
-        return linked
-    return None
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-def _past_length(pkv) -> int:
-    if pkv is None:
-        return 0
-    linked = None if isinstance(pkv, ChunkKVCache) else _linked(pkv)
-    return (linked or pkv).get_seq_length()
+def check_cache(cache: ChunkKVCache, state: ConvertedState, batch: int) -> None:
+    """A cache another model, dtype, device or batch filled: ValueError before any work."""
+    mb = state.binding
+    if len(cache.layers) != len(mb.layers):
+        raise ValueError(f"the cache passed has {len(cache.layers)} layers, the model has {len(mb.layers)}")
+    held = cache.batch_size_held()
+    if held is not None and held != batch:
+        raise ValueError(f"the cache passed holds batch {held}, the input has batch {batch}")
+    if cache.filled_by is mb:  # this model filled it: its shapes were checked (a step's host time counts)
+        return
+    for li, (layer, lb) in enumerate(zip(cache.layers, mb.layers)):
+        if layer.k_buf is None or not layer.length:
+            continue
+        _, h, _, d = layer.k_buf.shape
+        dtype, device = lb.o_proj.weight.dtype, mb.devices.layers[li]  # where the layer runs (accelerate)
+        if (h, d) != (lb.n_kv, lb.head_dim) or layer.k_buf.dtype != dtype or (
+                isinstance(layer, ChunkKVLayer) and not _same_device(layer.k_buf.device, device)):
+            raise ValueError(f"the cache passed was filled by another model: layer {li} holds {h} KV heads of "
+                             f"dim {d} in {layer.k_buf.dtype} on {layer.k_buf.device}, the model has {lb.n_kv} of "
+                             f"dim {lb.head_dim} in {dtype} on {device}")
 
 
-def _select_cache(pkv, n_layers: int, host) -> ChunkKVCache:
-    """The ChunkKVCache this call continues. A stock DynamicCache is linked to the ChunkKVCache that
-    replaces it, so passing the same DynamicCache again continues where it left off."""
-    if pkv is None:
-        return ChunkKVCache(n_layers, host)
-    if isinstance(pkv, ChunkKVCache):
-        if pkv.host is None:
-            pkv.host = host
-        return pkv
-    linked = _linked(pkv)
-    if linked is not None:
-        return linked
-    cache = ChunkKVCache(n_layers, host) if pkv.get_seq_length() == 0 else ChunkKVCache.adopt(pkv, n_layers)
-    cache.host = host
-    pkv._chunkinfer_cache, pkv._chunkinfer_linked_len = cache, pkv.get_seq_length()
+def take_cache(call: Call, state: ConvertedState, batch: int) -> ChunkKVCache:
+    """The ChunkKVCache this call continues: the one passed, a stock DynamicCache turned into one in place
+    (so the object the caller holds holds the K, V), or a new one."""
+    n_layers, windows = len(state.binding.layers), state.binding.windows
+    cache = call.cache
+    if cache is None:
+        return ChunkKVCache(n_layers, state.host, windows)
+    if not isinstance(cache, ChunkKVCache):
+        ChunkKVCache.adopt_in_place(cache, n_layers, state.host, windows)  # raises, unchanged, when it cannot
+    elif cache.host is None:
+        cache.host = state.host
+    check_cache(cache, state, batch)
+    cache.filled_by = state.binding
     return cache
 
 
-def padding_starts(mask: torch.Tensor | None, cache: ChunkKVCache, past: int, s: int) -> list[int] | None:
-    """Each sequence's left padding as a cache position, or None when nothing is padded. Raises
-    _Fallback for masks that are not left padding. Reads the mask on the host (one sync) except for
-    decode steps on a cache whose padding is known: those assume generate()'s mask (past pattern + ones)."""
+@dataclass(frozen=True)
+class MaskLayout:
+    """A 2-D padding mask as the loop reads it: each row 0^a 1^m 0^z."""
+
+    starts: list[int] | None   # a per row (None: no leading zeros anywhere)
+    trailing: bool             # some row ends in zeros
+
+
+def mask_layout(mask: torch.Tensor | None, past: int, s: int) -> MaskLayout:
+    """Read the mask (one small device-to-host copy). Raises NotOnLoop for masks the kernels cannot
+    express: zeros between ones, trailing zeros over cached positions, a row with no visible token."""
     if mask is None:
-        return None
-    if cache.key_starts_known and past > 0 and s <= _DECODE_MAX_TOKENS:
-        return cache.key_starts
+        return MaskLayout(None, False)
     m = mask.bool()
-    pads = (~m).sum(1)
-    left_padded = (m == (torch.arange(m.shape[1], device=m.device)[None] >= pads[:, None])).all(1)
-    host = torch.stack([pads, left_padded.long()]).tolist()
-    if not all(host[1]):
-        raise _Fallback("attention_mask with zeros after the first one (only left padding is supported)")
-    starts = host[0]
-    if any(p >= past + s for p in starts):
-        raise _Fallback("a sequence that is all padding")
-    return starts if any(starts) else None
+    n = m.shape[1]
+    idx = torch.arange(n, device=m.device)
+    ones = m.sum(1)
+    lead = torch.where(m.any(1), m.int().argmax(1), n)
+    contiguous = (m == ((idx[None] >= lead[:, None]) & (idx[None] < (lead + ones)[:, None]))).all(1)
+    lead_h, ones_h, ok = torch.stack([lead, ones, contiguous.long()]).tolist()
+    if not all(ok):
+        raise NotOnLoop("attention_mask with zeros between ones (padding inside a sequence, or a continuation of a "
+                        "right-padded cache: the kernels express left and right padding)")
+    if any(o == 0 for o in ones_h):
+        raise NotOnLoop("a sequence that is all padding")
+    ends = [a + o for a, o in zip(lead_h, ones_h)]
+    if any(e < past for e in ends):
+        raise NotOnLoop("attention_mask with trailing zeros over cached positions (a right-padded cache)")
+    return MaskLayout(lead_h if any(lead_h) else None, any(e < n for e in ends))
 
 
-def _plain_decode_step(model, state: ConvertedState, args: tuple, kwargs: dict) -> tuple | None:
-    """_graph_decode's arguments when this call is a plain decode step (generate()'s every step after
-    the first): one int64 token per sequence on a ChunkKVCache whose layers are all on the device, no
-    mask beyond the padding the cache recorded, no positions given. None for anything else, which the
-    general path checks and runs. Every microsecond before the replay adds to the step's latency, and
-    binding the signature and the general checks take tens of them."""
-    if len(args) > 1 or (args and "input_ids" in kwargs) or not _PLAIN_DECODE_KWARGS.issuperset(kwargs):
-        return None
-    ids = args[0] if args else kwargs.get("input_ids")
-    cache, ltk = kwargs.get("past_key_values"), kwargs.get("logits_to_keep", 0)
-    if (not state.cuda_graphs or type(cache) is not ChunkKVCache or cache.host is not None
-            or type(ltk) is not int or ltk < 0 or not torch.is_tensor(ids) or ids.dtype != torch.long
-            or ids.dim() != 2 or ids.shape[1] != 1 or torch.is_grad_enabled()):
-        return None
-    past, b, weight = cache.get_seq_length(), ids.shape[0], state.binding.embed.weight
-    if past == 0 or cache.layers[0].batch_size != b or ids.device != weight.device:
-        return None
-    mask = kwargs.get("attention_mask")
-    if mask is not None and not (cache.key_starts_known and torch.is_tensor(mask) and mask.shape == (b, past + 1)):
-        return None
-    if model.config.output_hidden_states or not state.graphs.supported(state.binding, weight.device, weight.dtype):
-        return None
-    return cache, ids, None, past, None if mask is None else cache.key_starts, mask is not None, True
+def config_use_cache(model) -> bool:
+    return bool(getattr(model.config, "use_cache", True))
 
 
-def converted_forward(model, *args, **kwargs):
-    state: ConvertedState = model._chunkinfer
-    step = _plain_decode_step(model, state, args, kwargs)
-    if step is not None:
-        return _as_requested(model, _graph_decode(state, *step), kwargs.get("return_dict"))
-    bound = state.signature.bind(model, *args, **kwargs)
-    a = dict(bound.arguments)
-    a.pop("self", None)
-    extra = dict(a.pop("kwargs", {}) or {})
-
-    reason = _needs_stock(model, a, extra)
-    if reason is None:
-        try:
-            out = _chunked_forward(model, state, a, extra)
-        except _Fallback as exc:
-            reason = str(exc)
-    if reason is not None:
-        pkv = a.get("past_key_values")
-        if isinstance(pkv, ChunkKVCache) and pkv.streamed_layers():
-            raise ValueError(f"chunkinfer: {reason} needs the stock transformers forward, which cannot run on a "
-                             "cache with host-resident (offloaded) layers")
-        _warn_once(state, reason)
-        if isinstance(pkv, ChunkKVCache):
-            pkv.key_starts_known = False
-        return type(model).forward(model, *args, **kwargs)
-    return _as_requested(model, out, extra.get("return_dict"))
+def _output(loss=None, logits=None, cache=None, hidden_states=None) -> CausalLMOutputWithPast:
+    return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states, **{_OUTPUT_CACHE_FIELD: cache})
 
 
 def _as_requested(model, out: CausalLMOutputWithPast, return_dict: bool | None):
@@ -212,47 +253,88 @@ def _as_requested(model, out: CausalLMOutputWithPast, return_dict: bool | None):
     return out if return_dict else out.to_tuple()
 
 
-@torch.no_grad()
-def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> CausalLMOutputWithPast:
-    mb = state.binding
-    pkv = a.get("past_key_values")
-    past = _past_length(pkv)
-    b, s = check_inputs(model, a, past)
-    cache = _select_cache(pkv, len(mb.layers), state.host)
-    if cache.get_seq_length() and cache.layers[0].batch_size != b:
-        raise ValueError(f"past_key_values holds batch {cache.layers[0].batch_size}, input has batch {b}")
-    mask = a.get("attention_mask")
-    key_starts = padding_starts(mask, cache, past, s)
-    weight = mb.embed.weight
+def converted_forward(model, *args, **kwargs):
+    state: ConvertedState = model._chunkinfer
+    call = read_call(state, model, args, kwargs)
+    reason = stock_reason(model, state, call)
+    if reason is None:
+        try:
+            with torch.no_grad():
+                return _as_requested(model, _loop_forward(model, state, call), call.get("return_dict"))
+        except NotOnLoop as exc:
+            reason = str(exc)
+    cache = call.cache
+    if isinstance(cache, ChunkKVCache) and cache.streamed_layers():
+        raise ValueError(f"chunkinfer: {reason} needs the stock transformers forward, which cannot run on a "
+                         "cache with host-resident (offloaded) layers")
+    _warn_once(state, reason)
+    return type(model).forward(model, *args, **kwargs)
 
-    use_cache = a.get("use_cache")
+
+def _loop_forward(model, state: ConvertedState, call: Call) -> CausalLMOutputWithPast:
+    mb = state.binding
+    given = call.cache
+    past = given.get_seq_length() if given is not None else 0
+    b, s = check_inputs(model, call.args, past)
+    layout = mask_layout(call.get("attention_mask"), past, s)  # raises NotOnLoop before the cache is touched
+    cp = call.get("cache_position")
+    if cp is not None and not torch.equal(cp.reshape(-1).cpu(), torch.arange(past, past + s)):
+        raise NotOnLoop("cache_position other than the cache's next positions")
+    cache = take_cache(call, state, b)
+    use_cache = call.get("use_cache")
     use_cache = config_use_cache(model) if use_cache is None else use_cache
-    labels = a.get("labels")
-    ltk = a.get("logits_to_keep", 0)
-    want_hidden = bool(extra.get("output_hidden_states") or model.config.output_hidden_states)
+    keep_cache = use_cache or given is not None
+    ohs = call.get("output_hidden_states")
+    want_hidden = bool(ohs if ohs is not None else getattr(model.config, "output_hidden_states", False))
+    ltk = call.get("logits_to_keep", 0)
+    labels = call.get("labels")
+    plain = labels is None and not want_hidden and not torch.is_tensor(ltk)
+    if plain and past > 0 and s <= STEP_TOKENS:
+        keep = s if ltk == 0 else min(ltk, s)
+        logits = run_step(state, cache, call.get("input_ids"), call.get("inputs_embeds"), call.get("position_ids"),
+                          past, layout.starts, keep)
+        return _output(logits=logits, cache=cache if keep_cache else None)
+    tail = 0  # rows after the first kept one, run as a step once the rows before them are cached
+    if plain and isinstance(ltk, int) and 2 <= ltk <= min(s, STEP_TOKENS + 1) and not layout.trailing:
+        tail = ltk - 1
+    out = _prompt(model, state, cache, call, past, s - tail, layout, want_hidden, 1 if tail else ltk)
+    if tail:
+        def rows(name):
+            x = call.get(name)
+            return None if x is None else x[:, s - tail:]
+        step = run_step(state, cache, rows("input_ids"), rows("inputs_embeds"), rows("position_ids"),
+                        past + s - tail, layout.starts, tail)
+        out.logits = torch.cat([out.logits, step], dim=1)
+    setattr(out, _OUTPUT_CACHE_FIELD, cache if keep_cache else None)
+    return out
+
+
+def _prompt(model, state: ConvertedState, cache: ChunkKVCache, call: Call, past: int, s: int, layout: MaskLayout,
+            want_hidden: bool, ltk) -> CausalLMOutputWithPast:
+    """Rows [0, s) of the call through the chunked prefill: the logits ``ltk`` keeps, loss and hidden
+    states as asked."""
+    mb = state.binding
+    ids, emb, pos = call.get("input_ids"), call.get("inputs_embeds"), call.get("position_ids")
+    ids = None if ids is None else ids[:, :s]
+    emb = None if emb is None else emb[:, :s]
+    pos = None if pos is None else pos[:, :s]
+    b = (ids if ids is not None else emb).shape[0]
+    labels = call.get("labels")
     last_rows_from = 0
     if isinstance(ltk, int) and 0 < ltk < s and labels is None and not want_hidden:
         last_rows_from = s - ltk
     logits_rows = len(ltk) if torch.is_tensor(ltk) else (s if ltk == 0 else min(ltk, s))
-    call = PromptCall(b, past, s, weight.dtype, weight.device, last_rows_from == 0, logits_rows)
-    chunk, chunks = _plan_chunks(model, state, cache, call)  # before any allocation of the call
-
-    emb = a.get("inputs_embeds")
-    pos = a.get("position_ids")
-    if (state.cuda_graphs and s == 1 and past > 0 and emb is None and labels is None and not want_hidden
-            and isinstance(ltk, int) and not cache.streamed_layers()
-            and state.graphs.supported(mb, mb.devices.embed, mb.embed.weight.dtype)):
-        return _graph_decode(state, cache, a["input_ids"], pos, past, key_starts, mask is not None,
-                             use_cache or pkv is not None)
+    weight = mb.embed.weight
+    prompt = PromptCall(b, past, s, weight.dtype, weight.device, last_rows_from == 0, logits_rows)
+    chunk, chunks = _plan_chunks(model, state, cache, prompt)  # before any allocation of the call
     if pos is None:
         pos = torch.arange(past, past + s, device=mb.devices.embed)[None]
-
     # no reference to the embedded stream is kept here: on a model spread over devices, the copy on
     # each device is freed once the stream has moved on
-    inp = LoopInputs(hidden=mb.embed(a["input_ids"]) if emb is None else emb.clone(), position_ids=pos,
-                     start=past, key_starts=key_starts, chunk=chunk, last_rows_from=last_rows_from, chunks=chunks,
+    inp = LoopInputs(hidden=mb.embed(ids) if emb is None else emb.clone(), position_ids=pos,
+                     start=past, key_starts=layout.starts, chunk=chunk, last_rows_from=last_rows_from, chunks=chunks,
                      hidden_states=[] if want_hidden else None, progress=state.progress if s > 1 else None)
-    cache.key_starts, cache.key_starts_known = key_starts, mask is not None
+    cache.key_starts = layout.starts
     hidden = run_layers(mb, cache, inp)
 
     head_chunk = head_chunk_rows(chunk, model.config.vocab_size)
@@ -262,11 +344,9 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
         hidden = final_norm(mb, hidden)  # requested: the whole normed sequence is an output
         normed = True
         hidden_states = (*inp.hidden_states, hidden)
-
-    loss = None
     ce = None
     if labels is not None:
-        targets = extra.get("shift_labels")
+        targets = call.get("shift_labels")
         ce = ChunkedCrossEntropy(shifted_targets(labels) if targets is None else targets)
     logits = None
     if torch.is_tensor(ltk):
@@ -282,21 +362,15 @@ def _chunked_forward(model, state: ConvertedState, a: dict, extra: dict) -> Caus
                 logits = chunk_logits.new_empty(b, s - keep_from, chunk_logits.shape[-1])
             a0 = max(r0, keep_from)
             logits[:, a0 - keep_from:r1 - keep_from] = chunk_logits[:, a0 - r0:]
-    if ce is not None:
-        loss = ce.result(extra.get("num_items_in_batch"))
-
-    return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                  past_key_values=cache if (use_cache or pkv is not None) else None,
-                                  hidden_states=hidden_states)
+    loss = ce.result(call.get("num_items_in_batch")) if ce is not None else None
+    return _output(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
 def _plan_chunks(model, state: ConvertedState, cache: ChunkKVCache, call: PromptCall) -> tuple[int, list | None]:
-    """Plan a prompt (not a one-token step on a cache): place offloaded KV, choose the chunk schedule.
-    Returns (chunk, per-layer chunks or None). Raises InsufficientMemoryError before any work."""
+    """Plan a prompt: place offloaded KV, choose the chunk schedule. Returns (chunk, per-layer chunks
+    or None). Raises InsufficientMemoryError before any work."""
     chunk = state.chunk_size
     kind = call.device.type
-    if call.seq_len == 1 and call.past > 0:
-        return chunk, None
     if state.offload is not None and kind != "cuda":  # host memory is the device: nothing to place
         place(cache, state.offload, None)
         return chunk, None
@@ -314,17 +388,3 @@ def _plan_chunks(model, state: ConvertedState, cache: ChunkKVCache, call: Prompt
         return chunk, None
     chunks = p.chunk_schedule or [p.breakdown_chunk] * len(state.binding.layers)  # "auto": try the smallest
     return min(chunks), chunks
-
-
-def _graph_decode(state: ConvertedState, cache: ChunkKVCache, ids: torch.Tensor, pos: torch.Tensor | None, past: int,
-                  key_starts: list[int] | None, mask_given: bool, return_cache: bool) -> CausalLMOutputWithPast:
-    """One new token per sequence through the captured decode step (decode_graph.py)."""
-    logits = state.graphs.step(state.binding, cache, ids, pos, past, key_starts)
-    for layer in cache.layers:
-        layer.length = past + 1
-    cache.key_starts, cache.key_starts_known = key_starts, mask_given
-    return CausalLMOutputWithPast(logits=logits, past_key_values=cache if return_cache else None)
-
-
-def config_use_cache(model) -> bool:
-    return bool(getattr(model.config, "use_cache", True))

@@ -5,7 +5,7 @@ import torch
 
 from .kv.cache import ChunkKVCache
 from .convert import build_state, is_converted
-from .forward import check_inputs, padding_starts
+from .forward import NotOnLoop, check_inputs, mask_layout
 from .loop.head import head_chunk_rows, iter_logits
 from .loop.prefill import LoopInputs, run_layers
 
@@ -17,16 +17,19 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 
     Works on converted and unconverted supported models (the model is not changed). Equal to
     ``log_softmax(model(input_ids).logits.float(), -1)`` gathered at the next tokens, without ever
-    holding [S, vocab] logits. With left padding, positions are taken as given (pass position_ids-free
-    inputs as generate() would); values at padding positions are meaningless.
+    holding [S, vocab] logits. A mask may pad rows on the left and on the right; positions then count
+    each row's real tokens (as generate() does); values at padding positions are meaningless.
     """
     state = model._chunkinfer if is_converted(model) and chunk_size is None else build_state(model, chunk_size)
     mb = state.binding
     b, s = check_inputs(model, {"input_ids": input_ids, "attention_mask": attention_mask}, 0)
-    cache = ChunkKVCache(len(mb.layers))
-    key_starts = padding_starts(attention_mask, cache, 0, s)
+    try:
+        key_starts = mask_layout(attention_mask, 0, s).starts
+    except NotOnLoop as exc:
+        raise ValueError(f"token_logprobs: {exc}") from None
+    cache = ChunkKVCache(len(mb.layers), windows=mb.windows)
     hidden = mb.embed(input_ids)
-    if key_starts is None:
+    if attention_mask is None:
         pos = torch.arange(s, device=hidden.device)[None]
     else:  # generate()'s convention: positions count real tokens
         pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)

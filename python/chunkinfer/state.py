@@ -12,11 +12,30 @@ from .planner.memory import Calibration
 from .planner.plan import Plan
 
 
+@dataclass(frozen=True)
+class ConvertSettings:
+    """convert()'s arguments as given: what a pickled converted model carries to rebuild its state."""
+
+    chunk_size: int | None
+    cuda_graphs: bool
+    kv_offload: bool
+    memory_budget: object
+    resident_layers: int | None
+    cpu_attention: object
+    progress: object | None
+
+    def as_args(self) -> tuple:
+        return (self.chunk_size, self.cuda_graphs, self.kv_offload, self.memory_budget, self.resident_layers,
+                self.progress, self.cpu_attention)
+
+
 @dataclass
 class ConvertedState:
-    """What convert() attaches to a model (as ``model._chunkinfer``)."""
+    """What convert() attaches to a model (as ``model._chunkinfer``). Pickled, only its settings travel
+    (``binding`` is then None until the converted forward rebuilds it)."""
 
-    binding: ModelBinding
+    settings: ConvertSettings
+    binding: ModelBinding | None
     chunk_size: int                          # the chunk when none is planned (given, or the device default)
     signature: inspect.Signature
     cuda_graphs: bool = True
@@ -30,3 +49,10 @@ class ConvertedState:
     graphs: DecodeGraphs = field(default_factory=DecodeGraphs)
     warned: set = field(default_factory=set)
     replaced: tuple = ("forward", None)      # (attribute, what it held) that convert() replaced: revert() restores
+
+    def __getstate__(self) -> dict:
+        return {"settings": self.settings, "replaced": self.replaced}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(settings=state["settings"], binding=None, chunk_size=0, signature=None)
+        self.replaced = state["replaced"]

@@ -30,7 +30,7 @@ def _err(x, ref, mask):
     return ((x.double() - ref)[mask.bool()].abs().max() / ref[mask.bool()].abs().max()).item()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3", "gpt_oss", "qwen3_moe", "glm4"])
 @torch.no_grad()
 def test_bf16_error_within_stock_error(arch):
     ref_model = make_model(arch, layers=4, dtype=torch.float64, device="cuda")

@@ -84,18 +84,19 @@ def test_second_prompt_continues_cache(arch):
 
 
 @torch.no_grad()
-def test_stock_dynamic_cache_is_adopted_and_not_modified():
+def test_stock_dynamic_cache_is_continued_in_place_as_stock_does():
     stock, ours = _pair()
     ids, _ = left_padded_batch(1, 80, [0])
     dc = stock(ids[:, :50], use_cache=True).past_key_values
     assert isinstance(dc, DynamicCache)
     k0 = dc.layers[0].keys.clone()
-    ref = stock(ids[:, 50:], past_key_values=DynamicCache.from_legacy_cache(
-        tuple((l.keys.clone(), l.values.clone()) for l in dc.layers)) if hasattr(DynamicCache, "from_legacy_cache")
-        else _copy_dynamic(dc)).logits
+    ref_cache = _copy_dynamic(dc)
+    ref = stock(ids[:, 50:], past_key_values=ref_cache).logits
     out = ours(ids[:, 50:], past_key_values=dc).logits
     assert max_rel_err(out, ref) < 1e-4
-    assert dc.get_seq_length() == 50 and torch.equal(dc.layers[0].keys, k0)
+    # the object passed holds the K, V after the call, as stock's does
+    assert dc.get_seq_length() == ref_cache.get_seq_length() == 80 and isinstance(dc, DynamicCache)
+    assert torch.equal(dc.layers[0].keys[:, :, :50], k0)
 
 
 def _copy_dynamic(dc: DynamicCache) -> DynamicCache:

@@ -8,9 +8,9 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import chunkinfer
-from chunkinfer import forward
-from chunkinfer.loop.decode_graph import step_logits
-from chunkinfer.loop.step import DeviceStep
+from chunkinfer.kv.ring import RING_DECODE
+from chunkinfer.loop import step_path
+from chunkinfer.loop.step import device_step, reserve, step_logits
 from tests.tiny_models import left_padded_batch, make_model
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -23,16 +23,14 @@ def model_hd64(arch: str, dtype, device):
                       intermediate_size=256, head_dim=64, **extra)
 
 
-def device_step(cache, past: int, starts, b: int, device) -> DeviceStep:
-    # seq_lens poisoned: the step derives them from the write index
-    return DeviceStep(write_index=torch.tensor([past], device=device),
-                      seq_lens=torch.full((b,), -7, dtype=torch.int32, device=device),
-                      starts=None if starts is None else torch.tensor(starts, dtype=torch.int32, device=device))
+# gemma3's sliding layers are rings (kv/ring.py): the decode kernel must read them as such (RING_DECODE)
+RING = pytest.mark.xfail(not RING_DECODE, strict=True, reason="decode_attention without ring semantics yet")
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "glm4", "qwen3_moe", "gemma3", "gpt_oss"])
+@pytest.mark.parametrize("t", [1, 3])
 @torch.no_grad()
-def test_device_step_matches_stock_decode_on_cpu(arch):
+def test_device_step_matches_stock_decode_on_cpu(arch, t):
     """The captured step's launches, run eagerly on the CPU kernels: same logits as stock's decode."""
     stock = model_hd64(arch, torch.float32, "cpu")
     ours = chunkinfer.convert(copy.deepcopy(stock), chunk_size=32)
@@ -40,25 +38,25 @@ def test_device_step_matches_stock_decode_on_cpu(arch):
     ref = stock(ids, attention_mask=mask, use_cache=True)
     out = ours(ids, attention_mask=mask, use_cache=True)
     ref_cache, cache = ref.past_key_values, out.past_key_values
-    nxt = ref.logits[:, -1:].argmax(-1)
+    mb = ours._chunkinfer.binding
+    cache.split_keys = 256
+    nxt = torch.randint(3, 250, (2, t))
     past = ids.shape[1]
     for _ in range(3):  # past the sliding window's edge too
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-        pos = (mask.long().cumsum(-1) - 1)[:, -1:]  # what generate() passes
+        pos = (mask.long().cumsum(-1) - 1)[:, -t:]  # what generate() passes
         want = stock(nxt, attention_mask=mask, position_ids=pos, past_key_values=ref_cache).logits
-        mb = ours._chunkinfer.binding
+        reserve(mb, cache, 2, past + t, t)
+        got = step_logits(mb, cache, nxt, None, pos, device_step(cache, past, t, 2, cache.key_starts, "cpu"), t)
         for layer in cache.layers:
-            layer.reserve(2, layer.k_buf.shape[1], layer.k_buf.shape[3], torch.float32, "cpu", past + 1)
-        got = step_logits(mb, cache, nxt, pos, device_step(cache, past, cache.key_starts, 2, "cpu"))
-        for layer in cache.layers:
-            layer.length = past + 1
+            layer.length = past + t
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
-        nxt, past = want[:, -1:].argmax(-1), past + 1
+        nxt, past = want.argmax(-1), past + t
 
 
 @CUDA
 @pytest.mark.cuda
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("gemma3", marks=RING)])
 @torch.no_grad()
 def test_graph_decode_matches_eager_decode(arch):
     """Replayed graphs (lengths growing every step, a recapture when the cache grows) give the eager
@@ -82,7 +80,7 @@ def test_graph_decode_matches_eager_decode(arch):
         pos = (mask.long().cumsum(-1) - 1)[:, -1:]
         lg = graphed(nxt, attention_mask=mask, position_ids=pos, past_key_values=cache_g).logits
         le = eager(nxt, attention_mask=mask, position_ids=pos, past_key_values=cache_e).logits
-        captures.append(graphed._chunkinfer.graphs._by_batch[2].graph)
+        captures.append(graphed._chunkinfer.graphs.captured(2, 1, 1, (0, 17)).graph)
         err = ((lg.float() - le.float()).abs().max() / le.float().abs().max()).item()
         assert err < 2e-2, f"step {step}: {err}"
         nxt = le[:, -1:].argmax(-1)
@@ -115,28 +113,31 @@ def test_graph_generate_matches_eager_generate():
         out = eager(g.sequences[:, 300 + t:301 + t], past_key_values=out.past_key_values, use_cache=True)
 
 
-class _GraphDecodeRecorder:
-    """Stands in for forward._graph_decode on a CPU model (the graph needs CUDA): records the
-    arguments, advances the cache as the replay would, and notes whether the general path ran."""
+class _StepRecorder:
+    """Stands in for the graphs on a CPU model (they need CUDA): records each step's arguments and runs
+    it eagerly, and notes whether the chunked prefill ran."""
 
     def __init__(self, monkeypatch, model):
-        self.calls, self.general = [], 0
-        model._chunkinfer.cuda_graphs = True
-        monkeypatch.setattr(model._chunkinfer.graphs, "supported", lambda *a: True)
-        monkeypatch.setattr(forward, "_graph_decode", self.graph_decode)
-        chunked = forward._chunked_forward
+        self.calls, self.prefills = [], 0
+        state = model._chunkinfer
+        state.cuda_graphs = True
+        monkeypatch.setattr(state.graphs, "supported", lambda *a: True)
+        monkeypatch.setattr(state.graphs, "step", self.step)
+        self.model = model
+        from chunkinfer import forward
+        real = forward.run_layers
 
         def counted(*a, **k):
-            self.general += 1
-            return chunked(*a, **k)
-        monkeypatch.setattr(forward, "_chunked_forward", counted)
+            self.prefills += 1
+            return real(*a, **k)
+        monkeypatch.setattr(forward, "run_layers", counted)
 
-    def graph_decode(self, state, cache, ids, pos, past, key_starts, mask_given, return_cache):
-        self.calls.append((cache, ids, pos, past, key_starts, mask_given, return_cache))
-        for layer in cache.layers:
-            layer.length = past + 1
-        cache.key_starts, cache.key_starts_known = key_starts, mask_given
-        return CausalLMOutputWithPast(logits=torch.zeros(ids.shape[0], 1, 7), past_key_values=cache)
+    def step(self, mb, cache, ids, positions, past, key_starts, keep):
+        self.calls.append((cache, ids.clone(), positions, past, key_starts, keep))
+        b, t = ids.shape
+        reserve(mb, cache, b, past + t)
+        pos = torch.arange(past, past + t)[None] if positions is None else positions
+        return step_logits(mb, cache, ids, None, pos, device_step(cache, past, t, b, key_starts, "cpu"), keep)
 
 
 def _prompt(model, padded: bool):
@@ -147,45 +148,35 @@ def _prompt(model, padded: bool):
 
 @pytest.mark.parametrize("form", ["positional", "keywords", "padded"])
 @torch.no_grad()
-def test_plain_decode_call_reaches_the_graph_as_the_general_path_would(monkeypatch, form):
-    """generate()'s decode calls skip the signature binding and general checks, and hand the graph
-    exactly what the general path would: the same cache, ids, length and padding."""
+def test_decode_calls_reach_the_graph_with_their_padding(monkeypatch, form):
+    """generate()'s decode calls, however given, reach the graph with the same cache, length and the
+    padding read from the mask; the prefill never runs for them."""
     model = make_model("llama")
-    rec = _GraphDecodeRecorder(monkeypatch, chunkinfer.convert(model, chunk_size=16))
-    runs = []
-    for shortcut in (True, False):
-        if not shortcut:
-            monkeypatch.setattr(forward, "_plain_decode_step", lambda *a: None)
-        cache, nxt, mask = _prompt(model, padded=form == "padded")
-        rec.calls, rec.general = [], 0
-        for _ in range(3):
-            if form == "positional":
-                out = model(nxt, past_key_values=cache)
-            elif form == "keywords":
-                out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                            return_dict=True)
-            else:
-                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-                out = model(nxt, past_key_values=cache, attention_mask=mask, use_cache=True)
-            assert out.past_key_values is cache
-        assert rec.general == (0 if shortcut else 3)
-        assert all(c is cache for c, *_ in rec.calls)
-        runs.append([(ids.tolist(), pos, past, ks, given, ret) for _, ids, pos, past, ks, given, ret in rec.calls])
-    assert runs[0] == runs[1]
-    assert [r[2] for r in runs[0]] == [40, 41, 42]
-    assert all(r[3] == ([0, 5] if form == "padded" else None) for r in runs[0])
+    rec = _StepRecorder(monkeypatch, chunkinfer.convert(model, chunk_size=16))
+    cache, nxt, mask = _prompt(model, padded=form == "padded")
+    rec.calls, rec.prefills = [], 0
+    for _ in range(3):
+        if form == "positional":
+            out = model(nxt, past_key_values=cache)
+        elif form == "keywords":
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+        else:
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            out = model(nxt, past_key_values=cache, attention_mask=mask, use_cache=True)
+        assert out.past_key_values is cache
+    assert rec.prefills == 0 and all(c is cache for c, *_ in rec.calls)
+    assert [c[3] for c in rec.calls] == [40, 41, 42]
+    assert all(c[4] == ([0, 5] if form == "padded" else None) for c in rec.calls)
 
 
 @torch.no_grad()
-def test_other_decode_calls_take_the_general_path(monkeypatch):
-    """Anything but the plain step goes through the general checks: positions given, a mask that is
-    not past + 1 long, two tokens, float ids, a bool logits_to_keep, return_dict=False (tuple)."""
+def test_steps_of_several_tokens_reach_the_graph_and_bad_calls_are_refused(monkeypatch):
     model = make_model("llama")
-    rec = _GraphDecodeRecorder(monkeypatch, chunkinfer.convert(model, chunk_size=16))
+    rec = _StepRecorder(monkeypatch, chunkinfer.convert(model, chunk_size=16))
     cache, nxt, _ = _prompt(model, padded=False)
-    rec.general = 0
+    rec.prefills = 0
     model(nxt, past_key_values=cache, position_ids=torch.tensor([[40], [40]]))
-    assert rec.general == 1 and rec.calls[-1][2] is not None
+    assert rec.calls[-1][2] is not None
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model(nxt, past_key_values=cache, attention_mask=torch.ones(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="input_ids must be a 2-D integer tensor"):
@@ -193,8 +184,7 @@ def test_other_decode_calls_take_the_general_path(monkeypatch):
     with pytest.raises(ValueError, match="logits_to_keep must be an int"):
         model(nxt, past_key_values=cache, logits_to_keep=True)
     length = cache.get_seq_length()
-    model(torch.cat([nxt, nxt], 1), past_key_values=cache)  # two tokens: the chunked loop, no graph
-    assert cache.get_seq_length() == length + 2 and len(rec.calls) == 1
-    general = rec.general
+    out = model(torch.cat([nxt, nxt], 1), past_key_values=cache)  # two tokens: a step too
+    assert cache.get_seq_length() == length + 2 and rec.calls[-1][1].shape == (2, 2) and out.logits.shape[1] == 2
     tup = model(nxt, past_key_values=cache, return_dict=False)
-    assert isinstance(tup, tuple) and tup[1] is cache and rec.general == general
+    assert isinstance(tup, tuple) and tup[1] is cache and rec.prefills == 0

@@ -84,7 +84,7 @@ def test_prefill_continuation_and_decode_equal_resident(device, n_resident):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+@pytest.mark.parametrize("arch", ["gemma3", "phi3", "gpt_oss"])
 @torch.no_grad()
 def test_generate_left_padded_batch_equal(device, arch):
     resident, offloaded = _pair(arch, device, layers=4, resident_layers=1)
@@ -94,6 +94,24 @@ def test_generate_left_padded_batch_equal(device, arch):
     ga = resident.generate(ids, **kw)
     gb = offloaded.generate(ids, **kw)
     assert torch.equal(ga, gb)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
+def test_sliding_layers_keep_their_ring_on_the_device(device):
+    """Offload moves full-attention layers to the host; a sliding layer's ring (its window) stays."""
+    resident, offloaded = _pair("gemma3", device, layers=4, resident_layers=0)
+    ids = _ids(1, 300, device, seed=3)
+    a = resident(ids, use_cache=True)
+    b = offloaded(ids, use_cache=True)
+    assert torch.equal(a.logits, b.logits)
+    layers = b.past_key_values.layers
+    assert [type(layer).__name__ for layer in layers] == ["RingKVLayer", "HostKVLayer"] * 2
+    assert layers[0].k_buf.device.type == device and layers[0].k_buf.shape[2] == 39
+    step_a = resident(a.logits[:, -1:].argmax(-1), past_key_values=a.past_key_values, use_cache=True)
+    step_b = offloaded(b.logits[:, -1:].argmax(-1), past_key_values=b.past_key_values, use_cache=True)
+    if device == "cpu":
+        assert torch.equal(step_a.logits, step_b.logits)
 
 
 @torch.no_grad()
@@ -134,10 +152,10 @@ def test_failure_midway_keeps_the_cache_usable(monkeypatch):
 
     layer3, linear = offloaded.model.layers[3].mlp.down_proj, layer_loop.linear
 
-    def failing(x, m):
+    def failing(x, m, gemv_rows=1):
         if m is layer3:
             raise RuntimeError("boom")
-        return linear(x, m)
+        return linear(x, m, gemv_rows)
 
     monkeypatch.setattr(layer_loop, "linear", failing)
     with pytest.raises(RuntimeError, match="boom"):

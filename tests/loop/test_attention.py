@@ -9,8 +9,9 @@ from chunkinfer.loop.attention_backend import _math_with_lse, attention_with_lse
 from chunkinfer.ops.reference import merge_attn_states
 
 
-def _dense_reference(q, k, v, q_start, key_starts, window, scale):
-    """fp64 attention with an explicit mask, GQA by repetition (what transformers does)."""
+def _dense_reference(q, k, v, q_start, key_starts, window, scale, sinks=None):
+    """fp64 attention with an explicit mask, GQA by repetition (what transformers does); ``sinks``: a
+    logit per head as one more softmax column, dropped after (gpt-oss's eager path)."""
     b, hq, c, d = q.shape
     g = hq // k.shape[1]
     k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
@@ -24,6 +25,9 @@ def _dense_reference(q, k, v, q_start, key_starts, window, scale):
     for i, s in enumerate(key_starts or [0] * b):
         allowed[i, :, :s] = False
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.double()[None, :, None, None].expand(*scores.shape[:3], 1)], -1)
+        return torch.softmax(scores, -1)[..., :-1] @ v
     return torch.softmax(scores, -1).nan_to_num() @ v
 
 
@@ -70,3 +74,26 @@ def test_block_attention_matches_dense_mask(q_start, c, key_starts, window):
         rows[i, : max(0, s - q_start)] = False
     diff = (out - ref).abs().amax(dim=(1, 3))
     assert diff[rows].max() < 1e-10
+
+
+@pytest.mark.parametrize("q_start, c", [(0, 9), (13, 9), (40, 1), (40, 3), (30, 20)])
+@pytest.mark.parametrize("key_starts", [None, [0, 17]])
+@pytest.mark.parametrize("window", [None, 11])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sinks_and_key_offset_match_dense(q_start, c, key_starts, window, dtype):
+    """Sinks join each softmax denominator (prefix, block, band and decode paths); k, v may start at the
+    window's first key (a ring's band) instead of position 0."""
+    torch.manual_seed(1)
+    b, hq, hkv, d = 2, 4, 2, 8
+    q = torch.randn(b, hq, c, d, dtype=dtype)
+    k = torch.randn(b, hkv, q_start + c, d, dtype=dtype)
+    v = torch.randn_like(k)
+    sinks = torch.randn(hq, dtype=dtype) * 2
+    lo = 0 if window is None else max(0, q_start - window + 1)
+    out = block_attention(q, k[:, :, lo:], v[:, :, lo:], q_start, key_starts, window, 0.4, key_offset=lo, sinks=sinks)
+    ref = _dense_reference(q, k, v, q_start, key_starts, window, 0.4, sinks)
+    rows = torch.ones(b, c, dtype=torch.bool)
+    for i, s in enumerate(key_starts or []):
+        rows[i, : max(0, s - q_start)] = False
+    diff = (out.double() - ref).abs().amax(dim=(1, 3))
+    assert diff[rows].max() < (1e-10 if dtype == torch.float64 else 1e-5)

@@ -146,6 +146,65 @@ def test_split_then_merge_equals_whole(device, dtype):
         assert (lse - whole_lse).abs().max().item() <= LSE_TOL[dtype]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 700])
+def test_split_keys_rows_do_not_depend_on_the_step(device, dtype, window, gen):
+    """With split_keys, each row of a T-token call equals, bit for bit, a one-token call at its position,
+    whatever the capacity: the property speculative decoding's exactness rests on."""
+    B, Hq, Hkv, D, T, L = 2, 8, 2, 128, 6, 2900
+    q = torch.randn(B, Hq, T, D, generator=gen).to(dtype).to(device)
+    k = torch.randn(B, Hkv, 4096, D, generator=gen).to(dtype).to(device)
+    v = torch.randn(B, Hkv, 4096, D, generator=gen).to(dtype).to(device)
+    starts = torch.tensor([0, 37], dtype=torch.int32, device=device)
+    lens = torch.full((B,), L, dtype=torch.int32, device=device)
+    out, lse = ops.decode_attention(q, k, v, lens, starts, window=window, split_keys=256)
+    ref, ref_lse = reference.decode_attention(q.double(), k.double(), v.double(), lens, starts, None, window)
+    check(out, lse, ref, ref_lse, dtype)
+    for t in range(T):
+        cap = L - T + t + 1 + 256 * t  # another capacity for every row: the pieces do not move with it
+        one, one_lse = ops.decode_attention(q[:, :, t:t + 1], k[:, :, :cap], v[:, :, :cap],
+                                            torch.full((B,), L - T + t + 1, dtype=torch.int32, device=device),
+                                            starts, window=window, split_keys=256)
+        assert torch.equal(one[:, :, 0], out[:, :, t]) and torch.equal(one_lse[:, :, 0], lse[:, :, t]), t
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split_keys", [0, 256])
+def test_ring_cache_matches_the_linear_one(device, dtype, split_keys, gen):
+    """window > 0: key j at slot j % capacity, lengths past the capacity; the same attention as over a
+    linear cache holding every position, and a T-token call's rows equal one-token calls on the ring."""
+    B, Hq, Hkv, D, T, W, L = 2, 4, 2, 64, 5, 300, 2000
+    cap = 512  # >= W - 1 + T
+    full_k = torch.randn(B, Hkv, L, D, generator=gen).to(dtype)
+    full_v = torch.randn(B, Hkv, L, D, generator=gen).to(dtype)
+    ring_k = torch.full((B, Hkv, cap, D), float("nan"), dtype=dtype)
+    ring_v = ring_k.clone()
+    for p in range(L - cap, L):
+        ring_k[:, :, p % cap], ring_v[:, :, p % cap] = full_k[:, :, p], full_v[:, :, p]
+    q = torch.randn(B, Hq, T, D, generator=gen).to(dtype).to(device)
+    lens = torch.full((B,), L, dtype=torch.int32, device=device)
+    out, lse = ops.decode_attention(q, ring_k.to(device), ring_v.to(device), lens, window=W, split_keys=split_keys)
+    ref, ref_lse = reference.decode_attention(q.double(), full_k.double().to(device), full_v.double().to(device), lens,
+                                              None, None, W)
+    check(out, lse, ref, ref_lse, dtype)
+    if split_keys:
+        for t in range(T):
+            one, _ = ops.decode_attention(q[:, :, t:t + 1], ring_k.to(device), ring_v.to(device),
+                                          torch.full((B,), L - T + t + 1, dtype=torch.int32, device=device),
+                                          window=W, split_keys=split_keys)
+            assert torch.equal(one[:, :, 0], out[:, :, t]), t
+
+
+@pytest.mark.parametrize("bad", [100, -256])
+def test_split_keys_must_be_a_multiple_of_256(bad):
+    q = torch.randn(1, 2, 1, 64)
+    k = torch.randn(1, 2, 300, 64)
+    with pytest.raises(RuntimeError, match="split_keys must be 0 or a positive multiple of 256"):
+        ops.decode_attention(q, k, k, torch.tensor([10], dtype=torch.int32), split_keys=bad)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

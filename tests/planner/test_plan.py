@@ -184,8 +184,10 @@ def test_every_architecture_plans(name, tmp_path):
     p = plan(cfg, 8192, device_memory="24GiB", host_memory="64GiB", dtype="float16")
     assert p.fits and p.chunk_size == 8192 and p.prefill_seconds > 0 and p.decode_ms_per_token > 0
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_layer = 2 * cfg.num_key_value_heads * head_dim * 2 * p.kv_capacity
-    assert p.device_breakdown["KV resident"] == cfg.num_hidden_layers * per_layer
+    per_position = 2 * cfg.num_key_value_heads * head_dim * 2
+    # full-attention layers hold the capacity, sliding ones a ring of window - 1 (kv/ring.py)
+    positions = sum(p.kv_capacity if w is None else min(8192, w - 1) for w in Shape.from_config(cfg).windows)
+    assert p.device_breakdown["KV resident"] == per_position * positions
     # through a config.json too
     cfg.to_json_file(tmp_path / "config.json")
     q = plan(tmp_path / "config.json", 8192, device_memory="24GiB", host_memory="64GiB", dtype="float16")
@@ -277,14 +279,109 @@ def test_cli_in_process(tmp_path, capsys):
     assert "on host 21" in out and "pinned host memory" in out
     assert main(["plan", "--config", cfg, "--seq", "1048576", "--gpu", "80GiB", "--host", "120GiB",
                  "--no-offload"]) == 1
-    assert "allow_offload" in capsys.readouterr().out
-    assert main(["plan", "--config", cfg, "--seq", "1024", "--gpu", "12XB", "--host", "120GiB"]) == 2
-    assert "12XB" in capsys.readouterr().err
-    assert main(["plan", "--config", cfg, "--seq", "1024", "--gpu", "80GiB", "--host", "1TiB", "--dtype", "int3"]) == 2
-    assert "unknown dtype" in capsys.readouterr().err
+    out = capsys.readouterr().out
+    # the command line's words, not plan()'s keyword names
+    assert "(without --no-offload)" in out and "allow_offload" not in out, out
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0 and "plan" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu", "12XB"], "argument --gpu: cannot parse"),
+    (["--gpu", "80"], "argument --gpu: '80' has no unit"),          # not 80 bytes
+    (["--host", "120"], "argument --host: '120' has no unit"),
+    (["--seq", "1.3k"], "argument --seq: '1.3k' is not a whole number"),
+    (["--seq", "0"], "argument --seq: must be >= 1"),
+    (["--seq", "lots"], "argument --seq: cannot parse"),
+    (["--dtype", "int3"], "argument --dtype: unknown dtype 'int3'"),
+    (["--batch", "0"], "argument --batch: must be >= 1"),
+    (["--decode-tokens", "-1"], "argument --decode-tokens: must be >= 0"),
+    (["--chunk-size", "0"], "argument --chunk-size: must be >= 1"),
+])
+def test_cli_refuses_bad_values_by_flag(tmp_path, capsys, args, message):
+    from chunkinfer.cli import main
+
+    llama8b().to_json_file(tmp_path / "config.json")
+    base = {"--config": str(tmp_path / "config.json"), "--seq": "1024", "--gpu": "80GiB", "--host": "120GiB"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", *[x for kv in base.items() for x in kv]])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "_" not in err.split("error:")[1].split("'")[0], err
+
+
+def test_cli_without_gpu_or_cuda_names_the_flag(tmp_path, capsys, monkeypatch):
+    from chunkinfer.cli import main
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    llama8b().to_json_file(tmp_path / "config.json")
+    assert main(["plan", "--config", str(tmp_path / "config.json"), "--seq", "1024", "--host", "120GiB"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu is needed" in err and "device_memory" not in err, err
+
+
+def test_cli_size_suffixes_longest_length_and_times_label(tmp_path, capsys):
+    from chunkinfer.cli import main
+
+    llama8b().to_json_file(tmp_path / "config.json")
+    cfg = str(tmp_path / "config.json")
+    assert main(["plan", "--config", cfg, "--seq", "1M", "--gpu", "80GiB", "--host", "120GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "1,048,576 tokens" in out
+    line = next(x for x in out.splitlines() if x.startswith("longest length that fits: "))
+    longest = int(line.split(": ")[1].split(" tokens")[0].replace(",", ""))
+    kw = dict(device_memory="80GiB", host_memory="120GiB")
+    assert plan(llama8b(), longest, **kw).fits and not plan(llama8b(), longest + 1, **kw).fits
+    assert "offloading KV to the host as needed" in line
+    times = next(x for x in out.splitlines() if x.startswith("times: "))
+    assert "H200" in times and "not scaled to --gpu 80 GiB" in times, times
+    assert main(["plan", "--config", cfg, "--seq", "128k", "--gpu", "24GiB", "--host", "64GiB",
+                 "--no-offload"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "131,072 tokens" in out and "every layer's KV on the GPU (--no-offload)" in out
+    line = next(x for x in out.splitlines() if x.startswith("longest length that fits: "))
+    longest = int(line.split(": ")[1].split(" tokens")[0].replace(",", ""))
+    kw = dict(device_memory="24GiB", host_memory="64GiB", allow_offload=False)
+    assert plan(llama8b(), longest, **kw).fits and not plan(llama8b(), longest + 1, **kw).fits
+
+
+def test_flag_words():
+    from chunkinfer.cli import flag_words
+
+    assert flag_words("with KV offload (allow_offload=True) 21 of 32") == "with KV offload (without --no-offload) 21 of 32"
+    assert flag_words("pass device_memory or host_memory; seq_len, decode_tokens, chunk_size") == \
+        "pass --gpu or --host; --seq, --decode-tokens, --chunk-size"
+    assert flag_words("device_memory_x stays") == "device_memory_x stays"
+
+
+def test_longest_that_fits():
+    from chunkinfer.planner.longest import longest_that_fits
+
+    for limit in (1, 2, 7, 1000, 65536, 99991):
+        calls = []
+        assert longest_that_fits(lambda n: calls.append(n) or n <= limit) == limit
+        assert len(calls) <= 2 * limit.bit_length() + 2
+    assert longest_that_fits(lambda n: False) == 0
+    assert longest_that_fits(lambda n: True, limit=1000) == 1000
+    assert longest_that_fits(lambda n: n <= 700, limit=1000) == 700
+
+
+def test_parse_count_and_units():
+    from chunkinfer.planner.units import parse_count
+
+    assert parse_count("131072") == 131072 and parse_count(4096) == 4096
+    assert parse_count("128k") == 131072 and parse_count("128K") == 131072
+    assert parse_count("1M") == 1048576 and parse_count("1.5M") == 1572864 and parse_count("1,048,576") == 1048576
+    for bad in ("1.3k", "0", "-5", "1G", "k", "", "1e6"):
+        with pytest.raises(ValueError):
+            parse_count(bad)
+    with pytest.raises(TypeError):
+        parse_count(True)
+    assert parse_memory("80GiB", require_unit=True) == 80 * GiB and parse_memory("80", "x") == 80
+    with pytest.raises(ValueError, match="'80' has no unit"):
+        parse_memory("80", "--gpu", require_unit=True)
 
 
 # ---- (d) decode with every layer's KV on the host ---------------------------------------------------------

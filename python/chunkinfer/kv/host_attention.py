@@ -1,8 +1,8 @@
 """Decode over host-resident KV, split between the CPU and PCIe.
 
 Streaming a host layer's whole prefix to the GPU for every decode step is bounded by the pinned
-host-to-device bandwidth. The CPU can read the same host memory at the same time: for one-token
-decode steps, the first ``n_cpu`` cached positions of each host layer are attended on the CPU where
+host-to-device bandwidth. The CPU can read the same host memory at the same time: in a step (a few
+new tokens on the decode kernels), the first ``n_cpu`` cached positions of each host layer are attended on the CPU where
 they live (``ops.decode_attention``'s CPU kernel), only positions [n_cpu, end) cross PCIe into the
 staging slot and are attended on the GPU, and the two partial results are merged by log-sum-exp
 (``ops.merge_attn_states``). ``n_cpu`` is chosen so that both parts take the same time: from the
@@ -70,20 +70,20 @@ def parse_cpu_attention(value) -> CpuShare | None:
 
 @dataclass
 class SplitStep:
-    """One decode step's split: lengths and buffers shared by every host layer of the step."""
+    """One step's split: lengths and buffers shared by every host layer of the step."""
 
     n_cpu: int                   # positions [0, n_cpu) attended on the CPU
-    gpu_lens: torch.Tensor       # [B] int32, device: the GPU part ends after the new token
+    gpu_lens: torch.Tensor       # [B] int32, device: the GPU part ends after the new tokens
     gpu_starts: torch.Tensor     # [B] int32, device: max(left padding, n_cpu)
     cpu_lens: torch.Tensor       # [B] int32, host: n_cpu
     cpu_starts: torch.Tensor     # [B] int32, host: left padding (clamped to n_cpu by the kernel)
-    q_host: torch.Tensor         # [B, Hq, 1, D] pinned
-    out_host: torch.Tensor       # [B, Hq, 1, D] pinned
-    lse_host: torch.Tensor       # [B, Hq, 1] fp32 pinned
+    q_host: torch.Tensor         # [B, Hq, T, D] pinned
+    out_host: torch.Tensor       # [B, Hq, T, D] pinned
+    lse_host: torch.Tensor       # [B, Hq, T] fp32 pinned
 
     @classmethod
-    def build(cls, n_cpu: int, end: int, key_starts: list[int] | None, batch: int, n_q: int, head_dim: int,
-              dtype: torch.dtype, device: torch.device) -> "SplitStep":
+    def build(cls, n_cpu: int, end: int, key_starts: list[int] | None, batch: int, n_q: int, tokens: int,
+              head_dim: int, dtype: torch.dtype, device: torch.device) -> "SplitStep":
         starts = key_starts or [0] * batch
         pin = device.type == "cuda"
 
@@ -96,18 +96,19 @@ class SplitStep:
             gpu_starts=torch.tensor([max(s, n_cpu) for s in starts], dtype=torch.int32, device=device),
             cpu_lens=torch.full((batch,), n_cpu, dtype=torch.int32),
             cpu_starts=torch.tensor(starts, dtype=torch.int32),
-            q_host=host((batch, n_q, 1, head_dim)), out_host=host((batch, n_q, 1, head_dim)),
-            lse_host=host((batch, n_q, 1), torch.float32),
+            q_host=host((batch, n_q, tokens, head_dim)), out_host=host((batch, n_q, tokens, head_dim)),
+            lse_host=host((batch, n_q, tokens), torch.float32),
         )
 
 
 def split_decode_attention(q: torch.Tensor, staged, host_layer, step: SplitStep, scale: float,
                            share: CpuShare) -> torch.Tensor:
-    """Attention of one new token per sequence (q [B, Hq, 1, D], its K, V already in the staging slot
-    ``staged`` at position end - 1) over the host layer's positions [0, n_cpu) on the CPU and the
-    staged positions [n_cpu, end) on the GPU; returns [B, Hq, 1, D] on q's device."""
-    if q.shape[2] != 1:
-        raise ValueError(f"split decode attention takes one new token per sequence, got {q.shape[2]}")
+    """Attention of T new tokens per sequence (q [B, Hq, T, D], their K, V already in the staging slot
+    ``staged`` at positions [end - T, end)) over the host layer's positions [0, n_cpu) on the CPU and the
+    staged positions [n_cpu, end) on the GPU, causal among the new tokens; returns [B, Hq, T, D] on q's
+    device. Every cached position precedes the new tokens, so on the CPU each query sees all of
+    [start, n_cpu): the T queries go in as T times the heads, one token each."""
+    b, hq, t, d = q.shape
     step.q_host.copy_(q, non_blocking=True)
     q_ready = torch.cuda.Event() if q.is_cuda else None
     if q_ready is not None:
@@ -116,8 +117,9 @@ def split_decode_attention(q: torch.Tensor, staged, host_layer, step: SplitStep,
     if q_ready is not None:
         q_ready.synchronize()
     t0 = time.perf_counter()
-    ops.decode_attention(step.q_host, host_layer.k_buf, host_layer.v_buf, step.cpu_lens, step.cpu_starts,
-                         scale=scale, out=step.out_host, lse=step.lse_host)
+    ops.decode_attention(step.q_host.view(b, hq * t, 1, d), host_layer.k_buf, host_layer.v_buf, step.cpu_lens,
+                         step.cpu_starts, scale=scale, out=step.out_host.view(b, hq * t, 1, d),
+                         lse=step.lse_host.view(b, hq * t, 1))
     k = host_layer.k_buf
     share.observe(2 * k.shape[0] * k.shape[1] * step.n_cpu * k.shape[3] * k.element_size(), time.perf_counter() - t0)
     out_c = step.out_host.to(q.device, non_blocking=True)

@@ -80,13 +80,14 @@ class HostKVLayer(CachedPositions):
 
 def move_to_host(cache, n_resident: int) -> None:
     """Keep a cache's layers [0, n_resident) on the device and move the rest to pinned host memory (a
-    layer already on the host stays there). Moving a filled layer copies it and waits for the copy."""
+    layer already on the host stays there; a sliding-window layer's ring, bounded by its window, stays on
+    the device). Moving a filled layer copies it and waits for the copy."""
     if cache.host is None:
         raise RuntimeError("this cache was not created for KV offload (convert(model, kv_offload=True))")
     host = cache.host
     for i in range(n_resident, len(cache.layers)):
         old = cache.layers[i]
-        if isinstance(old, ChunkKVLayer):
+        if isinstance(old, ChunkKVLayer) and old.window is None:  # rings stay: a window is small
             new = HostKVLayer(host)
             if old.length:
                 b, h, _, d = old.k_buf.shape
@@ -133,12 +134,13 @@ class LayerStreamer:
         self.cpu_keys = cpu_keys or {}      # li -> positions [0, n) the CPU attends (not prefetched)
 
     @classmethod
-    def for_call(cls, cache, shape_of, start: int, end: int, headroom: int,
-                 attends_all=lambda li: True) -> "LayerStreamer | None":
+    def for_call(cls, cache, shape_of, start: int, end: int, headroom: int, attends_all=lambda li: True,
+                 step: bool = False) -> "LayerStreamer | None":
         """The streamer of one call over ``cache``, or None when every layer is resident. Starts
         pinning the host memory the call will need on the arena's thread, overlapped with compute.
-        A one-token decode step leaves the first positions of each layer that ``attends_all`` (no
-        sliding window) to the CPU (host_attention.py), unless a host region must grow this call."""
+        A ``step`` (a few new tokens on the decode kernels) leaves the first positions of each layer that
+        ``attends_all`` (no sliding window) to the CPU (host_attention.py), unless a host region must
+        grow this call."""
         streamed = cache.streamed_layers()
         if not streamed:
             return None
@@ -155,7 +157,7 @@ class LayerStreamer:
         if need:  # pinning is slow (~2.6 GiB/s): start it now, on the arena's thread
             host.arena.grow_async(host.arena.bytes_used + need, region)
         cpu_keys = {}
-        if host.cpu_share is not None and end - start == 1 and not need:
+        if host.cpu_share is not None and step and not need:
             n_cpu = host.cpu_share.cpu_positions(start)
             cpu_keys = {li: n_cpu for li in streamed if n_cpu > 0 and attends_all(li)}
             if cpu_keys:

@@ -96,7 +96,7 @@ def place(cache, settings: OffloadSettings, p: Plan | None) -> None:
     """Move the layers the plan puts on the host there (a layer never moves back)."""
     n_layers = len(cache.layers)
     if p is not None:
-        n_resident = len(p.resident_layers)
+        n_resident = p.host_layers[0] if p.host_layers else n_layers  # rings stay resident past it
     else:
         n_resident = n_layers if settings.resident_layers is None else settings.resident_layers
     streamed = cache.streamed_layers()

@@ -1,37 +1,39 @@
-"""Decode steps as CUDA graphs: one captured step per batch size, replayed while the cache grows.
+"""Steps as CUDA graphs: one per batch size, step length, kept rows and padding, replayed while the
+cache grows.
 
 Everything that changes between steps (token ids, rotary positions, the cache write index, the cached
-lengths) lives in device tensors, updated in place before a replay (the lengths by the graph itself,
-from the write index), and attention reads the lengths on the device (``ops.decode_attention``), so
-the launch sequence never changes. A graph is recaptured only when the cache's buffers are
-reallocated (capacity growth, 1.25x at a time).
+lengths) lives in device tensors, updated in place before a replay, and attention reads the lengths on
+the device (``ops.decode_attention``), so the launch sequence never changes. A graph is recaptured
+only when the cache's buffers are reallocated (capacity growth, 1.25x at a time) or its padding changes.
 """
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from .. import ops
-from ..models.adapters import ModelBinding
 from ..kv.cache import ChunkKVCache
-from .head import final_norm, logits_of
-from .step import DeviceStep, run_decode_layers
+from ..kv.ring import RING_DECODE
+from ..models.adapters import ModelBinding
+from .step import DeviceStep, device_step, reserve, step_logits
+
+_MAX_GRAPHS = 16  # captured steps kept per model (batch size x step length x kept rows), least recent dropped
 
 
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    ids: torch.Tensor        # [B, 1] int64 (static input)
-    positions: torch.Tensor  # [B, 1] int64 rotary positions (static input): a view of past
-    past: torch.Tensor       # [B + 1] int64: the positions, then the write index (one fill for both)
+    ids: torch.Tensor        # [B, T] int64 (static input)
+    positions: torch.Tensor  # [B, T] int64 rotary positions (static input)
     step: DeviceStep         # write index, lengths, starts (static inputs)
-    logits: torch.Tensor     # [B, 1, V] (static output)
+    logits: torch.Tensor     # [B, keep, V] (static output)
     buffers: tuple           # data pointers of the cache buffers the graph reads and writes
-    starts_host: tuple | None
     buffer_refs: list        # the buffer tensors last seen at those pointers (weak)
-    capacity: int            # positions those buffers hold
+    capacity: float          # positions those buffers hold (inf: rings only)
+    split_keys: int
 
 
 def graph_decode_supported(mb: ModelBinding, device: torch.device, dtype: torch.dtype) -> bool:
@@ -39,7 +41,8 @@ def graph_decode_supported(mb: ModelBinding, device: torch.device, dtype: torch.
     the call (dynamic/longrope read the maximum position on the host, which a replayed graph cannot);
     the whole model on one device (one graph, no offloaded weights loaded by hooks)."""
     return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not mb.rope_needs_global_max
-            and mb.devices.single and all(ops.decode_kernel_supports(lb.head_dim, device) for lb in mb.layers))
+            and mb.devices.single and all(ops.decode_kernel_supports(lb.head_dim, device) for lb in mb.layers)
+            and (RING_DECODE or not any(lb.window for lb in mb.layers)))  # kv/ring.py
 
 
 def _buffers(cache: ChunkKVCache) -> tuple:
@@ -60,28 +63,20 @@ def _same_buffers(refs: list, cache: ChunkKVCache) -> bool:
         next(it)() is layer.k_buf and next(it)() is layer.v_buf for layer in cache.layers)
 
 
-def step_logits(mb: ModelBinding, cache: ChunkKVCache, ids: torch.Tensor, positions: torch.Tensor,
-                step: DeviceStep) -> torch.Tensor:
-    """The logits [B, 1, V] of one decode step (what a graph captures): ids [B, 1] at rotary
-    ``positions``, K, V written at ``step.write_index``."""
-    # the lengths after the write, from the write index on the device: a ~1 us kernel in the graph
-    # instead of a fill launched from the host before each replay
-    torch.add(step.write_index.expand(step.seq_lens.shape[0]), 1, out=step.seq_lens)
-    hidden = mb.embed(ids)
-    run_decode_layers(mb, cache, hidden, positions, step)
-    return logits_of(mb, final_norm(mb, hidden))
-
-
 class DecodeGraphs:
-    """The captured decode steps of one converted model, by batch size."""
+    """The captured steps of one converted model, by (batch size, step length, kept rows, padding)."""
 
     def __init__(self) -> None:
-        self._by_batch: dict[int, _Captured] = {}
+        self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self._supported: dict[tuple, bool] = {}
 
     def clear(self) -> None:
-        self._by_batch.clear()
+        self._graphs.clear()
         self._supported.clear()
+
+    def captured(self, batch: int, tokens: int, keep: int, key_starts: tuple | None = None) -> _Captured | None:
+        """The graph held for a step of this shape, if any."""
+        return self._graphs.get((batch, tokens, keep, key_starts))
 
     def supported(self, mb: ModelBinding, device: torch.device, dtype: torch.dtype) -> bool:
         """graph_decode_supported, asked once per device and dtype (the binding does not change)."""
@@ -91,61 +86,67 @@ class DecodeGraphs:
         return self._supported[key]
 
     def step(self, mb: ModelBinding, cache: ChunkKVCache, ids: torch.Tensor, positions: torch.Tensor | None,
-             past: int, key_starts: list[int] | None) -> torch.Tensor:
-        """Run one decode step (ids [B, 1]) on a cache holding ``past`` positions, growing it when
-        full; returns logits [B, 1, V]. ``positions`` [1 or B, 1] are the rotary positions, None for
-        ``past``."""
-        b = ids.shape[0]
-        starts_host = tuple(key_starts) if key_starts else None
-        cap = self._by_batch.get(b)
-        if (cap is None or cap.starts_host != starts_host or past >= cap.capacity
+             past: int, key_starts: list[int] | None, keep: int) -> torch.Tensor:
+        """Run one step (ids [B, T]) on a cache holding ``past`` positions, growing it when full;
+        returns the last ``keep`` rows' logits [B, keep, V]. ``positions`` [1 or B, T] are the rotary
+        positions, None for the cache positions."""
+        b, t = ids.shape
+        key = (b, t, keep, tuple(key_starts) if key_starts else None)
+        cap = self._graphs.get(key)
+        if (cap is None or past + t > cap.capacity or cap.split_keys != cache.split_keys
                 or not _same_buffers(cap.buffer_refs, cache)):
-            cap = self._prepare(mb, cache, ids, positions, past, starts_host)
+            cap = self._prepare(mb, cache, key, ids, positions, past, key_starts, keep)
+        self._graphs.move_to_end(key)
         cap.ids.copy_(ids)
-        if positions is None:  # the default: the token's cache position, and the write index, in one fill
-            cap.past.fill_(past)
+        if positions is None:
+            torch.arange(past, past + t, out=cap.positions[0])
+            if b > 1:
+                cap.positions[1:].copy_(cap.positions[0])
         else:
-            cap.positions.copy_(positions.expand(b, 1))
-            cap.step.write_index.fill_(past)
+            cap.positions.copy_(positions.expand(b, t))
+        torch.arange(past, past + t, out=cap.step.write_index)
         cap.graph.replay()
         return cap.logits.clone()  # the static output is overwritten by the next replay
 
-    def _prepare(self, mb, cache, ids, positions, past, starts_host) -> _Captured:
-        """Room for position ``past`` in every layer, and a graph over the cache's buffers as they
-        are now: the one held for this batch when their addresses and shapes are the ones it was
-        captured with (also a new cache the allocator placed where the last one was), else a new one."""
-        b, weight = ids.shape[0], mb.embed.weight
-        for layer, lb in zip(cache.layers, mb.layers):
-            layer.reserve(b, lb.n_kv, lb.head_dim, weight.dtype, weight.device, past + 1)
-        cap = self._by_batch.get(b)
-        if cap is None or cap.starts_host != starts_host or cap.buffers != _buffers(cache):
-            cap = self._capture(mb, cache, ids, positions, past, starts_host)
-            self._by_batch[b] = cap
+    def _prepare(self, mb, cache, key, ids, positions, past, key_starts, keep) -> _Captured:
+        """Room for the step in every layer, and a graph over the cache's buffers as they are now: the one
+        held for this key when their addresses and shapes are the ones it was captured with (also a new
+        cache the allocator placed where the last one was), else a new one."""
+        b, t = ids.shape
+        reserve(mb, cache, b, past + t, t)
+        cap = self._graphs.get(key)
+        if cap is None or cap.buffers != _buffers(cache) or cap.split_keys != cache.split_keys:
+            cap = self._capture(mb, cache, ids, positions, past, key_starts, keep)
+            self._graphs[key] = cap
+            while len(self._graphs) > _MAX_GRAPHS:
+                self._graphs.popitem(last=False)
         cap.buffer_refs = _buffer_refs(cache)
-        cap.capacity = min(layer.k_buf.shape[2] for layer in cache.layers)
+        cap.capacity = min(layer.position_limit(t) for layer in cache.layers)  # a ring past its window: unbounded
         return cap
 
-    def _capture(self, mb, cache, ids, positions, past, starts_host) -> _Captured:
-        b, device = ids.shape[0], ids.device
-        past_buf = torch.full((b + 1,), past, dtype=torch.long, device=device)  # positions, then the write index
-        step = DeviceStep(
-            write_index=past_buf[b:],
-            seq_lens=torch.full((b,), past + 1, dtype=torch.int32, device=device),
-            starts=None if starts_host is None else torch.tensor(starts_host, dtype=torch.int32, device=device),
-        )
+    def _capture(self, mb, cache, ids, positions, past, key_starts, keep) -> _Captured:
+        b, t = ids.shape
+        device = ids.device
+        step = device_step(cache, past, t, b, key_starts, device)
+        # the lengths after the write, from the write index on the device: a kernel in the graph instead
+        # of a fill launched from the host before each replay
         static_ids = ids.clone()
-        static_pos = past_buf[:b].view(b, 1)
-        if positions is not None:
-            static_pos.copy_(positions.expand(b, 1))
+        static_pos = (torch.arange(past, past + t, device=device)[None] if positions is None
+                      else positions.to(device)).expand(b, t).contiguous()
+
+        def run() -> torch.Tensor:
+            torch.add(step.write_index[-1:].expand(b), 1, out=step.seq_lens)
+            return step_logits(mb, cache, static_ids, None, static_pos, step, keep)
+
         # Warm-up on a side stream (cuBLAS workspaces, lazy inits). Writing this step's K, V is
         # idempotent, so running the step here and again at the replay changes nothing.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            step_logits(mb, cache, static_ids, static_pos, step)
+            run()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = step_logits(mb, cache, static_ids, static_pos, step)
-        return _Captured(graph, static_ids, static_pos, past_buf, step, logits, _buffers(cache), starts_host,
-                         buffer_refs=[], capacity=0)  # set by _prepare
+            logits = run()
+        return _Captured(graph, static_ids, static_pos, step, logits, _buffers(cache), buffer_refs=[], capacity=0,
+                         split_keys=cache.split_keys)

@@ -26,11 +26,15 @@ def final_norm(mb: ModelBinding, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, weight, mb.norm_eps, gemma=mb.adapter.gemma_norms)
 
 
+def softcap(mb: ModelBinding, logits: torch.Tensor) -> torch.Tensor:
+    """The final logit soft-capping of the models that have one (Gemma)."""
+    if mb.final_softcap is None:
+        return logits
+    return torch.tanh(logits / mb.final_softcap) * mb.final_softcap
+
+
 def logits_of(mb: ModelBinding, normed: torch.Tensor) -> torch.Tensor:
-    logits = mb.lm_head(normed)
-    if mb.final_softcap is not None:
-        logits = torch.tanh(logits / mb.final_softcap) * mb.final_softcap
-    return logits
+    return softcap(mb, mb.lm_head(normed))
 
 
 def iter_logits(mb: ModelBinding, hidden: torch.Tensor, r0: int, r1: int, chunk: int,

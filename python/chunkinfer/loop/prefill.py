@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from ..kv.cache import PREFILL_HEADROOM, ChunkKVCache
-from ..kv.host_attention import SplitStep, split_decode_attention
+from ..kv.ring import STEP_TOKENS, RingKVLayer
 from ..kv.offload import LayerStreamer
 from ..models.adapters import LayerBinding, ModelBinding
 from .. import ops
-from .attention import block_attention
+from . import layer as layer_mod
+from .attention import block_attention, first_key
 from .layer import LayerOps, act_buffer
 from .rope import Rope
 
@@ -52,18 +53,10 @@ def block(layer: LayerOps, inp: LoopInputs, r0: int, r1: int) -> None:
     q, k, v = layer.qkv(layer.norm(x, lb.input_norm), want_q=True)
     layer.rotate_and_write(q, k, v, r0, r1, inp.write_index[r0:r1])
     q_start = inp.start + r0
-    keys, values = layer.kv.view(q_start + x.shape[1])
+    lo = first_key(q_start, lb.window)  # a ring (sliding-window layer) holds only the window
+    keys, values = layer.kv.band(lo, q_start + x.shape[1])
     x.add_(layer.finish(x, block_attention(q.transpose(1, 2), keys, values, q_start, inp.key_starts,
-                                           lb.window, lb.scale)))
-
-
-def split_decode(layer: LayerOps, inp: LoopInputs, host_layer, split: SplitStep, share, r0: int, r1: int) -> None:
-    """One new token per sequence on a host-resident layer: its first cached positions attended on the
-    CPU where they live, the staged rest on the GPU, merged (kv/host_attention.py)."""
-    lb, x = layer.lb, inp.hidden
-    q, k, v = layer.qkv(layer.norm(x, lb.input_norm), want_q=True)
-    layer.rotate_and_write(q, k, v, r0, r1, inp.write_index[r0:r1])
-    x.add_(layer.finish(x, split_decode_attention(q.transpose(1, 2), layer.kv, host_layer, split, lb.scale, share)))
+                                           lb.window, lb.scale, key_offset=lo, sinks=lb.sinks)))
 
 
 def _layer_chunks(inp: LoopInputs, n_layers: int) -> list[int]:
@@ -77,9 +70,8 @@ def _layer_chunks(inp: LoopInputs, n_layers: int) -> list[int]:
 
 
 def cross_to(inp: LoopInputs, device: torch.device) -> None:
-    """The residual stream (and the positions) go to the next layer's device: the whole stream once
-    per device boundary, never per chunk."""
-    inp.hidden = inp.hidden.to(device)
+    """The residual stream and the positions go to the next layer's device."""
+    inp.hidden = layer_mod.to_layer_device(inp.hidden, device)
     inp.position_ids = inp.position_ids.to(device)
     if inp.write_index is not None:
         inp.write_index = inp.write_index.to(device)
@@ -111,17 +103,7 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.
     def n_chunks(rows: int, chunk: int) -> int:
         return -(-rows // chunk)
 
-    streamer = LayerStreamer.for_call(cache, shape_of, inp.start, end, headroom,
-                                      attends_all=lambda li: not mb.layers[li].window and ops.decode_kernel_supports(
-                                          mb.layers[li].head_dim, hidden.device))
-    splits: dict = {}  # (n_q, head_dim) -> the SplitStep of this call's CPU-attended host layers
-
-    def split_for(lb: LayerBinding, n_cpu: int) -> SplitStep:
-        key = (lb.n_q, lb.head_dim)
-        if key not in splits:
-            splits[key] = SplitStep.build(n_cpu, end, inp.key_starts, b, lb.n_q, lb.head_dim, hidden.dtype,
-                                          hidden.device)
-        return splits[key]
+    streamer = LayerStreamer.for_call(cache, shape_of, inp.start, end, headroom)
 
     lf = inp.last_rows_from
     total = sum(n_chunks(s, c) for c in chunks[:-1]) + n_chunks(lf, chunks[-1]) + n_chunks(s - lf, chunks[-1])
@@ -146,7 +128,7 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.
                 kv = streamer.begin(li)
             else:
                 kv = cache.layers[li]
-                kv.reserve(b, lb.n_kv, lb.head_dim, hidden.dtype, hidden.device, end, headroom)
+                kv.reserve(b, lb.n_kv, lb.head_dim, hidden.dtype, hidden.device, end, headroom, new_tokens=min(chunk, s))
             if act_buf is None:
                 act_rows = b * min(chunk, s)
                 act_buf = act_buffer(mb, hidden, act_rows)
@@ -154,11 +136,6 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.
             first = lf if li == last else 0
             steps = [(functools.partial(kv_only, layer, inp), r0, min(r0 + chunk, first)) for r0 in range(0, first, chunk)]
             steps += [(functools.partial(block, layer, inp), r0, min(r0 + chunk, s)) for r0 in range(first, s, chunk)]
-            n_cpu = streamer.cpu_keys.get(li, 0) if streamed else 0
-            if n_cpu:  # a one-token decode step (s == 1): attention split between the CPU and the GPU
-                split = functools.partial(split_decode, layer, inp, cache.layers[li], split_for(lb, n_cpu),
-                                          cache.host.cpu_share)
-                steps = [(split, 0, s)]
             with mb.devices.onloaded(li):  # accelerate-offloaded weights: loaded once for all chunks
                 for fn, r0, r1 in steps:
                     fn(r0, r1)
@@ -167,6 +144,8 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.
                         inp.progress(done, total)
             if streamed:
                 streamer.finish(li)
+            elif s > STEP_TOKENS and isinstance(kv, RingKVLayer):
+                kv.shrink(end)  # after a prompt a ring keeps only its window (new chunks grow it again)
         failed = False
     finally:
         if streamer is not None:

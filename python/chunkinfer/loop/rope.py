@@ -33,9 +33,32 @@ class Rope:
         cos, sin = rotary(self.x, pos) if key is None else rotary(self.x, pos, key)
         if self.global_max is not None:
             cos, sin = cos[:, :-1], sin[:, :-1]
+        if self.mb.adapter.rope_half_tables:  # each half of the rotated dims by the same angles (gpt-oss)
+            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
         half = sin.shape[-1] // 2
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         res = (cos, sin)
         if self.single_block:
             self.memo[memo_key] = res
         return res
+
+
+def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] rotated on its first R dims in pairs (2i, 2i + 1), as GLM's apply_rotary_pos_emb
+    does it (in x's dtype): cos, sin [B or 1, T, R] as Rope.get gives them (sin's first half negated)."""
+    r = cos.shape[-1]
+    c = cos[..., : r // 2].repeat_interleave(2, dim=-1).unsqueeze(2)
+    s = (-sin[..., : r // 2]).repeat_interleave(2, dim=-1).unsqueeze(2)
+    xr = x[..., :r]
+    turned = torch.stack((-xr[..., 1::2], xr[..., 0::2]), dim=-1).flatten(-2)
+    return torch.cat([xr * c + turned * s, x[..., r:]], dim=-1)
+
+
+def write_interleaved(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      kv, index: torch.Tensor) -> None:
+    """rotary_kv_write for pairwise-interleaved rotary (the op rotates halves): q rotated in place, the
+    rotated k and v written at cache slots ``index`` (a device tensor, so a CUDA graph replays it)."""
+    if q is not None:
+        q.copy_(_rotate_interleaved(q, cos, sin))
+    kv.k_buf.index_copy_(2, index, _rotate_interleaved(k, cos, sin).transpose(1, 2).to(kv.k_buf.dtype))
+    kv.v_buf.index_copy_(2, index, v.transpose(1, 2).to(kv.v_buf.dtype))

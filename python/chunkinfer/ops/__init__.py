@@ -47,7 +47,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      starts: torch.Tensor | None = None, *, scale: float | None = None, window: int = 0,
-                     prefix_ready: bool = False, out: torch.Tensor | None = None,
+                     prefix_ready: bool = False, split_keys: int = 0, out: torch.Tensor | None = None,
                      lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of T new tokens per sequence over a preallocated KV cache; returns (out, lse).
 
@@ -58,9 +58,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     are read on the device, so a CUDA graph captured once serves every later length up to the
     capacity. out [B, Hq, T, D] has q's dtype, lse [B, Hq, T] is fp32 (natural log, -inf where a
     query saw no key, its out then 0). Pass both ``out`` and ``lse`` to write into them. The lengths
-    are not checked against the capacity (that would need a device sync): a seq_len beyond it is
-    read as the capacity, a start outside [0, seq_len] is clamped into it. CUDA: head dim 64, 128
-    or 256, K, V 16-byte aligned; CPU: any head dim.
+    are not checked against the capacity (that would need a device sync): with window 0 a seq_len
+    beyond it is read as the capacity; with window > 0 the cache may be a ring: key j at slot
+    j % capacity (the caller keeps capacity >= window + T - 1). A start outside [0, seq_len] is
+    clamped into it. CUDA: head dim 64, 128 or 256, K, V 16-byte aligned; CPU: any head dim.
+
+    ``split_keys`` > 0 (a multiple of 256): the keys are reduced in pieces [i * split_keys, (i + 1) *
+    split_keys) of absolute position, merged in order, so a query's result depends only on its own
+    position and keys, never on T, the other queries, the lengths or the capacity: a T-token step
+    computes each row bit for bit as a one-token step at that position does (with the same
+    split_keys). 0: the key range is cut into as many pieces as fill the device (faster for one-off
+    calls, but the pieces move with the length).
 
     ``prefix_ready`` (CUDA; a promise, not checked): no kernel still running when this one starts
     writes seq_lens, starts or the cached K, V before the new tokens, so the kernel reads them
@@ -70,11 +78,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     if out is None and lse is None:
         return torch.ops.chunkinfer.decode_attention(q, k_cache, v_cache, seq_lens, starts, scale, window,
-                                                     prefix_ready)
+                                                     prefix_ready, split_keys)
     if out is None or lse is None:
         raise ValueError("decode_attention: pass both out and lse, or neither")
     torch.ops.chunkinfer.decode_attention_out(out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window,
-                                              prefix_ready)
+                                              prefix_ready, split_keys)
     return out, lse
 
 

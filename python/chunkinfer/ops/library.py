@@ -19,8 +19,8 @@ SCHEMAS = {
     "rms_norm": "rms_norm(Tensor x, Tensor weight, float eps, bool gemma=False) -> Tensor",
     "rms_norm_out": "rms_norm_out(Tensor(a!) out, Tensor x, Tensor weight, float eps, bool gemma=False) -> ()",
     "fused_add_rms_norm": "fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, bool gemma=False) -> ()",
-    "decode_attention": "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0, bool prefix_ready=False) -> (Tensor, Tensor)",
-    "decode_attention_out": "decode_attention_out(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0, bool prefix_ready=False) -> ()",
+    "decode_attention": "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0, bool prefix_ready=False, int split_keys=0) -> (Tensor, Tensor)",
+    "decode_attention_out": "decode_attention_out(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0, bool prefix_ready=False, int split_keys=0) -> ()",
     "merge_attn_states": "merge_attn_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)",
     "merge_attn_states_out": "merge_attn_states_out(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> ()",
     "gemv": "gemv(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor? norm_weight=None, float eps=0.0, bool gemma=False, Tensor? add=None, Tensor(a!)? residual_out=None) -> Tensor",
@@ -62,11 +62,12 @@ def _register_reference_ops() -> None:
         residual.copy_(new_residual)
         x.copy_(normed)
 
-    def decode(q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0, prefix_ready=False):
-        return reference.decode_attention(q, k_cache, v_cache, seq_lens, starts, scale, window)
+    def decode(q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0, prefix_ready=False, split_keys=0):
+        return reference.decode_attention(q, k_cache, v_cache, seq_lens, starts, scale, window, split_keys)
 
-    def decode_out(out, lse, q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0, prefix_ready=False):
-        o, l = decode(q, k_cache, v_cache, seq_lens, starts, scale, window)
+    def decode_out(out, lse, q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0, prefix_ready=False,
+                   split_keys=0):
+        o, l = decode(q, k_cache, v_cache, seq_lens, starts, scale, window, split_keys)
         out.copy_(o)
         lse.copy_(l)
 
@@ -108,7 +109,7 @@ def _register_fakes() -> None:
         return torch.empty_like(x)
 
     @torch.library.register_fake("chunkinfer::decode_attention")
-    def _(q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0, prefix_ready=False):
+    def _(q, k_cache, v_cache, seq_lens, starts=None, scale=None, window=0, prefix_ready=False, split_keys=0):
         return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
     @torch.library.register_fake("chunkinfer::merge_attn_states")

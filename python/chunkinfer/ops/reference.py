@@ -61,15 +61,18 @@ def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      starts: torch.Tensor | None = None, scale: float | None = None,
-                     window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     window: int = 0, split_keys: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of T new tokens per sequence over a preallocated KV cache.
 
     q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, cap, D]; seq_lens, starts [B] (int). Query t of
     sequence b sits at position pos = seq_lens[b] - T + t and sees the keys j with
     starts[b] <= j <= pos (and pos - window < j when window > 0); query head h reads kv head
-    h // (Hq // Hkv). Returns out [B, Hq, T, D] in q's dtype and the natural-log log-sum-exp
-    lse [B, Hq, T] (fp32, or float64 for float64 inputs); a query that sees no key gets out 0 and
-    lse -inf. Only cache positions [starts, seq_lens) are read, so the rest may hold anything.
+    h // (Hq // Hkv). Key j lives at cache slot j: with window 0 a seq_len beyond the capacity is
+    read as the capacity; with window > 0 the cache may be a ring, key j at slot j % cap (the caller
+    keeps cap >= window + T - 1). Returns out [B, Hq, T, D] in q's dtype and the natural-log
+    log-sum-exp lse [B, Hq, T] (fp32, or float64 for float64 inputs); a query that sees no key gets
+    out 0 and lse -inf. Only the slots of the keys some query sees are read. ``split_keys`` changes
+    the kernels' order of summation, not the result: the exact math ignores it.
     """
     B, Hq, T, D = q.shape
     Hkv, cap = k_cache.shape[1], k_cache.shape[2]
@@ -81,18 +84,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     lens = seq_lens.tolist()
     firsts = starts.tolist() if starts is not None else [0] * B
     for b in range(B):
-        length = min(max(lens[b], 0), cap)
+        length = max(lens[b], 0) if window > 0 else min(max(lens[b], 0), cap)
         start = min(max(firsts[b], 0), length)
         lo = max(start, length - T - window + 1) if window > 0 else start
         if lo >= length:
             continue
         keys = torch.arange(lo, length, device=q.device)
+        slots = keys % cap
         pos = torch.arange(length - T, length, device=q.device)
         allowed = (keys[None, :] >= start) & (keys[None, :] <= pos[:, None])  # [T, n]
         if window > 0:
             allowed &= keys[None, :] > pos[:, None] - window
-        k = k_cache[b, :, lo:length].to(ct).repeat_interleave(g, dim=0)  # [Hq, n, D]
-        v = v_cache[b, :, lo:length].to(ct).repeat_interleave(g, dim=0)
+        k = k_cache[b][:, slots].to(ct).repeat_interleave(g, dim=0)  # [Hq, n, D]
+        v = v_cache[b][:, slots].to(ct).repeat_interleave(g, dim=0)
         s = torch.einsum("htd,hnd->htn", q[b].to(ct), k) * scale
         s = s.masked_fill(~allowed, float("-inf"))
         row_lse = torch.logsumexp(s, dim=-1)  # [Hq, T]

@@ -106,7 +106,7 @@ def calibrate(model, seq_lens: tuple[int, ...] | None = None, *, chunk_size: int
             _measure(model, ids, device)  # warm-up: buffers made once per process
             measured = max(_measure(model, ids, device) for _ in range(2))
             call = PromptCall(1, 0, n, dtype, device)
-            p = plan_prompt(model, call, ChunkKVCache(len(state.binding.layers)), chunk_size=chunk, memory_budget=None)
+            p = plan_prompt(model, call, ChunkKVCache(len(state.binding.layers), windows=state.binding.windows), chunk_size=chunk, memory_budget=None)
             default = p.calibration
             runs.append(CalibrationRun(n, chunk, measured, p.shape_bytes))
     finally:

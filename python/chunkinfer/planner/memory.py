@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..kv.cache import PREFILL_HEADROOM, capacity_for
+from ..kv.ring import held_capacity, ring_capacity
 from .schedule import ChunkWork
 from .shape import Shape
 from .units import GiB
@@ -66,13 +67,33 @@ def decode_growth(cap: int, needed: int) -> tuple[int, int]:
     return cap, prev
 
 
+def layer_positions(window: int | None, end: int, cap: int) -> int:
+    """Positions a layer's K, V buffer holds once ``end`` are cached: a full-attention layer the cache's
+    capacity ``cap``, a sliding-window layer's ring its window (kv/ring.py: ``held_capacity``)."""
+    return cap if window is None else held_capacity(window, end)
+
+
+def ring_extra_positions(shape: Shape, end: int, chunk: int) -> int:
+    """Positions the largest ring holds beyond its window while its layer runs a chunk (one layer at a
+    time: the ring shrinks back after its layer)."""
+    return max((ring_capacity(w, end, chunk) - held_capacity(w, end) for w in shape.windows if w), default=0)
+
+
+def _moe_block(shape: Shape, rows: int, elt: int) -> int:
+    """A mixture-of-experts MLP's temporaries for ``rows`` rows (loop/moe.py): router logits and their
+    softmax (fp32), the sorted (row, slot) indices, and for the largest expert group (at most every
+    row) its rows, gate|up, activation, output and weighted output, plus the zeroed output."""
+    h, i = shape.hidden, shape.expert_intermediate
+    return rows * (2 * shape.experts * 4 + 3 * shape.top_k * 8 + (3 * h + 3 * i) * elt + h * elt)
+
+
 def work_bytes(shape: Shape, rows: int, batch: int, elt: int) -> ChunkWork:
     """Chunk work-buffer bytes for ``rows`` rows (see the module docstring)."""
     b, c = batch, rows
     h, i, v = shape.hidden, shape.intermediate, shape.vocab
     q = b * c * shape.n_q * shape.head_dim * elt          # [B, Hq, C, D] in the model dtype
     kv1 = b * c * shape.n_kv * shape.head_dim * elt       # one of k, v for the chunk
-    act = b * c * i * elt                                 # the reused MLP activation buffer
+    act = b * c * i * elt if not all(shape.sparse or [False]) else 0  # the reused dense MLP activation buffer
     lse = b * shape.n_q * c * 4                           # fp32 log-sum-exp [B, Hq, C]
     merge = q + lse                                       # merge_attn_states' output and lse
     qkv_live = b * c * (shape.n_q + 2 * shape.n_kv) * shape.head_dim * elt if shape.fused else 2 * kv1
@@ -81,6 +102,8 @@ def work_bytes(shape: Shape, rows: int, batch: int, elt: int) -> ChunkWork:
     band = max((b * (shape.n_q // shape.n_kv) * c * (c + w) for w in shape.windows if w), default=0)
     windowed = q + 2 * kv1 + band + q
     mlp = q + qkv_live + q + 2 * b * c * h * elt + 2 * b * c * i * elt  # + attn out, o, down, gate, up
+    if any(shape.sparse):
+        mlp = max(mlp, q + qkv_live + q + b * c * h * elt + _moe_block(shape, b * c, elt))
     block = max(attention, attention_block, windowed, mlp)
     kv_only = b * c * h * elt + 2 * kv1 + 3 * kv1 + b * v * elt + b * h * elt  # norm, k, v, rope, logits
     return ChunkWork(activation=act, block=block, kv_only=kv_only)

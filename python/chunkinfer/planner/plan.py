@@ -17,8 +17,9 @@ import torch
 from ..kv.cache import PREFILL_HEADROOM, capacity_for
 from ..kv.transfer import available as offload_engine_available
 from ..loop.head import head_chunk_rows
-from .memory import (CPU_CALIBRATION, CUDA_CALIBRATION, HOST_USABLE, Calibration, decode_growth, kv_capacity, slack,
-                     work_bytes)
+from ..kv.ring import held_capacity, ring_capacity
+from .memory import (CPU_CALIBRATION, CUDA_CALIBRATION, HOST_USABLE, Calibration, decode_growth, kv_capacity,
+                     ring_extra_positions, slack, work_bytes)
 from .rates import (H200_ATTENTION_FLOPS, H200_DECODE_BYTES_PER_S, H200_DECODE_STEP_MS, H200_H2D_BYTES_PER_S,
                     H200_LINEAR_FLOPS, H200_SPLIT_CPU_BYTES_PER_S, RATES_FROM, decode_bytes, prefill_flops)
 from .schedule import CHUNK_LIMITS, CallMemory, ChunkWork, chunk_candidates, choose, describe
@@ -211,24 +212,38 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
     call_cap = capacity_for(past_capacity, end, PREFILL_HEADROOM if seq_len > 1 else 0)
     cap, prev_cap = decode_growth(call_cap, end + decode_tokens)
     layer_kv = per_position * cap
-    growth_kv = per_position * prev_cap if cap != prev_cap else 0
+    windows = shape.windows
+    full = [w is None for w in windows]
+    growth_kv = per_position * prev_cap if cap != prev_cap and any(full) else 0
+    # a sliding-window layer keeps a ring of its window, on the device whatever the placement (kv/ring.py)
+    final = end + decode_tokens
+    ring_kv = [0 if w is None else per_position * (ring_capacity(w, final, 1) if decode_tokens else held_capacity(w, end))
+               for w in windows]
+    ring_old = [0 if w is None else per_position * held_capacity(w, past) for w in windows]
     works: dict[int, ChunkWork] = {}
 
     def work_of(c: int) -> ChunkWork:
         if c not in works:
-            works[c] = work_bytes(shape, min(c, seq_len), batch, elt)
+            w = work_bytes(shape, min(c, seq_len), batch, elt)
+            ring_extra = per_position * ring_extra_positions(shape, end, min(c, seq_len))  # while its layer runs
+            works[c] = ChunkWork(w.activation + ring_extra, w.block, w.kv_only)
         return works[c]
+
+    def host_count(n_resident: int) -> int:
+        return sum(full[n_resident:])
 
     # the LM head after the loop: the returned logits and one head chunk's normed rows and logits
     head_rows = head_chunk_rows(seq_len, shape.vocab)  # at most: the loop's chunk caps it too
     logits = batch * (logits_rows * shape.vocab + head_rows * (shape.vocab + shape.hidden)) * elt
 
     def memory(n_resident: int) -> CallMemory:
-        n_host = L - n_resident
+        n_host = host_count(n_resident)
         # offload: two layers' K, V staged on the device (the one computed, the one draining to the host)
         staging = min(2, n_host) * layer_kv if n_host else 0
-        return CallMemory(kv_old=[per_position * past_capacity] * n_resident + [0] * n_host,
-                          kv_new=[layer_kv] * n_resident + [0] * n_host, fixed=residual + staging + growth_kv,
+        kv_old = [ring_old[i] if not full[i] else (per_position * past_capacity if i < n_resident else 0)
+                  for i in range(L)]
+        kv_new = [ring_kv[i] if not full[i] else (layer_kv if i < n_resident else 0) for i in range(L)]
+        return CallMemory(kv_old=kv_old, kv_new=kv_new, fixed=residual + staging + growth_kv,
                           work=work_of, last_layer_block=last_layer_block, tail=logits if logits_rows > 1 else 0)
 
     def total(alloc: int) -> int:
@@ -242,10 +257,11 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         return choose(memory(n_resident), cands, fits)
 
     def parts_of(n_resident: int, chunks: list[int]) -> tuple[dict, int, int]:
-        n_host = L - n_resident
-        alloc, layer = memory(n_resident).peak(chunks)
+        n_host = host_count(n_resident)
+        mem = memory(n_resident)
+        alloc, layer = mem.peak(chunks)
         staging = min(2, n_host) * layer_kv if n_host else 0
-        kv = n_resident * layer_kv + growth_kv
+        kv = sum(mem.kv_new) + growth_kv
         parts = {"process baseline": baseline} if cpu else {}
         parts |= {"weights": weights, "residual stream": residual, ("KV cache" if cpu else "KV resident"): kv}
         if n_host:
@@ -279,7 +295,7 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
     report_chunk = min(chunks) if chunks is not None else candidates[-1]
     peak_chunks = chunks if chunks is not None else [report_chunk] * L
     parts, peak_layer, shape_bytes = parts_of(n_resident, peak_chunks)
-    n_host = L - n_resident
+    n_host = host_count(n_resident)
     host_kv = n_host * layer_kv
     # the arena hands out exact regions from 1 GiB slabs: at most one slab's tail is unused
     host_parts = {} if cpu else {"KV on host": host_kv, "pinned arena slab tail": GiB if n_host else 0}
@@ -320,7 +336,8 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
                   "are usable")
     fits_all = not reason
     if fits_all and n_host:
-        notes.append(f"layers {n_resident}..{L - 1} keep their KV in pinned host memory (kv_offload=True); "
+        notes.append(f"{n_host} full-attention layers from layer {n_resident} on keep their KV in pinned host memory "
+                     "(kv_offload=True); "
                      + ("each decode step attends part of it on the CPU and streams the rest to the device"
                         if cpu_attention else "each decode step streams it to the device once"))
     if chunks is not None and len(set(chunks)) > 1:
@@ -333,8 +350,12 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
                      "and anything else the process holds are not included")
     elif dt != torch.bfloat16:
         notes.append("times are bf16 measurements; other dtypes are not calibrated")
-    if any(shape.windows):
-        notes.append("sliding-window layers keep every position in the current cache (counted in full)")
+    if any(windows):
+        rings = sorted({(w, ring_kv[i] // per_position) for i, w in enumerate(windows) if w})
+        notes.append(f"{L - sum(full)} of {L} layers slide: each keeps a ring of its window ("
+                     + ", ".join(f"window {w}: {n:,} positions" for w, n in rings)
+                     + f"), plus one chunk's positions while its layer runs; {sum(full)} full-attention layers "
+                     f"hold {cap:,}")
 
     prefill_s = per_tok = decode_s = None
     if not cpu:
@@ -350,7 +371,8 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         decode_s = per_tok * decode_tokens / 1e3
     return Plan(model_type=shape.model_type, seq_len=seq_len, batch=batch, dtype=dtype_name(dt),
                 chunk_size=min(chunks) if chunks is not None else None, breakdown_chunk=report_chunk,
-                kv_capacity=cap, resident_layers=list(range(n_resident)), host_layers=list(range(n_resident, L)),
+                kv_capacity=cap, resident_layers=[i for i in range(L) if i < n_resident or not full[i]],
+                host_layers=[i for i in range(n_resident, L) if full[i]],
                 device_breakdown=parts, host_breakdown=host_parts, device_memory=dev, host_memory=host,
                 prefill_seconds=prefill_s, decode_ms_per_token=per_tok, decode_seconds=decode_s, fits=fits_all,
                 reason=reason, allow_offload=allow_offload, offload_available=offload_available, notes=notes,

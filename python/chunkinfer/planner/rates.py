@@ -29,7 +29,7 @@ RATES_FROM = "H200 measurements, bench/results/model_h200.jsonl"
 
 def prefill_flops(shape: Shape, seq_len: int, batch: int = 1, past: int = 0) -> tuple[float, float]:
     """(linear-layer FLOPs, attention FLOPs) of a prefill of ``seq_len`` tokens after ``past`` cached ones."""
-    linear = 2.0 * batch * seq_len * shape.layers * shape.layer_linear_params() + 2.0 * batch * shape.hidden * shape.vocab
+    linear = 2.0 * batch * seq_len * shape.active_linear_params() + 2.0 * batch * shape.hidden * shape.vocab
     per_pair = 4.0 * shape.n_q * shape.head_dim  # QK^T and PV, 2 FLOPs per multiply-add
     attn = 0.0
     s, p = float(seq_len), float(past)
@@ -44,8 +44,10 @@ def prefill_flops(shape: Shape, seq_len: int, batch: int = 1, past: int = 0) -> 
 
 
 def decode_bytes(shape: Shape, length: int, batch: int, elt: int) -> float:
-    """Bytes one decode step reads: every weight but the embedding table (one row), plus the K, V in view."""
+    """Bytes one decode step reads: every weight but the embedding table (one row) and the experts no
+    row chose, plus the K, V in view."""
     weights = shape.weight_params() - (0 if shape.tied else shape.vocab * shape.hidden)
+    weights -= sum(shape.layer_linear_params(li) for li in range(shape.layers)) - shape.active_linear_params(batch)
     kv = 0
     for w in shape.windows:
         kv += shape.kv_bytes_per_token_layer(elt) * (length if w is None else min(length, w))

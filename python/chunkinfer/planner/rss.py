@@ -71,7 +71,7 @@ sys.path.insert(0, {root!r})
 import torch, transformers, chunkinfer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[{model_type!r}])  # imports the modeling code
-from chunkinfer.rss import current_rss
+from chunkinfer.planner.rss import current_rss
 print(current_rss())
 """
 
@@ -81,7 +81,7 @@ def fresh_process_baseline(model_type: str) -> int:
     """RSS of a fresh interpreter (this one's executable) once it has imported torch, transformers,
     chunkinfer and the modeling code of ``model_type``: what a process holds before any weights.
     Measured once per model type and process (a child process, a few seconds)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds chunkinfer/
     code = _BASELINE_CODE.format(root=root, model_type=model_type)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     if done.returncode != 0:

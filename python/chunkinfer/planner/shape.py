@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..models.adapters import adapter_for_config, layer_windows
+from ..models.adapters import adapter_for_config, check_layer_types, layer_windows, sparse_layers
 
 
 def load_config(config):
@@ -25,6 +25,7 @@ def load_config(config):
     if config.model_type == "gemma3" and hasattr(config, "text_config"):
         config = config.text_config
     adapter_for_config(config)  # raises for an unsupported model_type, naming the supported ones
+    check_layer_types(config)
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise ValueError("attention logit soft-capping (config.attn_logit_softcapping) is not supported")
     return config
@@ -49,6 +50,14 @@ class Shape:
     qk_norm: bool
     gemma_norms: bool
     fused: bool     # Phi-3: qkv_proj and gate_up_proj are single tensors
+    norms: int = 2  # RMSNorms over the hidden size per layer (4 with sandwich norms)
+    sparse: tuple = ()   # per layer: a mixture-of-experts MLP (else dense, of ``intermediate``)
+    experts: int = 0     # mixture of experts: experts per layer, chosen per token, their width, biases
+    top_k: int = 0
+    expert_intermediate: int = 0
+    expert_bias: bool = False
+    o_bias: bool = False
+    sinks: bool = False  # a sink logit per query head and layer
 
     @classmethod
     def from_config(cls, config) -> "Shape":
@@ -65,27 +74,53 @@ class Shape:
             raise ValueError(f"{n_q} query heads is not a multiple of {n_kv} KV heads")
         adapter = adapter_for_config(config)
         qkv_bias = adapter.qkv_bias if adapter.qkv_bias is not None else bool(getattr(config, "attention_bias", False))
+        moe = adapter.moe
+        experts = dict(sparse=sparse_layers(config))
+        if moe is not None:
+            experts |= dict(experts=getattr(config, moe.experts_attr), top_k=getattr(config, moe.top_k_attr),
+                            expert_intermediate=getattr(config, moe.intermediate_attr), expert_bias=moe.bias)
         return cls(model_type=mt, layers=config.num_hidden_layers, hidden=config.hidden_size,
                    intermediate=config.intermediate_size, n_q=n_q, n_kv=n_kv, head_dim=head_dim,
                    vocab=config.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
                    windows=layer_windows(config), qkv_bias=qkv_bias,
                    mlp_bias=bool(getattr(config, "mlp_bias", False)), qk_norm=adapter.qk_norm,
-                   gemma_norms=adapter.gemma_norms, fused=adapter.fused_qkv)
+                   gemma_norms=adapter.gemma_norms, fused=adapter.fused_qkv, norms=adapter.norm_count(),
+                   o_bias=adapter.o_bias and bool(getattr(config, "attention_bias", False)), sinks=adapter.sinks,
+                   **experts)
 
-    def layer_linear_params(self) -> int:
-        h, q, kv, i = self.hidden, self.n_q * self.head_dim, self.n_kv * self.head_dim, self.intermediate
-        n = h * (q + 2 * kv) + q * h + 3 * h * i
-        if self.qkv_bias:
-            n += q + 2 * kv
-        if self.mlp_bias:
-            n += 2 * i + h
-        return n
+    def is_sparse(self, layer: int) -> bool:
+        return bool(self.sparse) and self.sparse[layer]
+
+    def attention_params(self) -> int:
+        h, q, kv = self.hidden, self.n_q * self.head_dim, self.n_kv * self.head_dim
+        return h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0) + (h if self.o_bias else 0)
+
+    def mlp_params(self, sparse: bool, experts: int | None = None) -> int:
+        """A layer's MLP weights; of a mixture of experts, the router and ``experts`` of them (all by default)."""
+        h = self.hidden
+        if not sparse:
+            i = self.intermediate
+            return 3 * h * i + (2 * i + h if self.mlp_bias else 0)
+        i = self.expert_intermediate
+        one = 3 * h * i + (2 * i + h if self.expert_bias else 0)
+        return h * self.experts + (self.experts if self.expert_bias else 0) + one * (
+            self.experts if experts is None else experts)
+
+    def layer_linear_params(self, layer: int = 0) -> int:
+        """Weights of one layer's projections and MLP (every expert)."""
+        return self.attention_params() + self.mlp_params(self.is_sparse(layer))
+
+    def active_linear_params(self, rows: int = 1) -> float:
+        """Weights all layers apply to ``rows`` rows: a mixture of experts counts the experts those rows
+        choose (at most every expert; ``rows`` = 1: a token's own top-k, the FLOPs of one token)."""
+        chosen = min(self.experts, self.top_k * rows)
+        return sum(self.attention_params() + self.mlp_params(self.is_sparse(li), chosen) for li in range(self.layers))
 
     def weight_params(self) -> int:
-        norms = (4 if self.gemma_norms else 2) * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
-        per_layer = self.layer_linear_params() + norms
+        norms = self.norms * self.hidden + (2 * self.head_dim if self.qk_norm else 0) + (self.n_q if self.sinks else 0)
+        layers = sum(self.layer_linear_params(li) + norms for li in range(self.layers))
         emb = self.vocab * self.hidden
-        return self.layers * per_layer + emb * (1 if self.tied else 2) + self.hidden
+        return layers + emb * (1 if self.tied else 2) + self.hidden
 
     def kv_bytes_per_token_layer(self, elt: int) -> int:
         return 2 * self.n_kv * self.head_dim * elt

@@ -10,7 +10,6 @@ import gc
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -18,6 +17,7 @@ import transformers as T
 from torch import nn
 
 from ..kv.placement import InsufficientMemoryError
+from ..planner.rss import available_memory, current_rss, peak_rss, release_freed_memory, reset_peak_rss
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -67,26 +67,25 @@ def _is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def _proc_status_bytes(field: str) -> int | None:
+def _rss(read: Callable[[], int]) -> int | None:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        return read()
+    except RuntimeError:  # no Linux /proc: no CPU figure
+        return None
 
 
 def reset_memory(device="cuda") -> None:
-    """Free what the allocator caches and restart the peak counters."""
+    """Free what the allocator caches (on CPU: what malloc keeps after frees) and restart the peak counters."""
     gc.collect()
     if _is_cuda(device):
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         return
+    release_freed_memory()
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # "5": peak RSS restarts from the current RSS
-    except OSError:
+        reset_peak_rss()
+    except RuntimeError:  # no Linux /proc: no CPU figures to restart
         pass
 
 
@@ -94,14 +93,21 @@ def memory_now(device="cuda") -> tuple[int | None, int | None]:
     """(allocated, reserved) bytes now; on CPU (resident set, None)."""
     if _is_cuda(device):
         return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
-    return _proc_status_bytes("VmRSS"), None
+    return _rss(current_rss), None
 
 
 def memory_peak(device="cuda") -> tuple[int | None, int | None]:
     """(allocated, reserved) peak bytes since reset_memory(); on CPU (peak resident set, None)."""
     if _is_cuda(device):
         return torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-    return _proc_status_bytes("VmHWM"), None
+    return _rss(peak_rss), None
+
+
+def free_memory(device="cuda") -> int:
+    """Bytes this process could still take: the device's free memory, or the host's MemAvailable."""
+    if _is_cuda(device):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return available_memory()
 
 
 def _minus(a: int | None, b: int | None) -> int | None:
@@ -148,12 +154,13 @@ def catching_oom(fn):
 
 
 def row(what, length, seconds=None, peak_alloc=None, peak_reserved=None, tokens=None, ms_per_token=None,
-        error=None, device="cuda") -> dict:
+        error=None, device="cuda", **extra) -> dict:
+    """One measurement as a JSON-able dict; ``extra`` adds fields of the benchmark's own."""
     return {"what": what, "length": length, "seconds": seconds, "peak_alloc_beyond_weights": peak_alloc,
             "peak_reserved_beyond_weights": peak_reserved,
             "tokens_per_s": (tokens / seconds) if (tokens and seconds) else None, "ms_per_token": ms_per_token,
             "error": error, "oom": bool(error and error.startswith("OOM")), "torch": torch.__version__,
-            "transformers": T.__version__, "device": device_name(device)}
+            "transformers": T.__version__, "device": device_name(device), **extra}
 
 
 def prefill(model, ids, label, base_alloc, base_reserved, reps: int = 1, **forward_kw):

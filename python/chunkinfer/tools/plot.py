@@ -1,6 +1,6 @@
 """The PNG of ``chunkinfer bench`` rows: peak memory, prefill tokens/s and decode ms/token against context
 length, one line per system, each system's out-of-memory point marked. Needs matplotlib
-(``pip install chunkinfer[bench]``); the rows are plain JSON lines, so they can be plotted later."""
+(``pip install matplotlib``); the rows are plain JSON lines, so they can be plotted later."""
 from __future__ import annotations
 
 import json
@@ -10,10 +10,13 @@ GiB = 1 << 30
 # colour, line style, marker per system; stock warm colours, chunkinfer cool; offloaded dashed
 STYLES = {"stock": ("tab:red", "-", "o"), "stock-offload": ("tab:orange", "--", "s"),
           "chunkinfer": ("tab:blue", "-", "o"), "chunkinfer-offload": ("tab:green", "--", "^")}
-PANELS = [("peak_alloc_beyond_weights", "peak {memory} beyond weights ({unit})", "linear"),
-          ("tokens_per_s", "prefill throughput (tokens/s)", "linear"),
-          ("ms_per_token", "decode step (ms/token, log scale)", "log")]
-MATPLOTLIB_HINT = "pip install matplotlib  (or: pip install 'chunkinfer[bench]')"
+# key, y label, direction (the panel's title says which way is better), log scale when the values span a decade
+PANELS = [("peak_alloc_beyond_weights", "peak {memory} beyond weights ({unit})", "lower"),
+          ("tokens_per_s", "prefill throughput (tokens/s)", "higher"),
+          ("ms_per_token", "decode step (ms/token)", "lower")]
+TITLES = {"peak_alloc_beyond_weights": "memory", "tokens_per_s": "prefill", "ms_per_token": "decode"}
+LOG_SPAN = 10.0   # a panel whose values span at least this ratio gets a log axis (1-2-5 ticks); else linear
+MATPLOTLIB_HINT = "pip install matplotlib"
 
 
 def load_rows(path: str | Path) -> list[dict]:
@@ -69,6 +72,18 @@ def _memory_unit(rows: list[dict]) -> tuple[str, float]:
 
 def render(rows: list[dict], out_path: str | Path) -> Path:
     """Writes the PNG; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def figure(rows: list[dict]):
+    """The matplotlib figure of the rows: one panel per measure."""
     try:
         import matplotlib
     except ImportError:
@@ -88,16 +103,18 @@ def render(rows: list[dict], out_path: str | Path) -> Path:
     any_reserved = False
     unit, mem_scale = _memory_unit(rows)
     memory = "memory" if rows[0].get("device_memory_bytes") else "resident memory (RSS)"
-    for ax, (key, ylabel, yscale) in zip(axes, PANELS):
+    for ax, (key, ylabel, better) in zip(axes, PANELS):
         scale = mem_scale if key == "peak_alloc_beyond_weights" else 1.0
         ylabel = ylabel.format(memory=memory, unit=unit)
         on_top = blended_transform_factory(ax.transData, ax.transAxes)
         n_oom = 0  # out-of-memory crosses near the top of each panel (axes coordinates), one row per system
+        values: list[float] = []
         for name, by_len in series.items():
             color, ls, marker = STYLES.get(name, (None, "-", "o"))
             label = next(iter(by_len.values())).get("label", name)
             ok = [(n, r[key] * scale) for n, r in sorted(by_len.items()) if not r.get("error") and r.get(key) is not None]
             line = None
+            values += [v for _, v in ok]
             if ok:
                 (line,) = ax.plot(*zip(*ok), ls=ls, marker=marker, color=color, lw=2, ms=6, label=label)
                 color = line.get_color()
@@ -132,8 +149,11 @@ def render(rows: list[dict], out_path: str | Path) -> Path:
         ax.set_xlim(lengths[0] / 1.3, lengths[-1] * 1.3)  # room for markers at the ends
         ax.set_xticks(lengths, [tokens_label(n) for n in lengths])
         ax.minorticks_off()
-        ax.set_yscale(yscale)
-        if yscale == "log":
+        positive = [v for v in values if v > 0]
+        log = bool(positive) and max(positive) / min(positive) >= LOG_SPAN
+        ax.set_yscale("log" if log else "linear")
+        if log:
+            ylabel += ", log scale"
             ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
@@ -142,6 +162,8 @@ def render(rows: list[dict], out_path: str | Path) -> Path:
             ax.set_ylim(top=ax.get_ylim()[1] * 1.18)  # room for the out-of-memory markers
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(ylabel)
+        ax.set_title(f"{TITLES[key]}: {better} is better", fontsize=11,
+                     color="tab:green" if better == "higher" else "tab:purple")
         ax.grid(True, alpha=0.3)
     if any_reserved:
         handles.append(Line2D([], [], ls=":", color="black", lw=1.2, label="peak reserved by the allocator (memory panel)"))
@@ -154,8 +176,4 @@ def render(rows: list[dict], out_path: str | Path) -> Path:
     fig.suptitle(f"stock transformers vs chunkinfer: {title}\n{versions}", fontsize=12)
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return fig

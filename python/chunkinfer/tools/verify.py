@@ -60,6 +60,12 @@ def reference_step_logits(model, cache, token: torch.Tensor, *, dtype: torch.dty
     past = cache.get_seq_length()
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("reference_step_logits reads weights directly: accelerate-offloaded weights are not supported")
+    ad = mb.adapter
+    unmodelled = [what for what, has in (("mixture-of-experts MLPs", ad.moe is not None), ("attention sinks", ad.sinks),
+                                         ("half-width rotary tables", ad.rope_half_tables),
+                                         ("interleaved rotary", ad.rope_interleaved)) if has]
+    if unmodelled:
+        raise ValueError(f"reference_step_logits does not model {', '.join(unmodelled)} ({ad.label})")
     dev = mb.devices.embed
     gemma, eps = mb.adapter.gemma_norms, mb.norm_eps
     x = mb.embed(token.to(dev)).to(dtype)                               # [1, 1, H]
@@ -83,8 +89,11 @@ def reference_step_logits(model, cache, token: torch.Tensor, *, dtype: torch.dty
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         lo = 0 if lb.window is None else max(0, past + 1 - lb.window)
         g = lb.n_q // lb.n_kv
-        o = _attend(q.view(lb.n_kv, g, lb.head_dim), k, v, layer.k_buf, layer.v_buf, lo, past, lb.scale,
-                    kv_block, dtype)
+        k_buf, v_buf, first, end = layer.k_buf, layer.v_buf, lo, past
+        if getattr(layer, "window", None):  # a ring (kv/ring.py): its window's positions, in order
+            k_buf, v_buf = layer.band(lo, past)
+            first, end = 0, past - lo
+        o = _attend(q.view(lb.n_kv, g, lb.head_dim), k, v, k_buf, v_buf, first, end, lb.scale, kv_block, dtype)
         o = _linear(o.reshape(1, 1, -1), lb.o_proj)
         if lb.attn_out_norm is not None:
             o = _norm(o, lb.attn_out_norm, eps, gemma)

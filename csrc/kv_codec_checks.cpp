@@ -1,5 +1,6 @@
 // Argument validation of the KV codec ops, shared by their CPU and CUDA kernels: every tensor's
-// dtype, device, shape and strides against the block layout, with messages naming the argument.
+// dtype, device, shape and strides against the block layout, with messages naming the argument; and
+// the functional ops' outputs.
 #include <vector>
 
 #include "kv_codec_ops.h"
@@ -124,6 +125,36 @@ KVCodecArgs check_kv_decode_args(const char* op, const at::Tensor& out, const at
                                  const at::Tensor& spill, const at::Tensor& table, int64_t block_rows,
                                  int64_t escape_capacity) {
   return check_common(op, out, "out", blocks, spill, table, block_rows, escape_capacity);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_encode_outputs(const char* op, const at::Tensor& x,
+                                                                 int64_t block_rows, int64_t escape_capacity,
+                                                                 int64_t spill_blocks) {
+  check_kv_data(op, "x", x);
+  CHUNKINFER_CHECK(spill_blocks >= -1, op, ": spill_blocks must be >= 0, or -1 for one per block, got ", spill_blocks);
+  const kv_codec::Layout l = kv_codec_layout(op, x.scalar_type(), x.size(-1), block_rows, escape_capacity);
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end() - 2);
+  int64_t streams = 1;
+  for (int64_t s : sizes) streams *= s;
+  const int64_t nb = (x.size(-2) + block_rows - 1) / block_rows;
+  sizes.push_back(nb);
+  sizes.push_back(l.slot_bytes);
+  const auto bytes = x.options().dtype(at::kByte);
+  // The pool's unused units are zeros, so the outputs depend on x and table alone.
+  const int64_t capacity = spill_blocks < 0 ? streams * nb : spill_blocks;
+  return {at::empty(sizes, bytes), at::zeros({capacity, l.spill_unit_bytes}, bytes),
+          at::zeros({1}, x.options().dtype(at::kInt))};
+}
+
+at::Tensor kv_decode_output(const char* op, const at::Tensor& blocks, int64_t rows, int64_t head_dim,
+                            at::ScalarType dtype, int64_t block_rows, int64_t escape_capacity) {
+  CHUNKINFER_CHECK(blocks.defined() && blocks.dim() >= 2, op, ": blocks must be [..., num_blocks, slot_bytes]");
+  CHUNKINFER_CHECK(rows >= 0, op, ": rows must be >= 0, got ", rows);
+  kv_codec_layout(op, dtype, head_dim, block_rows, escape_capacity);  // dtype and head_dim named if bad
+  std::vector<int64_t> sizes(blocks.sizes().begin(), blocks.sizes().end() - 2);
+  sizes.push_back(rows);
+  sizes.push_back(head_dim);
+  return at::empty(sizes, blocks.options().dtype(dtype));
 }
 
 }  // namespace chunkinfer

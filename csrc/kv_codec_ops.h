@@ -1,8 +1,12 @@
-// The KV codec ops' C++ declarations. Kernels: kv_encode_out, kv_decode_out in csrc/cpu/kv_codec.cpp and
-// csrc/cuda/kv_codec.cu; the functional kv_encode, kv_decode shared by both in csrc/kv_codec_functional.cpp;
-// checks in csrc/kv_codec_checks.cpp; the format in csrc/kv_codec_format.h. Kept apart from ops.h so that
-// only the codec's own files depend on the format header.
+// The KV codec ops' C++ declarations and their registration. Kernels: kv_encode_out, kv_decode_out in
+// csrc/cpu/kv_codec.cpp and csrc/cuda/kv_codec.cu; checks and output allocation in csrc/kv_codec_checks.cpp;
+// the format in csrc/kv_codec_format.h. Kept apart from ops.h and register_backend.h (whose pattern
+// register_kv_codec follows) so that only the codec's own files depend on the format header.
 #pragma once
+
+#include <torch/library.h>
+
+#include <tuple>
 
 #include "kv_codec_format.h"
 #include "ops.h"
@@ -33,11 +37,42 @@ KVCodecArgs check_kv_decode_args(const char* op, const at::Tensor& out, const at
                                  const at::Tensor& spill, const at::Tensor& table, int64_t block_rows,
                                  int64_t escape_capacity);
 
-// The functional ops (csrc/kv_codec_functional.cpp): outputs allocated, then kv_encode_out / kv_decode_out.
+// The functional ops' outputs: kv_encode's (blocks, spill with spill_blocks zeroed units (-1: one per
+// block, the worst case), spill_used = 0) for x; kv_decode's [..., rows, head_dim] for blocks [..., nb, slot].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_encode_outputs(const char* op, const at::Tensor& x,
+                                                                 int64_t block_rows, int64_t escape_capacity,
+                                                                 int64_t spill_blocks);
+at::Tensor kv_decode_output(const char* op, const at::Tensor& blocks, int64_t rows, int64_t head_dim,
+                            at::ScalarType dtype, int64_t block_rows, int64_t escape_capacity);
+
+namespace functional {
+
+template <auto EncodeOut>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_encode(const at::Tensor& x, const at::Tensor& table,
                                                          int64_t block_rows, int64_t escape_capacity,
-                                                         int64_t spill_blocks);
+                                                         int64_t spill_blocks) {
+  auto [blocks, spill, used] = kv_encode_outputs("kv_encode", x, block_rows, escape_capacity, spill_blocks);
+  EncodeOut(blocks, spill, used, x, table, block_rows, escape_capacity);
+  return {blocks, spill, used};
+}
+
+template <auto DecodeOut>
 at::Tensor kv_decode(const at::Tensor& blocks, const at::Tensor& spill, const at::Tensor& table, int64_t rows,
-                     int64_t head_dim, at::ScalarType dtype, int64_t block_rows, int64_t escape_capacity);
+                     int64_t head_dim, at::ScalarType dtype, int64_t block_rows, int64_t escape_capacity) {
+  at::Tensor out = kv_decode_output("kv_decode", blocks, rows, head_dim, dtype, block_rows, escape_capacity);
+  DecodeOut(out, blocks, spill, table, block_rows, escape_capacity);
+  return out;
+}
+
+}  // namespace functional
+
+// EncodeOut, DecodeOut: a backend's kv_encode_out and kv_decode_out entry points.
+template <auto EncodeOut, auto DecodeOut>
+void register_kv_codec(torch::Library& m) {
+  m.impl("kv_encode", &functional::kv_encode<EncodeOut>);
+  m.impl("kv_encode_out", EncodeOut);
+  m.impl("kv_decode", &functional::kv_decode<DecodeOut>);
+  m.impl("kv_decode_out", DecodeOut);
+}
 
 }  // namespace chunkinfer

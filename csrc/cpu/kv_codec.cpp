@@ -115,8 +115,5 @@ void kv_decode_out(const at::Tensor& out, const at::Tensor& blocks, const at::Te
 }  // namespace chunkinfer::cpu
 
 TORCH_LIBRARY_IMPL(chunkinfer, CPU, m) {
-  m.impl("kv_encode", &chunkinfer::kv_encode);
-  m.impl("kv_decode", &chunkinfer::kv_decode);
-  m.impl("kv_encode_out", &chunkinfer::cpu::kv_encode_out);
-  m.impl("kv_decode_out", &chunkinfer::cpu::kv_decode_out);
+  chunkinfer::register_kv_codec<&chunkinfer::cpu::kv_encode_out, &chunkinfer::cpu::kv_decode_out>(m);
 }

@@ -107,8 +107,5 @@ void kv_decode_out(const at::Tensor& out, const at::Tensor& blocks, const at::Te
 }  // namespace chunkinfer::cuda
 
 TORCH_LIBRARY_IMPL(chunkinfer, CUDA, m) {
-  m.impl("kv_encode", &chunkinfer::kv_encode);
-  m.impl("kv_decode", &chunkinfer::kv_decode);
-  m.impl("kv_encode_out", &chunkinfer::cuda::kv_encode_out);
-  m.impl("kv_decode_out", &chunkinfer::cuda::kv_decode_out);
+  chunkinfer::register_kv_codec<&chunkinfer::cuda::kv_encode_out, &chunkinfer::cuda::kv_decode_out>(m);
 }

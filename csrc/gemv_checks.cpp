@@ -73,7 +73,8 @@ GemvArgs check_gemv_x(const char* op, const at::Tensor& x) {
   a.K = x.size(-1);
   CHUNKINFER_CHECK(a.K >= 1, op, ": x's last dimension (in_features) must be >= 1");
   a.n = x.numel() / a.K;
-  CHUNKINFER_CHECK(a.n >= 1 && a.n <= kGemvMaxRows, op, ": x must have 1 to ", kGemvMaxRows,
+  CHUNKINFER_CHECK(a.n >= 1, op, ": x must have at least one row (the leading dimensions' product), got 0");
+  CHUNKINFER_CHECK(!x.is_cuda() || a.n <= kGemvMaxRows, op, ": on CUDA x must have 1 to ", kGemvMaxRows,
                    " rows (the leading dimensions' product), got ", a.n, "; use a matrix product for more");
   return a;
 }

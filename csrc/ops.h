@@ -99,7 +99,7 @@ RotaryArgs check_rotary_kv_write_args(const char* op, const std::optional<at::Te
 
 // ---- small-batch matrix-vector products (csrc/cpu/gemv.cpp, csrc/cuda/gemv.cu; checks in
 // csrc/gemv_checks.cpp) ----
-// x [..., K] contiguous with n = 1..kGemvMaxRows rows; weights [M, K] contiguous. gemv: out [..., sum M]
+// x [..., K] contiguous with n >= 1 rows (on CUDA at most kGemvMaxRows); weights [M, K] contiguous. gemv: out [..., sum M]
 // (the weights' outputs side by side, each + its bias); gemv_act_and_mul: act(x gate^T) * (x up^T)
 // [..., M]. Each projection is rounded to x's dtype before its epilogue, as the unfused ops round it.
 // The optional prologue of both ops: h = x (+ add), residual_out = h, then h = rms_norm(h) with

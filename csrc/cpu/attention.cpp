@@ -17,12 +17,7 @@
 #include "../merge_weights.h"
 #include "../ops.h"
 #include "../register_backend.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CHUNKINFER_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CHUNKINFER_SIMD_CLONES
-#endif
+#include "simd16.h"
 
 namespace chunkinfer::cpu {
 namespace {
@@ -58,25 +53,6 @@ __attribute__((always_inline)) inline V exp_clamped(V x) {
 // exp(x) for x <= 0; underflows to ~1e-38.
 inline float exp_nonpositive(float x) { return exp_clamped<float, int32_t>(std::max(x, -87.0f)); }
 
-// 16 floats as one value: GCC lowers it to one zmm (x86-64-v4 clone), two ymm (v3) or four xmm
-// (baseline), so the same source is explicit SIMD on every target. aligned(4): unaligned loads.
-typedef float v16f __attribute__((vector_size(64), aligned(4)));
-typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
-typedef uint32_t v16u __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-
-__attribute__((always_inline)) inline v16f load16(const float* p) { return *reinterpret_cast<const v16f*>(p); }
-__attribute__((always_inline)) inline void store16(float* p, v16f x) { *reinterpret_cast<v16f*>(p) = x; }
-__attribute__((always_inline)) inline v16f splat16(float x) { return v16f{} + x; }
-
-__attribute__((always_inline)) inline float hsum(v16f x) {
-  const v8f a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
 
 // exp_nonpositive on 16 lanes, and exactly 0 below -87 (masked keys are -inf)
 __attribute__((always_inline)) inline v16f exp16(v16f x) {
@@ -105,13 +81,6 @@ void bf16_to_float(const uint16_t* __restrict src, float* __restrict dst, int64_
   }
 }
 
-// 16 consecutive K or V elements as fp32: fp32 loaded as is, bf16 (raw uint16) widened in registers.
-__attribute__((always_inline)) inline v16f load_row16(const float* p) { return load16(p); }
-__attribute__((always_inline)) inline v16f load_row16(const uint16_t* p) {
-  const v16h h = *reinterpret_cast<const v16h*>(p);
-  const v16u w = __builtin_convertvector(h, v16u) << 16;
-  return reinterpret_cast<const v16f&>(w);
-}
 
 // acc[rows] += p[rows] V over keys [ja, jb) for NR rows and 16 * NV columns starting at column c:
 // every V vector is loaded (and widened) once for all NR rows; NR * NV accumulators stay in registers.

@@ -36,8 +36,10 @@ def fits(device, rows: int, k: int, dtype) -> bool:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17])
 def test_gemv_matches_float64(device, dtype, rows, gen):
+    if device == "cuda" and rows > ops.GEMV_MAX_ROWS:
+        pytest.skip("on CUDA a call holds at most GEMV_MAX_ROWS rows")
     for k, outs in shapes(device):
         if not fits(device, rows, k, dtype):
             continue
@@ -57,7 +59,7 @@ def test_gemv_matches_float64(device, dtype, rows, gen):
 @pytest.mark.parametrize("activation,approximate", [("silu", "none"), ("gelu", "none"), ("gelu", "tanh")])
 def test_gemv_act_and_mul_matches_float64(device, dtype, activation, approximate, gen):
     sizes = [(64, 96), (4096, 14336)] if device == "cuda" else [(64, 96), (37, 11)]
-    for rows in (1, 3, 4):
+    for rows in (1, 3, 4) if device == "cuda" else (1, 3, 4, 9):
         for k, inter in sizes:
             x = randn((rows, k), dtype, device, gen)
             gate = randn((inter, k), dtype, device, gen, scale=3 * k ** -0.5)
@@ -132,7 +134,7 @@ def test_bad_arguments_are_named(device, gen):
     x = randn((2, 64), torch.float32, device, gen)
     w = randn((32, 64), torch.float32, device, gen)
     cases = [
-        (lambda: ops.gemv(randn((5, 64), torch.float32, device, gen), [w]), "1 to 4 rows"),
+        (lambda: ops.gemv(randn((0, 64), torch.float32, device, gen), [w]), "at least one row"),
         (lambda: ops.gemv(x, [randn((32, 63), torch.float32, device, gen)]), "x's last dimension"),
         (lambda: ops.gemv(x, [w.half()]), "dtype"),
         (lambda: ops.gemv(x, [w.T.contiguous().T]), "contiguous"),
@@ -144,6 +146,8 @@ def test_bad_arguments_are_named(device, gen):
         (lambda: ops.gemv_act_and_mul(x, w, w, "relu"), "'silu' or 'gelu'"),
         (lambda: ops.gemv_act_and_mul(x, w, w, "gelu", approximate="fast"), "'none' or 'tanh'"),
     ]
+    if device == "cuda":
+        cases.append((lambda: ops.gemv(randn((5, 64), torch.float32, device, gen), [w]), "1 to 4 rows"))
     for call, words in cases:
         with pytest.raises((RuntimeError, ValueError), match=words.replace("[", r"\[").replace("]", r"\]")):
             call()
@@ -202,8 +206,34 @@ def test_gemv_supports_rows_dtypes_and_layouts(gen):
     x = randn((4, 1, 32), torch.float32, "cpu", gen)
     w = randn((8, 32), torch.float32, "cpu", gen)
     assert ops.gemv_supports(x, w, w)
-    assert not ops.gemv_supports(randn((5, 32), torch.float32, "cpu", gen), w)  # a matrix product's job
+    assert ops.gemv_supports(randn((17, 32), torch.float32, "cpu", gen), w)  # the CPU kernel takes any rows
     assert not ops.gemv_supports(x, w.double())
     assert not ops.gemv_supports(x, w.T.contiguous().T)
     assert not ops.gemv_supports(x, randn((8, 31), torch.float32, "cpu", gen))
     assert not ops.gemv_supports(x.transpose(0, 2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_row_is_computed_alike_however_many_rows_share_the_call(device, dtype, gen):
+    """Speculative verification's exactness: each row of an n-row call equals, bit for bit, the call
+    holding that row alone (K with a tail past the last 16-lane block on the CPU; norm prologue too)."""
+    k = 200 if device == "cpu" else 256
+    n = 11 if device == "cpu" else ops.GEMV_MAX_ROWS
+    x, add = randn((n, k), dtype, device, gen), randn((n, k), dtype, device, gen)
+    ws = [randn((m, k), dtype, device, gen, scale=k ** -0.5) for m in (48, 16)]
+    bias = randn((16,), dtype, device, gen)
+    nw = randn((k,), dtype, device, gen, scale=0.5) + 1
+    gate, up = (randn((40, k), dtype, device, gen, scale=k ** -0.5) for _ in range(2))
+    res_all = torch.empty_like(x)
+    calls = [
+        lambda rows, res: ops.gemv(rows, ws, [None, bias]),
+        lambda rows, res: ops.gemv_act_and_mul(rows, gate, up),
+        lambda rows, res: ops.gemv_act_and_mul(rows, gate, up, "gelu", approximate="tanh"),
+        lambda rows, res: ops.gemv(rows, ws, norm=ops.NormPrologue(nw, 1e-6, add=add[res], residual_out=res_all[res])),
+    ]
+    for i, call in enumerate(calls):
+        together = call(x, slice(0, n))
+        for r in range(n):
+            alone = call(x[r:r + 1], slice(r, r + 1))
+            assert torch.equal(together[r:r + 1], alone), f"call {i}: row {r} of {n} differs from the row alone"

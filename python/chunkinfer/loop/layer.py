@@ -18,7 +18,7 @@ def takes_gemv(x: torch.Tensor, gemv_rows: int, *weights: torch.Tensor) -> bool:
     prefill and batched steps pass 1 (a batch-1 decode step's row), measured on the H200
     (bench/results/gemv_h200.md, profile_decode_h200.md): q|k|v and act(gate)*up beat cuBLAS alone, o_proj
     and down tie with it alone and shorten the step (no split-K reduce kernels). Exact steps pass
-    ops.GEMV_MAX_ROWS: each row then computes as a one-row step does (loop/step.py)."""
+    ops.gemv_rows_per_call: each row then computes as a one-row step does (loop/step.py)."""
     return x.numel() <= gemv_rows * x.shape[-1] and ops.gemv_supports(x, *weights)
 
 

@@ -4,7 +4,7 @@ step of a length (what decode_graph.py captures).
 
 Exactness (batch 1): each row of a T-token step is computed exactly as a one-token step at its
 position computes it — the projections by the gemv ops, whose per-row arithmetic does not depend on
-how many rows a launch holds, in groups of at most ops.GEMV_MAX_ROWS rows; attention by
+how many rows a call holds (on CUDA groups of at most ops.GEMV_MAX_ROWS rows, on the CPU all); attention by
 decode_attention split at fixed key positions (the cache's ``split_keys``); the LM head by the gemv
 too. So speculative verification reproduces plain greedy decoding bit for bit. With a larger batch
 the projections are matrix products (cuBLAS), exact to rounding.
@@ -44,9 +44,9 @@ class DeviceStep:
                           None if self.starts is None else self.starts.to(device), self.split_keys)
 
 
-def row_groups(rows: int) -> list[tuple[int, int]]:
-    """[r0, r1) groups of at most ops.GEMV_MAX_ROWS rows covering [0, rows)."""
-    g = ops.GEMV_MAX_ROWS
+def row_groups(rows: int, device: torch.device) -> list[tuple[int, int]]:
+    """[r0, r1) groups covering [0, rows), each as many rows as one gemv call takes on the device."""
+    g = max(1, ops.gemv_rows_per_call(device, rows))
     return [(r0, min(r0 + g, rows)) for r0 in range(0, rows, g)]
 
 
@@ -58,7 +58,8 @@ def exact_rows(mb: ModelBinding, x: torch.Tensor) -> bool:
     key = ("exact step", x.device, x.dtype)
     if key not in mb.memo:
         def rows_of(width: int) -> torch.Tensor:  # what a group of rows looks like to a projection
-            return torch.empty(1, ops.GEMV_MAX_ROWS, width, dtype=x.dtype, device=x.device)
+            return torch.empty(1, ops.gemv_rows_per_call(x.device, ops.GEMV_MAX_ROWS), width, dtype=x.dtype,
+                               device=x.device)
 
         def takes(m) -> bool:
             return ops.gemv_supports(rows_of(m.weight.shape[1]), m.weight)
@@ -120,7 +121,7 @@ def exact_block(layer: LayerOps, x: torch.Tensor, cos: torch.Tensor, sin: torch.
     residual add before it) runs inside the projection after it: the residual goes to ``spare`` and
     back (the projection's blocks all read the residual, so it is not updated in place)."""
     lb, mb = layer.lb, layer.mb
-    groups = row_groups(x.shape[1])
+    groups = row_groups(x.shape[1], x.device)
     qs = []
     for r0, r1 in groups:
         add = None if pending is None else pending[:, r0:r1]
@@ -179,7 +180,7 @@ def step_logits(mb: ModelBinding, cache: ChunkKVCache, ids: torch.Tensor | None,
         kv = cache.layers[li] if source is None else source.kv(li)
         attend = (None if source is None else source.attend(li)) or (
             lambda lo, q, dstep=dstep: device_attention(lo, q, dstep))
-        layer = LayerOps(mb, lb, kv, rope, buf, ops.GEMV_MAX_ROWS if exact else 1)
+        layer = LayerOps(mb, lb, kv, rope, buf, ops.gemv_rows_per_call(hidden.device, t) if exact else 1)
         cos, sin = rope.get(lb.rope_key, 0, t)
         with mb.devices.onloaded(li):  # accelerate-offloaded weights: loaded for the layer
             if exact:
@@ -193,7 +194,7 @@ def step_logits(mb: ModelBinding, cache: ChunkKVCache, ids: torch.Tensor | None,
         return logits_of(mb, final_norm(mb, hidden[:, t - keep:]))
     # the last layer's MLP output joins the residual inside the LM head's gemv, with the final norm
     rows = []
-    for r0, r1 in row_groups(keep):
+    for r0, r1 in row_groups(keep, hidden.device):
         a, z = t - keep + r0, t - keep + r1
         norm = ops.NormPrologue(mb.final_norm.weight, mb.norm_eps, mb.adapter.gemma_norms, add=pending[:, a:z])
         rows.append(ops.gemv(hidden[:, a:z], [mb.lm_head.weight], None, norm=norm))

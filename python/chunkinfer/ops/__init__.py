@@ -117,7 +117,7 @@ def rotary_kv_write(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, co
     torch.ops.chunkinfer.rotary_kv_write(q, k, v, cos, sin, k_cache, v_cache, index)
 
 
-GEMV_MAX_ROWS = 4  # rows of x the gemv ops take (csrc/ops.h kGemvMaxRows); more are a matrix product
+GEMV_MAX_ROWS = 4  # rows of x the CUDA gemv ops take (csrc/ops.h kGemvMaxRows); the CPU ones take any number
 GEMV_MAX_X_BYTES = 144 * 1024  # x's rows in shared memory on CUDA (csrc/ops.h kGemvMaxXBytes)
 
 
@@ -142,9 +142,16 @@ class NormPrologue:
 _NO_PROLOGUE = (None, 0.0, False, None, None)
 
 
+def gemv_rows_per_call(device: torch.device, rows: int) -> int:
+    """How many of ``rows`` rows one gemv call takes on ``device``: GEMV_MAX_ROWS on CUDA, all on the CPU.
+    Either way a row is computed the same whatever the call's other rows (a step's rows equal one-token
+    steps' bit for bit)."""
+    return min(rows, GEMV_MAX_ROWS) if device.type == "cuda" else rows
+
+
 def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None, *,
          norm: NormPrologue | None = None) -> torch.Tensor:
-    """x [..., K] (1 to GEMV_MAX_ROWS rows, contiguous) projected by each weight [M_i, K] (+ its bias),
+    """x [..., K] (contiguous rows; on CUDA 1 to GEMV_MAX_ROWS) projected by each weight [M_i, K] (+ its bias),
     the outputs side by side: [..., sum M_i] (q, k and v of a decode step in one launch on CUDA), of
     rms_norm(x (+ add)) with ``norm``. Each projection is rounded to x's dtype as F.linear rounds it.
     See :func:`gemv_supports`."""
@@ -154,7 +161,7 @@ def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor
 
 def gemv_act_and_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str = "silu", *,
                      approximate: str = "none", norm: NormPrologue | None = None) -> torch.Tensor:
-    """act(x gate^T) * (x up^T) for x [..., K] with 1 to GEMV_MAX_ROWS rows: the decode step's gate and up
+    """act(x gate^T) * (x up^T) for x [..., K] (rows as in :func:`gemv`): the decode step's gate and up
     projections and their activation in one launch on CUDA (of rms_norm(x (+ add)) with ``norm``);
     activation "silu" or "gelu" (``approximate`` "none" or "tanh"). Each projection rounded to x's dtype
     first, as F.linear and silu_and_mul do."""
@@ -163,16 +170,16 @@ def gemv_act_and_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, acti
 
 
 def gemv_supports(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether the gemv ops take x and these weights: 1 to GEMV_MAX_ROWS contiguous rows of a float
-    dtype, weights [M, K] contiguous on x's device in its dtype; on CUDA also K a multiple of one
+    """Whether the gemv ops take x and these weights: contiguous rows of a float dtype (on CUDA 1 to
+    GEMV_MAX_ROWS), weights [M, K] contiguous on x's device in its dtype; on CUDA also K a multiple of one
     16-byte vector, x within GEMV_MAX_X_BYTES and every pointer 16-byte aligned. Callers use a matrix
     product otherwise."""
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not x.is_contiguous() or x.dim() == 0:
         return False
     k = x.shape[-1]
-    if k == 0 or not 1 <= x.numel() // k <= GEMV_MAX_ROWS:
-        return False
     cuda = x.device.type == "cuda"
+    if k == 0 or not 1 <= x.numel() // k <= (GEMV_MAX_ROWS if cuda else x.numel()):
+        return False
     if cuda and (k % (16 // x.element_size()) or x.data_ptr() % 16 or x.numel() * x.element_size() > GEMV_MAX_X_BYTES):
         return False
     return all(w.dim() == 2 and w.shape[1] == k and w.dtype == x.dtype and w.device == x.device

@@ -4,6 +4,7 @@ references registered under the same names, the fake (Meta) kernels torch.compil
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -83,13 +84,35 @@ def _register_reference_ops() -> None:
         k_cache.index_copy_(2, index[keep], reference.rotate(k, cos, sin)[:, keep].transpose(1, 2))
         v_cache.index_copy_(2, index[keep], v[:, keep].transpose(1, 2))
 
+    def row_by_row(fn):
+        """A reference gemv op one row at a time (x, add and residual_out split into rows alike): a row's
+        result then does not depend on the call's other rows, as the compiled kernels promise (a matrix
+        product's may)."""
+        signature = inspect.signature(fn)
+
+        def each_row(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            x, k = a["x"], a["x"].shape[-1]
+            rows = []
+            for i in range(x.numel() // k):
+                one = {name: None if a[name] is None else a[name].reshape(-1, k)[i:i + 1] for name in ("x", "add")}
+                if a["residual_out"] is not None:  # written in place: a view
+                    one["residual_out"] = a["residual_out"].view(-1, k)[i:i + 1]
+                rows.append(fn(**{**a, **one}))
+            out = torch.cat(rows)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        return each_row
+
     impls = {
         "silu_and_mul": reference.silu_and_mul, "silu_and_mul_out": silu_out,
         "gelu_and_mul": reference.gelu_and_mul, "gelu_and_mul_out": gelu_out,
         "rms_norm": reference.rms_norm, "rms_norm_out": rms_out, "fused_add_rms_norm": fused,
         "decode_attention": decode, "decode_attention_out": decode_out,
         "merge_attn_states": reference.merge_attn_states, "merge_attn_states_out": merge_out,
-        "rotary_kv_write": rotary_write, "gemv": reference.gemv, "gemv_act_and_mul": reference.gemv_act_and_mul,
+        "rotary_kv_write": rotary_write, "gemv": row_by_row(reference.gemv),
+        "gemv_act_and_mul": row_by_row(reference.gemv_act_and_mul),
     }
     for name, fn in impls.items():
         lib.impl(name, fn, "CompositeExplicitAutograd")

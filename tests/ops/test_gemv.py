@@ -221,10 +221,10 @@ def test_a_row_is_computed_alike_however_many_rows_share_the_call(device, dtype,
     k = 200 if device == "cpu" else 256
     n = 11 if device == "cpu" else ops.GEMV_MAX_ROWS
     x, add = randn((n, k), dtype, device, gen), randn((n, k), dtype, device, gen)
-    ws = [randn((m, k), dtype, device, gen, scale=k ** -0.5) for m in (48, 16)]
-    bias = randn((16,), dtype, device, gen)
+    ws = [randn((m, k), dtype, device, gen, scale=k ** -0.5) for m in (48, 16 if device == "cuda" else 17)]
+    bias = randn((ws[1].shape[0],), dtype, device, gen)
     nw = randn((k,), dtype, device, gen, scale=0.5) + 1
-    gate, up = (randn((40, k), dtype, device, gen, scale=k ** -0.5) for _ in range(2))
+    gate, up = (randn((40 if device == "cuda" else 41, k), dtype, device, gen, scale=k ** -0.5) for _ in range(2))
     res_all = torch.empty_like(x)
     calls = [
         lambda rows, res: ops.gemv(rows, ws, [None, bias]),

@@ -1,6 +1,7 @@
 // Argument validation of the KV codec ops, shared by their CPU and CUDA kernels: every tensor's
 // dtype, device, shape and strides against the block layout, with messages naming the argument; and
 // the functional ops' outputs.
+#include <utility>
 #include <vector>
 
 #include "kv_codec_ops.h"
@@ -32,20 +33,21 @@ RowLayout stream_layout(const char* op, const char* arg, const at::Tensor& t) {
   return row_layout(op, arg, t.as_strided(sizes, strides));
 }
 
-void check_table(const char* op, const at::Tensor& table, const at::Tensor& ref, const char* ref_arg) {
-  check_on(op, "table", table, ref, ref_arg);
-  check_dtype(op, "table", table, at::kByte);
+void check_table(const char* op, const at::Tensor& table, const at::Tensor& ref, const char* ref_arg,
+                 const char* arg = "table") {
+  check_on(op, arg, table, ref, ref_arg);
+  check_dtype(op, arg, table, at::kByte);
   CHUNKINFER_CHECK(table.dim() == 1 && table.size(0) == kv_codec::kTableSize && table.is_contiguous(), op,
-                   ": table must be a contiguous [", kv_codec::kTableSize,
+                   ": ", arg, " must be a contiguous [", kv_codec::kTableSize,
                    "] uint8 (the exponents of codes 0..14), got ", table.sizes());
 }
 
 void check_spill(const char* op, const at::Tensor& spill, const kv_codec::Layout& l, const at::Tensor& ref,
-                 const char* ref_arg) {
-  check_on(op, "spill", spill, ref, ref_arg);
-  check_dtype(op, "spill", spill, at::kByte);
+                 const char* ref_arg, const char* arg = "spill") {
+  check_on(op, arg, spill, ref, ref_arg);
+  check_dtype(op, arg, spill, at::kByte);
   CHUNKINFER_CHECK(spill.dim() == 2 && spill.size(1) == l.spill_unit_bytes && spill.is_contiguous(), op,
-                   ": spill must be a contiguous [capacity, ", l.spill_unit_bytes,
+                   ": ", arg, " must be a contiguous [capacity, ", l.spill_unit_bytes,
                    "] uint8 (one exponent plane per spilled block), got ", spill.sizes());
 }
 
@@ -125,6 +127,42 @@ KVCodecArgs check_kv_decode_args(const char* op, const at::Tensor& out, const at
                                  const at::Tensor& spill, const at::Tensor& table, int64_t block_rows,
                                  int64_t escape_capacity) {
   return check_common(op, out, "out", blocks, spill, table, block_rows, escape_capacity);
+}
+
+DecodeAttentionKVCodecArgs check_decode_attention_kv_codec_args(
+    const char* op, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_blocks,
+    const at::Tensor& k_spill, const at::Tensor& k_table, const at::Tensor& v_blocks, const at::Tensor& v_spill,
+    const at::Tensor& v_table, const at::Tensor& seq_lens, const std::optional<at::Tensor>& starts,
+    std::optional<double> scale, int64_t block_rows, int64_t escape_capacity, int64_t split_keys) {
+  check_kv_data(op, "q", q);
+  CHUNKINFER_CHECK(q.dim() == 4, op, ": q must be [B, Hq, T, D], got shape ", q.sizes());
+  DecodeAttentionKVCodecArgs a;
+  a.layout = kv_codec_layout(op, q.scalar_type(), q.size(3), block_rows, escape_capacity);
+  a.block_rows = block_rows;
+  for (const auto& [arg, blocks] : {std::pair<const char*, const at::Tensor&>{"k_blocks", k_blocks},
+                                    std::pair<const char*, const at::Tensor&>{"v_blocks", v_blocks}}) {
+    check_on(op, arg, blocks, q, "q");
+    check_dtype(op, arg, blocks, at::kByte);
+    CHUNKINFER_CHECK(blocks.dim() == 4 && blocks.size(0) == q.size(0) && blocks.size(1) >= 1 &&
+                         blocks.size(3) == a.layout.slot_bytes && blocks.is_contiguous(),
+                     op, ": ", arg, " must be a contiguous [B = ", q.size(0), ", Hkv, blocks, slot_bytes = ",
+                     a.layout.slot_bytes, "] uint8 (q's batch, the layout's slot), got ", blocks.sizes());
+  }
+  CHUNKINFER_CHECK(v_blocks.sizes() == k_blocks.sizes(), op, ": v_blocks must have k_blocks' shape ",
+                   k_blocks.sizes(), ", got ", v_blocks.sizes());
+  check_table(op, k_table, q, "q", "k_table");
+  check_table(op, v_table, q, "q", "v_table");
+  check_spill(op, k_spill, a.layout, q, "q", "k_spill");
+  check_spill(op, v_spill, a.layout, q, "q", "v_spill");
+  a.k_spill_capacity = k_spill.size(0);
+  a.v_spill_capacity = v_spill.size(0);
+  a.blocks_per_stream = k_blocks.size(2);
+  // The rest is decode_attention's: a K, V of the blocks' capacity described without data (stride 0).
+  const int64_t B = q.size(0), Hkv = k_blocks.size(1), D = q.size(3);
+  const at::Tensor kv_shape = at::empty({D}, q.options()).as_strided({B, Hkv, a.blocks_per_stream * block_rows, D},
+                                                                      {0, 0, 0, 1});
+  a.d = check_decode_attention_args(op, out, lse, q, kv_shape, kv_shape, seq_lens, starts, scale, 0, split_keys);
+  return a;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_encode_outputs(const char* op, const at::Tensor& x,

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../dispatch.h"
+#include "../kv_codec_ops.h"
 #include "../merge_weights.h"
 #include "../ops.h"
 #include "../register_backend.h"
@@ -71,9 +72,7 @@ CHUNKINFER_SIMD_CLONES
 void bf16_to_float(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const v16h h = *reinterpret_cast<const v16h*>(src + i);
-    const v16u w = __builtin_convertvector(h, v16u) << 16;
-    store16(dst + i, reinterpret_cast<const v16f&>(w));
+    store16(dst + i, load_row16(src + i));
   }
   for (; i < n; ++i) {
     const uint32_t bits = uint32_t(src[i]) << 16;
@@ -285,10 +284,36 @@ TaskKeys task_keys(int64_t lo, int64_t len, int64_t split, int64_t splits, int64
   return t;
 }
 
+// K and V held as codec blocks (kv_codec_format.h), [B, Hkv, nb, slot_bytes] each, contiguous: a task
+// decodes the blocks holding a block of keys into a small buffer of raw 16-bit rows of its own, where the
+// plain kernel reads the cache's rows, so the attention that follows is the plain kernel's, bit for bit.
+struct CodecKV {
+  const uint8_t *k_blocks, *k_spill, *k_table, *v_blocks, *v_spill, *v_table;
+  int64_t k_spill_capacity, v_spill_capacity, block_rows, blocks_per_stream, Hkv;
+  kv_codec::Layout layout;
+
+  // Raw rows for a buffer holding any kBlockKeys keys from any position (a block_rows boundary before them).
+  int64_t buffer_rows() const { return (1 + (kBlockKeys + block_rows - 1) / block_rows) * block_rows; }
+
+  // Decodes into raw the blocks of stream (b, h) holding keys [j0, j0 + n) (n >= 1) from K (or V) and
+  // returns where key j0's row is.
+  template <typename Bits>
+  const uint16_t* rows(bool values, int64_t b, int64_t h, int64_t j0, int64_t n, uint16_t* raw) const {
+    const uint8_t* blocks = values ? v_blocks : k_blocks;
+    const uint8_t* stream = blocks + (b * Hkv + h) * blocks_per_stream * layout.slot_bytes;
+    const int64_t first = j0 / block_rows, last = (j0 + n - 1) / block_rows, D = layout.block_elems / block_rows;
+    for (int64_t c = first; c <= last; ++c)
+      kv_codec::decode_block<Bits>(stream + c * layout.slot_bytes, values ? v_spill : k_spill,
+                                   values ? v_spill_capacity : k_spill_capacity, values ? v_table : k_table, layout,
+                                   raw + (c - first) * layout.block_elems, layout.block_elems);
+    return raw + (j0 - first * block_rows) * D;
+  }
+};
+
 template <typename T>
 void decode_attention_cpu_impl(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const int32_t* seq_lens, const int32_t* starts,
-                               const DecodeArgs& a) {
+                               const DecodeArgs& a, const CodecKV* codec = nullptr) {
   const int64_t B = a.B, Hkv = a.Hkv, T_ = a.T, D = a.D, g = a.Hq / a.Hkv, R = g * a.T;
   const float scale = static_cast<float>(a.scale);
   const bool ring = a.window > 0;  // key j at slot j % cap (the caller keeps the keys in view within it)
@@ -314,10 +339,11 @@ void decode_attention_cpu_impl(at::Tensor& out, at::Tensor& lse, const at::Tenso
   std::vector<float> part_ml(tasks * R * 2), part_acc(tasks * R * D);
 
   const T* qd = q.data_ptr<T>();
-  const T* kd = k_cache.data_ptr<T>();
-  const T* vd = v_cache.data_ptr<T>();
+  const T* kd = codec ? nullptr : k_cache.data_ptr<T>();  // codec: k_cache, v_cache are shapes without data
+  const T* vd = codec ? nullptr : v_cache.data_ptr<T>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(R * D), kbuf(kBlockKeys * D), vbuf(kBlockKeys * D), s(R * kBlockKeys);
+    std::vector<uint16_t> kraw(codec ? codec->buffer_rows() * D : 0), vraw(kraw.size());
     const auto attend_block = D % 16 == 0 ? attend_block16 : attend_block_any;
     std::vector<int64_t> row_lo(R), row_hi(R), blk_lo(R), blk_hi(R);
     for (int64_t task = begin; task < end; ++task) {
@@ -338,9 +364,9 @@ void decode_attention_cpu_impl(at::Tensor& out, at::Tensor& lse, const at::Tenso
         const T* qr = qd + b * q.stride(0) + hq * q.stride(1) + t * q.stride(2);
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(qr[d]) * scale;
       }
-      const T* kb = kd + b * k_cache.stride(0) + h * k_cache.stride(1);
-      const T* vb = vd + b * v_cache.stride(0) + h * v_cache.stride(1);
-      const int64_t ks = k_cache.stride(2), vs = v_cache.stride(2);
+      const T* kb = codec ? nullptr : kd + b * k_cache.stride(0) + h * k_cache.stride(1);
+      const T* vb = codec ? nullptr : vd + b * v_cache.stride(0) + h * v_cache.stride(1);
+      const int64_t ks = codec ? D : k_cache.stride(2), vs = codec ? D : v_cache.stride(2);
       // blocks of kBlockKeys aligned at the task's base; the keys of [k0, k1) in each are [vlo, vhi)
       for (int64_t j0 = tk.base + (tk.k0 - tk.base) / kBlockKeys * kBlockKeys; j0 < tk.k1; j0 += kBlockKeys) {
         const int64_t vlo = std::max<int64_t>(tk.k0 - j0, 0), vhi = std::min(kBlockKeys, tk.k1 - j0);
@@ -348,18 +374,30 @@ void decode_attention_cpu_impl(at::Tensor& out, at::Tensor& lse, const at::Tenso
           blk_lo[r] = row_lo[r] - j0;
           blk_hi[r] = row_hi[r] - j0;
         }
+        // key j0's row and the stride of rows: in the cache, or decoded from the codec's blocks
+        const T* kj = kb ? kb + j0 * ks : nullptr;
+        const T* vj = vb ? vb + j0 * vs : nullptr;
+        if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
+          if (codec) {
+            using Bits = std::conditional_t<std::is_same_v<T, at::Half>, kv_codec::Float16Bits, kv_codec::BFloat16Bits>;
+            kj = reinterpret_cast<const T*>(codec->rows<Bits>(false, b, h, j0, vhi, kraw.data()));
+            vj = reinterpret_cast<const T*>(codec->rows<Bits>(true, b, h, j0, vhi, vraw.data()));
+          }
+        }
         if constexpr (std::is_same_v<T, at::BFloat16>) {
           if (D % 16 == 0 && !ring) {  // bf16 widened in registers, straight from the cache
-            attend_block16_bf16(qf.data(), R, D, reinterpret_cast<const uint16_t*>(kb + j0 * ks), ks,
-                                reinterpret_cast<const uint16_t*>(vb + j0 * vs), vs, vlo, vhi, blk_lo.data(),
-                                blk_hi.data(), s.data(), m, l, acc);
+            attend_block16_bf16(qf.data(), R, D, reinterpret_cast<const uint16_t*>(kj), ks,
+                                reinterpret_cast<const uint16_t*>(vj), vs, vlo, vhi, blk_lo.data(), blk_hi.data(),
+                                s.data(), m, l, acc);
             continue;
           }
         }
         const int64_t ring_cap = ring ? a.cap : 0;
         int64_t kstr = 0, vstr = 0;
-        const float* kf = block_as_float(kb, ks, j0, vlo, vhi, D, ring_cap, kbuf.data(), &kstr);
-        const float* vf = block_as_float(vb, vs, j0, vlo, vhi, D, ring_cap, vbuf.data(), &vstr);
+        const float* kf = ring ? block_as_float(kb, ks, j0, vlo, vhi, D, ring_cap, kbuf.data(), &kstr)
+                               : block_as_float(kj, ks, 0, vlo, vhi, D, 0, kbuf.data(), &kstr);
+        const float* vf = ring ? block_as_float(vb, vs, j0, vlo, vhi, D, ring_cap, vbuf.data(), &vstr)
+                               : block_as_float(vj, vs, 0, vlo, vhi, D, 0, vbuf.data(), &vstr);
         attend_block(qf.data(), R, D, kf, kstr, vf, vstr, vlo, vhi, blk_lo.data(), blk_hi.data(), s.data(), m, l,
                      acc);
       }
@@ -412,6 +450,34 @@ void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q,
   });
 }
 
+std::tuple<at::Tensor, at::Tensor> decode_attention_kv_codec(
+    const at::Tensor& q, const at::Tensor& k_blocks, const at::Tensor& k_spill, const at::Tensor& k_table,
+    const at::Tensor& v_blocks, const at::Tensor& v_spill, const at::Tensor& v_table, const at::Tensor& seq_lens,
+    const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t block_rows, int64_t escape_capacity,
+    int64_t split_keys) {
+  auto [out, lse] = decode_attention_outputs(q);
+  const DecodeAttentionKVCodecArgs a =
+      check_decode_attention_kv_codec_args("decode_attention_kv_codec", out, lse, q, k_blocks, k_spill, k_table, v_blocks,
+                                           v_spill, v_table, seq_lens, starts, scale, block_rows, escape_capacity,
+                                           split_keys);
+  CHUNKINFER_CHECK(q.device().is_cpu(), "decode_attention_kv_codec: expected CPU tensors (host KV), got ", q.device());
+  if (a.d.B == 0 || a.d.Hq == 0 || a.d.T == 0) return {out, lse};
+  const CodecKV codec{k_blocks.const_data_ptr<uint8_t>(), k_spill.const_data_ptr<uint8_t>(),
+                      k_table.const_data_ptr<uint8_t>(),  v_blocks.const_data_ptr<uint8_t>(),
+                      v_spill.const_data_ptr<uint8_t>(),  v_table.const_data_ptr<uint8_t>(),
+                      a.k_spill_capacity,                 a.v_spill_capacity,
+                      block_rows,                         a.blocks_per_stream,
+                      a.d.Hkv,                            a.layout};
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* st = starts.has_value() ? starts->data_ptr<int32_t>() : nullptr;
+  if (q.scalar_type() == at::kBFloat16) {
+    decode_attention_cpu_impl<at::BFloat16>(out, lse, q, at::Tensor(), at::Tensor(), lens, st, a.d, &codec);
+  } else {
+    decode_attention_cpu_impl<at::Half>(out, lse, q, at::Tensor(), at::Tensor(), lens, st, a.d, &codec);
+  }
+  return {out, lse};
+}
+
 // merge_weights' math on the CPU
 struct HostMath {
   static float max(float a, float b) { return std::max(a, b); }
@@ -453,4 +519,5 @@ void merge_attn_states_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& o
 
 TORCH_LIBRARY_IMPL(chunkinfer, CPU, m) {
   chunkinfer::register_attention<&chunkinfer::cpu::decode_attention_out, &chunkinfer::cpu::merge_attn_states_out>(m);
+  m.impl("decode_attention_kv_codec", &chunkinfer::cpu::decode_attention_kv_codec);  // host KV: the CPU only
 }

@@ -37,8 +37,7 @@ __attribute__((always_inline)) inline float hsum(v16f x) {
 __attribute__((always_inline)) inline v16f load_row16(const float* p) { return load16(p); }
 __attribute__((always_inline)) inline v16f load_row16(const uint16_t* p) {
   const v16h h = *reinterpret_cast<const v16h*>(p);
-  const v16u w = __builtin_convertvector(h, v16u) << 16;
-  return reinterpret_cast<const v16f&>(w);
+  return (v16f)(__builtin_convertvector(h, v16u) << 16);  // a vector cast reinterprets the bits
 }
 
 // One element as fp32, the same way.

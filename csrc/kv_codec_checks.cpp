@@ -133,27 +133,31 @@ DecodeAttentionKVCodecArgs check_decode_attention_kv_codec_args(
     const char* op, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_blocks,
     const at::Tensor& k_spill, const at::Tensor& k_table, const at::Tensor& v_blocks, const at::Tensor& v_spill,
     const at::Tensor& v_table, const at::Tensor& seq_lens, const std::optional<at::Tensor>& starts,
-    std::optional<double> scale, int64_t block_rows, int64_t escape_capacity, int64_t split_keys) {
+    std::optional<double> scale, int64_t block_rows, int64_t k_escape_capacity, int64_t v_escape_capacity,
+    int64_t split_keys) {
   check_kv_data(op, "q", q);
   CHUNKINFER_CHECK(q.dim() == 4, op, ": q must be [B, Hq, T, D], got shape ", q.sizes());
   DecodeAttentionKVCodecArgs a;
-  a.layout = kv_codec_layout(op, q.scalar_type(), q.size(3), block_rows, escape_capacity);
+  a.k_layout = kv_codec_layout(op, q.scalar_type(), q.size(3), block_rows, k_escape_capacity);
+  a.v_layout = kv_codec_layout(op, q.scalar_type(), q.size(3), block_rows, v_escape_capacity);
   a.block_rows = block_rows;
-  for (const auto& [arg, blocks] : {std::pair<const char*, const at::Tensor&>{"k_blocks", k_blocks},
-                                    std::pair<const char*, const at::Tensor&>{"v_blocks", v_blocks}}) {
+  for (const auto& [arg, blocks, slot] :
+       {std::tuple<const char*, const at::Tensor&, int64_t>{"k_blocks", k_blocks, a.k_layout.slot_bytes},
+        std::tuple<const char*, const at::Tensor&, int64_t>{"v_blocks", v_blocks, a.v_layout.slot_bytes}}) {
     check_on(op, arg, blocks, q, "q");
     check_dtype(op, arg, blocks, at::kByte);
     CHUNKINFER_CHECK(blocks.dim() == 4 && blocks.size(0) == q.size(0) && blocks.size(1) >= 1 &&
-                         blocks.size(3) == a.layout.slot_bytes && blocks.is_contiguous(),
-                     op, ": ", arg, " must be a contiguous [B = ", q.size(0), ", Hkv, blocks, slot_bytes = ",
-                     a.layout.slot_bytes, "] uint8 (q's batch, the layout's slot), got ", blocks.sizes());
+                         blocks.size(3) == slot && blocks.is_contiguous(),
+                     op, ": ", arg, " must be a contiguous [B = ", q.size(0), ", Hkv, blocks, slot_bytes = ", slot,
+                     "] uint8 (q's batch, its layout's slot), got ", blocks.sizes());
   }
-  CHUNKINFER_CHECK(v_blocks.sizes() == k_blocks.sizes(), op, ": v_blocks must have k_blocks' shape ",
-                   k_blocks.sizes(), ", got ", v_blocks.sizes());
+  CHUNKINFER_CHECK(v_blocks.size(1) == k_blocks.size(1) && v_blocks.size(2) == k_blocks.size(2), op,
+                   ": v_blocks must have k_blocks' heads and blocks ", k_blocks.sizes().slice(0, 3), ", got ",
+                   v_blocks.sizes().slice(0, 3));
   check_table(op, k_table, q, "q", "k_table");
   check_table(op, v_table, q, "q", "v_table");
-  check_spill(op, k_spill, a.layout, q, "q", "k_spill");
-  check_spill(op, v_spill, a.layout, q, "q", "v_spill");
+  check_spill(op, k_spill, a.k_layout, q, "q", "k_spill");
+  check_spill(op, v_spill, a.v_layout, q, "q", "v_spill");
   a.k_spill_capacity = k_spill.size(0);
   a.v_spill_capacity = v_spill.size(0);
   a.blocks_per_stream = k_blocks.size(2);

@@ -38,18 +38,19 @@ KVCodecArgs check_kv_decode_args(const char* op, const at::Tensor& out, const at
                                  int64_t escape_capacity);
 
 // decode_attention_kv_codec: decode_attention over K and V held as codec blocks [B, Hkv, nb, slot_bytes]
-// (capacity nb * block_rows positions), with their spill pools and tables; the decode-attention checks
+// (capacity nb * block_rows positions; slot_bytes from each one's escape capacity), with their spill pools and tables; the decode-attention checks
 // of q, seq_lens, starts, scale, split_keys and the outputs, and the codec checks of the blocks.
 struct DecodeAttentionKVCodecArgs {
   DecodeArgs d;
-  kv_codec::Layout layout;
+  kv_codec::Layout k_layout, v_layout;
   int64_t block_rows = 0, blocks_per_stream = 0, k_spill_capacity = 0, v_spill_capacity = 0;
 };
 DecodeAttentionKVCodecArgs check_decode_attention_kv_codec_args(
     const char* op, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& q, const at::Tensor& k_blocks,
     const at::Tensor& k_spill, const at::Tensor& k_table, const at::Tensor& v_blocks, const at::Tensor& v_spill,
     const at::Tensor& v_table, const at::Tensor& seq_lens, const std::optional<at::Tensor>& starts,
-    std::optional<double> scale, int64_t block_rows, int64_t escape_capacity, int64_t split_keys);
+    std::optional<double> scale, int64_t block_rows, int64_t k_escape_capacity, int64_t v_escape_capacity,
+    int64_t split_keys);
 
 // The functional ops' outputs: kv_encode's (blocks, spill with spill_blocks zeroed units (-1: one per
 // block, the worst case), spill_used = 0) for x; kv_decode's [..., rows, head_dim] for blocks [..., nb, slot].

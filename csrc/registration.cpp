@@ -20,7 +20,7 @@ TORCH_LIBRARY(chunkinfer, m) {
   // returns out [B, Hq, T, D] and lse [B, Hq, T] (fp32, natural log); window <= 0: none
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0, bool prefix_ready=False, int split_keys=0) -> (Tensor, Tensor)");
   m.def("decode_attention_out(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? starts=None, float? scale=None, int window=0, bool prefix_ready=False, int split_keys=0) -> ()");
-  m.def("decode_attention_kv_codec(Tensor q, Tensor k_blocks, Tensor k_spill, Tensor k_table, Tensor v_blocks, Tensor v_spill, Tensor v_table, Tensor seq_lens, Tensor? starts=None, float? scale=None, int block_rows=16, int escape_capacity=16, int split_keys=0) -> (Tensor, Tensor)");
+  m.def("decode_attention_kv_codec(Tensor q, Tensor k_blocks, Tensor k_spill, Tensor k_table, Tensor v_blocks, Tensor v_spill, Tensor v_table, Tensor seq_lens, Tensor? starts=None, float? scale=None, int block_rows=16, int k_escape_capacity=16, int v_escape_capacity=16, int split_keys=0) -> (Tensor, Tensor)");
   // exact merge of two partial attentions over disjoint keys: out [..., D], lse [...] (fp32)
   m.def("merge_attn_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
   m.def("merge_attn_states_out(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> ()");

@@ -290,7 +290,7 @@ TaskKeys task_keys(int64_t lo, int64_t len, int64_t split, int64_t splits, int64
 struct CodecKV {
   const uint8_t *k_blocks, *k_spill, *k_table, *v_blocks, *v_spill, *v_table;
   int64_t k_spill_capacity, v_spill_capacity, block_rows, blocks_per_stream, Hkv;
-  kv_codec::Layout layout;
+  kv_codec::Layout k_layout, v_layout;
 
   // Raw rows for a buffer holding any kBlockKeys keys from any position (a block_rows boundary before them).
   int64_t buffer_rows() const { return (1 + (kBlockKeys + block_rows - 1) / block_rows) * block_rows; }
@@ -299,8 +299,8 @@ struct CodecKV {
   // returns where key j0's row is.
   template <typename Bits>
   const uint16_t* rows(bool values, int64_t b, int64_t h, int64_t j0, int64_t n, uint16_t* raw) const {
-    const uint8_t* blocks = values ? v_blocks : k_blocks;
-    const uint8_t* stream = blocks + (b * Hkv + h) * blocks_per_stream * layout.slot_bytes;
+    const kv_codec::Layout& layout = values ? v_layout : k_layout;
+    const uint8_t* stream = (values ? v_blocks : k_blocks) + (b * Hkv + h) * blocks_per_stream * layout.slot_bytes;
     const int64_t first = j0 / block_rows, last = (j0 + n - 1) / block_rows, D = layout.block_elems / block_rows;
     for (int64_t c = first; c <= last; ++c)
       kv_codec::decode_block<Bits>(stream + c * layout.slot_bytes, values ? v_spill : k_spill,
@@ -453,13 +453,13 @@ void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q,
 std::tuple<at::Tensor, at::Tensor> decode_attention_kv_codec(
     const at::Tensor& q, const at::Tensor& k_blocks, const at::Tensor& k_spill, const at::Tensor& k_table,
     const at::Tensor& v_blocks, const at::Tensor& v_spill, const at::Tensor& v_table, const at::Tensor& seq_lens,
-    const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t block_rows, int64_t escape_capacity,
-    int64_t split_keys) {
+    const std::optional<at::Tensor>& starts, std::optional<double> scale, int64_t block_rows, int64_t k_escape_capacity,
+    int64_t v_escape_capacity, int64_t split_keys) {
   auto [out, lse] = decode_attention_outputs(q);
   const DecodeAttentionKVCodecArgs a =
       check_decode_attention_kv_codec_args("decode_attention_kv_codec", out, lse, q, k_blocks, k_spill, k_table, v_blocks,
-                                           v_spill, v_table, seq_lens, starts, scale, block_rows, escape_capacity,
-                                           split_keys);
+                                           v_spill, v_table, seq_lens, starts, scale, block_rows, k_escape_capacity,
+                                           v_escape_capacity, split_keys);
   CHUNKINFER_CHECK(q.device().is_cpu(), "decode_attention_kv_codec: expected CPU tensors (host KV), got ", q.device());
   if (a.d.B == 0 || a.d.Hq == 0 || a.d.T == 0) return {out, lse};
   const CodecKV codec{k_blocks.const_data_ptr<uint8_t>(), k_spill.const_data_ptr<uint8_t>(),
@@ -467,7 +467,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_kv_codec(
                       v_spill.const_data_ptr<uint8_t>(),  v_table.const_data_ptr<uint8_t>(),
                       a.k_spill_capacity,                 a.v_spill_capacity,
                       block_rows,                         a.blocks_per_stream,
-                      a.d.Hkv,                            a.layout};
+                      a.d.Hkv,                            a.k_layout,
+                      a.v_layout};
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* st = starts.has_value() ? starts->data_ptr<int32_t>() : nullptr;
   if (q.scalar_type() == at::kBFloat16) {

@@ -11,7 +11,7 @@ from chunkinfer import ops
 from chunkinfer.ops import reference
 
 from ..conftest import TOLERANCE, rel_err
-from .test_kv_codec import kv_like, table_for
+from .test_kv_codec import kv_like
 
 pytestmark = pytest.mark.skipif(not ops.has_kernel("decode_attention_kv_codec", "CPU"),
                                 reason="the compiled extension is not loaded")
@@ -19,12 +19,14 @@ pytestmark = pytest.mark.skipif(not ops.has_kernel("decode_attention_kv_codec", 
 
 def encoded_cache(b, hkv, cap, d, dtype, gen, spill_blocks=-1, loud_rows=()):
     """K, V [b, hkv, cap, d] real-looking (rows in loud_rows with every exponent: their blocks spill) and
-    their encodings with a table calibrated on the first 64 positions."""
+    their encodings, each with the table and escape capacity calibrated on its first 64 positions."""
     k, v = kv_like((b, hkv, cap, d), dtype, gen), kv_like((b, hkv, cap, d), dtype, gen)
     span = 30 if dtype == torch.bfloat16 else 4  # decades, inside the dtype's range
     for r in loud_rows:
         k[:, :, r] = (torch.randn(b, hkv, d, generator=gen) * torch.logspace(-span, span, d)).to(dtype)
-    enc = [ops.kv_encode(x, table_for(x[:, :, :64]), spill_blocks=spill_blocks) for x in (k, v)]
+    cal = [ops.kv_calibrate(x[:, :, :64]) for x in (k, v)]
+    enc = [ops.kv_encode(x, c.table, escape_capacity=c.escape_capacity, spill_blocks=spill_blocks)
+           for x, c in zip((k, v), cal)]
     return k, v, enc[0], enc[1]
 
 
@@ -76,7 +78,8 @@ def test_bad_arguments_are_named_before_any_work(gen):
 
     def args(**kw):
         a = dict(q=q, k_blocks=ek.blocks, k_spill=ek.spill, k_table=ek.table, v_blocks=ev.blocks, v_spill=ev.spill,
-                 v_table=ev.table, seq_lens=lens)
+                 v_table=ev.table, seq_lens=lens, k_escape_capacity=ek.layout.escape_capacity,
+                 v_escape_capacity=ev.layout.escape_capacity)
         a.update(kw)
         return a
 
@@ -84,16 +87,18 @@ def test_bad_arguments_are_named_before_any_work(gen):
         (args(q=q.float()), "q must be bfloat16 or float16"),
         (args(q=q[0]), r"q must be \[B, Hq, T, D\]"),
         (args(k_blocks=ek.blocks[..., :-16]), "k_blocks must be a contiguous"),
-        (args(v_blocks=ev.blocks[:, :1]), "v_blocks must have k_blocks' shape"),
+        (args(v_blocks=ev.blocks[:, :1]), "v_blocks must have k_blocks' heads and blocks"),
         (args(v_table=ev.table[:8]), "v_table must be a contiguous"),
+        (args(v_escape_capacity=ev.layout.escape_capacity + 4), "v_blocks must be a contiguous"),
         (args(k_spill=ek.spill.view(-1)), "k_spill must be a contiguous"),
         (args(q=torch.randn(b, 3, 1, d).to(torch.bfloat16)), "multiple of the kv heads"),
         (args(seq_lens=lens.long()), "seq_lens must be int32"),
     ]
+    op(**args())  # the unchanged arguments run
     for a, words in cases:
         with pytest.raises(RuntimeError, match=words):
             op(**a)
     with pytest.raises(ValueError, match="q is torch.float16"):
         ops.decode_attention_kv_codec(q.half(), ek, ev, lens)
-    with pytest.raises(ValueError, match="share a layout"):
-        ops.decode_attention_kv_codec(q, ek, ops.kv_encode(ev.decode()[:, :1], ev.table), lens)
+    with pytest.raises(ValueError, match="must share dtype, head dim, block_rows and blocks"):
+        ops.decode_attention_kv_codec(q, ek, ops.kv_encode(ev.decode()[:, :, :32], ev.table), lens)

@@ -280,18 +280,21 @@ def decode_attention_kv_codec(q: torch.Tensor, k: KVEncoded, v: KVEncoded, seq_l
                               starts: torch.Tensor | None = None, *, scale: float | None = None,
                               split_keys: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`decode_attention` (window 0) over K and V held compressed (:func:`kv_encode` of
-    [B, Hkv, capacity, D] caches, one table each, the same layout): each block of keys is decoded into a
+    [B, Hkv, capacity, D] caches, each with its own table and escape capacity, the same block_rows and
+    number of blocks): each block of keys is decoded into a
     small buffer where the plain kernel reads the cache, so (out, lse) equal, bit for bit,
     ``decode_attention`` over the decoded K, V with the same split_keys. The CPU only (host KV); q's
     dtype is the layout's."""
-    if k.layout != v.layout or k.blocks.shape != v.blocks.shape:
-        raise ValueError(f"decode_attention_kv_codec: k and v must share a layout and a shape, got {k.layout} "
-                         f"{tuple(k.blocks.shape)} and {v.layout} {tuple(v.blocks.shape)}")
+    if (k.layout.dtype, k.layout.head_dim, k.layout.block_rows) != (v.layout.dtype, v.layout.head_dim,
+                                                                     v.layout.block_rows) \
+            or k.blocks.shape[:-1] != v.blocks.shape[:-1]:
+        raise ValueError(f"decode_attention_kv_codec: k and v must share dtype, head dim, block_rows and blocks, "
+                         f"got {k.layout} {tuple(k.blocks.shape)} and {v.layout} {tuple(v.blocks.shape)}")
     if q.device.type != "cpu":
         raise ValueError(f"decode_attention_kv_codec: runs on the CPU (host KV), got q on {q.device}")
     if q.dtype != k.layout.dtype:
         raise ValueError(f"decode_attention_kv_codec: q is {q.dtype} but the K, V blocks hold {k.layout.dtype}")
-    lay = k.layout
     return torch.ops.chunkinfer.decode_attention_kv_codec(q, k.blocks, k.spill, k.table, v.blocks, v.spill, v.table,
-                                                          seq_lens, starts, scale, lay.block_rows,
-                                                          lay.escape_capacity, split_keys)
+                                                          seq_lens, starts, scale, k.layout.block_rows,
+                                                          k.layout.escape_capacity, v.layout.escape_capacity,
+                                                          split_keys)

@@ -181,7 +181,7 @@ KV_CODEC_SCHEMAS = {
     "kv_encode_out": "kv_encode_out(Tensor(a!) blocks, Tensor(b!) spill, Tensor(c!) spill_used, Tensor x, Tensor table, int block_rows=16, int escape_capacity=16) -> ()",
     "kv_decode": "kv_decode(Tensor blocks, Tensor spill, Tensor table, int rows, int head_dim, ScalarType dtype, int block_rows=16, int escape_capacity=16) -> Tensor",
     "kv_decode_out": "kv_decode_out(Tensor(a!) out, Tensor blocks, Tensor spill, Tensor table, int block_rows=16, int escape_capacity=16) -> ()",
-    "decode_attention_kv_codec": "decode_attention_kv_codec(Tensor q, Tensor k_blocks, Tensor k_spill, Tensor k_table, Tensor v_blocks, Tensor v_spill, Tensor v_table, Tensor seq_lens, Tensor? starts=None, float? scale=None, int block_rows=16, int escape_capacity=16, int split_keys=0) -> (Tensor, Tensor)",
+    "decode_attention_kv_codec": "decode_attention_kv_codec(Tensor q, Tensor k_blocks, Tensor k_spill, Tensor k_table, Tensor v_blocks, Tensor v_spill, Tensor v_table, Tensor seq_lens, Tensor? starts=None, float? scale=None, int block_rows=16, int k_escape_capacity=16, int v_escape_capacity=16, int split_keys=0) -> (Tensor, Tensor)",
 }
 SCHEMAS.update(KV_CODEC_SCHEMAS)
 
@@ -213,7 +213,7 @@ def _register_kv_codec_fakes() -> None:
 
     @torch.library.register_fake("chunkinfer::decode_attention_kv_codec")
     def _(q, k_blocks, k_spill, k_table, v_blocks, v_spill, v_table, seq_lens, starts=None, scale=None,
-          block_rows=16, escape_capacity=16, split_keys=0):
+          block_rows=16, k_escape_capacity=16, v_escape_capacity=16, split_keys=0):
         return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
     for name in ("kv_encode_out", "kv_decode_out"):

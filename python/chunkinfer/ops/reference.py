@@ -309,11 +309,11 @@ def kv_decode(blocks: torch.Tensor, spill: torch.Tensor, table: torch.Tensor, ro
 def decode_attention_kv_codec(q: torch.Tensor, k_blocks: torch.Tensor, k_spill: torch.Tensor, k_table: torch.Tensor,
                               v_blocks: torch.Tensor, v_spill: torch.Tensor, v_table: torch.Tensor,
                               seq_lens: torch.Tensor, starts: torch.Tensor | None = None, scale: float | None = None,
-                              block_rows: int = 16, escape_capacity: int = 16,
+                              block_rows: int = 16, k_escape_capacity: int = 16, v_escape_capacity: int = 16,
                               split_keys: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`decode_attention` over K and V held as codec blocks [B, Hkv, nb, slot_bytes]: the blocks
     decoded (capacity nb * block_rows positions), then the plain attention."""
     rows, d = k_blocks.shape[2] * block_rows, q.shape[-1]
-    k = kv_decode(k_blocks, k_spill, k_table, rows, d, q.dtype, block_rows, escape_capacity)
-    v = kv_decode(v_blocks, v_spill, v_table, rows, d, q.dtype, block_rows, escape_capacity)
+    k = kv_decode(k_blocks, k_spill, k_table, rows, d, q.dtype, block_rows, k_escape_capacity)
+    v = kv_decode(v_blocks, v_spill, v_table, rows, d, q.dtype, block_rows, v_escape_capacity)
     return decode_attention(q, k, v, seq_lens, starts, scale, 0, split_keys)

@@ -214,9 +214,14 @@ void write_spill_plane(const uint16_t* x, int64_t n, const Layout& l, uint8_t* p
 // l.spill_unit_bytes). Reads nothing outside the slot and the pool whatever the bytes hold; a block
 // whose data is missing (lost spill, index out of range, escape absent from the list) decodes to NaN
 // where the data is missing.
+// A faster main loop a CPU caller may pass for bf16 (no extra planes): out[0, n) from the codes, the
+// table and the rest bytes, code 15 taking table[15]; returns how many codes were 15.
+using Bf16CodesLoop = int64_t (*)(const uint8_t* codes, const uint8_t* rest, const uint8_t* table, uint16_t* out,
+                                  int64_t n);
+
 template <typename Bits>
 void decode_block(const uint8_t* slot, const uint8_t* spill, int64_t spill_capacity, const uint8_t* table,
-                  const Layout& l, uint16_t* out, int64_t n) {
+                  const Layout& l, uint16_t* out, int64_t n, Bf16CodesLoop codes_loop = nullptr) {
   const uint32_t n_esc = load_u32(slot), spill_index = load_u32(slot + 4);
   const uint8_t* rest = slot + l.rest_offset;
   const uint8_t* codes = slot + l.codes_offset;
@@ -241,7 +246,14 @@ void decode_block(const uint8_t* slot, const uint8_t* spill, int64_t spill_capac
   // patched from the escape list when it is sorted and names each of them (what the encoder writes),
   // else (a corrupt block) each looked up as the GPU looks it up, NaN where absent.
   int64_t escaped = 0;
-  for (int64_t i = 0; i + 1 < n; i += 2) {  // a code byte at a time
+  int64_t i0 = 0;
+  if constexpr (Bits::kExtraPlanes == 0) {
+    if (codes_loop) {
+      i0 = n & ~int64_t{1};
+      escaped = codes_loop(codes, rest, table, out, i0);
+    }
+  }
+  for (int64_t i = i0; i + 1 < n; i += 2) {  // a code byte at a time
     const uint32_t b = codes[i >> 1], c0 = b & 0xF, c1 = b >> 4;
     out[i] = Bits::join(table[c0], rest[i], extra_bits(i));
     out[i + 1] = Bits::join(table[c1], rest[i + 1], extra_bits(i + 1));

@@ -305,7 +305,7 @@ struct CodecKV {
     for (int64_t c = first; c <= last; ++c)
       kv_codec::decode_block<Bits>(stream + c * layout.slot_bytes, values ? v_spill : k_spill,
                                    values ? v_spill_capacity : k_spill_capacity, values ? v_table : k_table, layout,
-                                   raw + (c - first) * layout.block_elems, layout.block_elems);
+                                   raw + (c - first) * layout.block_elems, layout.block_elems, &bf16_codes_to_words);
     return raw + (j0 - first * block_rows) * D;
   }
 };

@@ -7,11 +7,49 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstring>
 #include <vector>
 
 #include "../kv_codec_ops.h"
+#include "simd16.h"
 
 namespace chunkinfer::cpu {
+
+// 32 elements a pass: 16 code bytes split into low and high nibbles, each looked up in the 16-byte
+// table by a byte shuffle, interleaved back to element order, joined with the rest bytes as
+// BFloat16Bits::join does. The tail (n % 32) in scalar code.
+CHUNKINFER_SIMD_CLONES
+int64_t bf16_codes_to_words(const uint8_t* codes, const uint8_t* rest, const uint8_t* table, uint16_t* out, int64_t n) {
+  typedef uint8_t v16b __attribute__((vector_size(16), aligned(1)));
+  typedef uint8_t v32b __attribute__((vector_size(32), aligned(1)));
+  typedef uint16_t v32h __attribute__((vector_size(64), aligned(2)));
+  v16b tab;
+  std::memcpy(&tab, table, 16);
+  int64_t escaped = 0, i = 0;
+  for (; i + 32 <= n; i += 32) {
+    v16b c;
+    std::memcpy(&c, codes + i / 2, 16);
+    const v16b lo = c & 0xF, hi = c >> 4;
+    const v16b elo = __builtin_shuffle(tab, lo), ehi = __builtin_shuffle(tab, hi);
+    const v32b e = __builtin_shufflevector(elo, ehi, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9,
+                                           25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    v32b r;
+    std::memcpy(&r, rest + i, 32);
+    const v32h w = (__builtin_convertvector(r & 0x80, v32h) << 8) | (__builtin_convertvector(e, v32h) << 7) |
+                   __builtin_convertvector(r & 0x7F, v32h);
+    std::memcpy(out + i, &w, 64);
+    const v16b esc = (lo == 15) + (hi == 15);  // -1 per escape code in each nibble
+    for (int k = 0; k < 16; ++k) escaped -= static_cast<int8_t>(esc[k]);
+  }
+  for (; i + 1 < n; i += 2) {
+    const uint32_t b = codes[i >> 1], c0 = b & 0xF, c1 = b >> 4;
+    out[i] = kv_codec::BFloat16Bits::join(table[c0], rest[i], 0);
+    out[i + 1] = kv_codec::BFloat16Bits::join(table[c1], rest[i + 1], 0);
+    escaped += (c0 == kv_codec::kEscape) + (c1 == kv_codec::kEscape);
+  }
+  return escaped;
+}
+
 namespace {
 
 using kv_codec::BFloat16Bits;
@@ -71,7 +109,8 @@ void decode(const KVCodecArgs& a, const uint8_t* blocks, const uint8_t* spill, c
     for (int64_t g = begin; g < end; ++g) {
       const BlockRef r = block_ref(a, g);
       kv_codec::decode_block<Bits>(blocks + a.block_streams.offset(r.stream) + r.index * l.slot_bytes, spill,
-                                   a.spill_capacity, table, l, out + a.x_streams.offset(r.stream) + r.elem0, r.n);
+                                   a.spill_capacity, table, l, out + a.x_streams.offset(r.stream) + r.elem0, r.n,
+                                   &bf16_codes_to_words);
     }
   });
 }

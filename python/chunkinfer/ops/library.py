@@ -184,6 +184,7 @@ KV_CODEC_SCHEMAS = {
     "decode_attention_kv_codec": "decode_attention_kv_codec(Tensor q, Tensor k_blocks, Tensor k_spill, Tensor k_table, Tensor v_blocks, Tensor v_spill, Tensor v_table, Tensor seq_lens, Tensor? starts=None, float? scale=None, int block_rows=16, int k_escape_capacity=16, int v_escape_capacity=16, int split_keys=0) -> (Tensor, Tensor)",
 }
 SCHEMAS.update(KV_CODEC_SCHEMAS)
+HOST_ONLY_OPS = frozenset({"decode_attention_kv_codec"})  # attention over host KV: a CPU kernel only
 
 
 def _register_kv_codec_reference_ops() -> None:

@@ -215,7 +215,9 @@ void write_spill_plane(const uint16_t* x, int64_t n, const Layout& l, uint8_t* p
 // whose data is missing (lost spill, index out of range, escape absent from the list) decodes to NaN
 // where the data is missing.
 // A faster main loop a CPU caller may pass for bf16 (no extra planes): out[0, n) from the codes, the
-// table and the rest bytes, code 15 taking table[15]; returns how many codes were 15.
+// table and the rest bytes, code 15 taking table[15], for n a multiple of kCodesLoopElems; returns how
+// many codes were 15. decode_block's own loop does the rest of the block.
+constexpr int64_t kCodesLoopElems = 32;
 using Bf16CodesLoop = int64_t (*)(const uint8_t* codes, const uint8_t* rest, const uint8_t* table, uint16_t* out,
                                   int64_t n);
 
@@ -249,7 +251,7 @@ void decode_block(const uint8_t* slot, const uint8_t* spill, int64_t spill_capac
   int64_t i0 = 0;
   if constexpr (Bits::kExtraPlanes == 0) {
     if (codes_loop) {
-      i0 = n & ~int64_t{1};
+      i0 = n / kCodesLoopElems * kCodesLoopElems;
       escaped = codes_loop(codes, rest, table, out, i0);
     }
   }

@@ -288,24 +288,27 @@ TaskKeys task_keys(int64_t lo, int64_t len, int64_t split, int64_t splits, int64
 // decodes the blocks holding a block of keys into a small buffer of raw 16-bit rows of its own, where the
 // plain kernel reads the cache's rows, so the attention that follows is the plain kernel's, bit for bit.
 struct CodecKV {
-  const uint8_t *k_blocks, *k_spill, *k_table, *v_blocks, *v_spill, *v_table;
-  int64_t k_spill_capacity, v_spill_capacity, block_rows, blocks_per_stream, Hkv;
-  kv_codec::Layout k_layout, v_layout;
+  struct Side {  // K's or V's blocks, spill pool, table and layout
+    const uint8_t *blocks, *spill, *table;
+    int64_t spill_capacity;
+    kv_codec::Layout layout;
+  };
+  Side k, v;
+  int64_t block_rows, blocks_per_stream, Hkv;
 
   // Raw rows for a buffer holding any kBlockKeys keys from any position (a block_rows boundary before them).
   int64_t buffer_rows() const { return (1 + (kBlockKeys + block_rows - 1) / block_rows) * block_rows; }
 
-  // Decodes into raw the blocks of stream (b, h) holding keys [j0, j0 + n) (n >= 1) from K (or V) and
+  // Decodes into raw the blocks of stream (b, h) holding keys [j0, j0 + n) (n >= 1) from one side and
   // returns where key j0's row is.
   template <typename Bits>
-  const uint16_t* rows(bool values, int64_t b, int64_t h, int64_t j0, int64_t n, uint16_t* raw) const {
-    const kv_codec::Layout& layout = values ? v_layout : k_layout;
-    const uint8_t* stream = (values ? v_blocks : k_blocks) + (b * Hkv + h) * blocks_per_stream * layout.slot_bytes;
-    const int64_t first = j0 / block_rows, last = (j0 + n - 1) / block_rows, D = layout.block_elems / block_rows;
+  const uint16_t* rows(const Side& side, int64_t b, int64_t h, int64_t j0, int64_t n, uint16_t* raw) const {
+    const kv_codec::Layout& l = side.layout;
+    const uint8_t* stream = side.blocks + (b * Hkv + h) * blocks_per_stream * l.slot_bytes;
+    const int64_t first = j0 / block_rows, last = (j0 + n - 1) / block_rows, D = l.block_elems / block_rows;
     for (int64_t c = first; c <= last; ++c)
-      kv_codec::decode_block<Bits>(stream + c * layout.slot_bytes, values ? v_spill : k_spill,
-                                   values ? v_spill_capacity : k_spill_capacity, values ? v_table : k_table, layout,
-                                   raw + (c - first) * layout.block_elems, layout.block_elems, &bf16_codes_to_words);
+      kv_codec::decode_block<Bits>(stream + c * l.slot_bytes, side.spill, side.spill_capacity, side.table, l,
+                                   raw + (c - first) * l.block_elems, l.block_elems, &bf16_codes_to_words);
     return raw + (j0 - first * block_rows) * D;
   }
 };
@@ -380,8 +383,8 @@ void decode_attention_cpu_impl(at::Tensor& out, at::Tensor& lse, const at::Tenso
         if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
           if (codec) {
             using Bits = std::conditional_t<std::is_same_v<T, at::Half>, kv_codec::Float16Bits, kv_codec::BFloat16Bits>;
-            kj = reinterpret_cast<const T*>(codec->rows<Bits>(false, b, h, j0, vhi, kraw.data()));
-            vj = reinterpret_cast<const T*>(codec->rows<Bits>(true, b, h, j0, vhi, vraw.data()));
+            kj = reinterpret_cast<const T*>(codec->rows<Bits>(codec->k, b, h, j0, vhi, kraw.data()));
+            vj = reinterpret_cast<const T*>(codec->rows<Bits>(codec->v, b, h, j0, vhi, vraw.data()));
           }
         }
         if constexpr (std::is_same_v<T, at::BFloat16>) {
@@ -462,13 +465,11 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_kv_codec(
                                            v_escape_capacity, split_keys);
   CHUNKINFER_CHECK(q.device().is_cpu(), "decode_attention_kv_codec: expected CPU tensors (host KV), got ", q.device());
   if (a.d.B == 0 || a.d.Hq == 0 || a.d.T == 0) return {out, lse};
-  const CodecKV codec{k_blocks.const_data_ptr<uint8_t>(), k_spill.const_data_ptr<uint8_t>(),
-                      k_table.const_data_ptr<uint8_t>(),  v_blocks.const_data_ptr<uint8_t>(),
-                      v_spill.const_data_ptr<uint8_t>(),  v_table.const_data_ptr<uint8_t>(),
-                      a.k_spill_capacity,                 a.v_spill_capacity,
-                      block_rows,                         a.blocks_per_stream,
-                      a.d.Hkv,                            a.k_layout,
-                      a.v_layout};
+  const CodecKV codec{{k_blocks.const_data_ptr<uint8_t>(), k_spill.const_data_ptr<uint8_t>(),
+                       k_table.const_data_ptr<uint8_t>(), a.k_spill_capacity, a.k_layout},
+                      {v_blocks.const_data_ptr<uint8_t>(), v_spill.const_data_ptr<uint8_t>(),
+                       v_table.const_data_ptr<uint8_t>(), a.v_spill_capacity, a.v_layout},
+                      block_rows, a.blocks_per_stream, a.d.Hkv};
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* st = starts.has_value() ? starts->data_ptr<int32_t>() : nullptr;
   if (q.scalar_type() == at::kBFloat16) {

@@ -15,9 +15,9 @@
 
 namespace chunkinfer::cpu {
 
-// 32 elements a pass: 16 code bytes split into low and high nibbles, each looked up in the 16-byte
-// table by a byte shuffle, interleaved back to element order, joined with the rest bytes as
-// BFloat16Bits::join does. The tail (n % 32) in scalar code.
+// kv_codec::kCodesLoopElems = 32 elements a pass: 16 code bytes split into low and high nibbles, each
+// looked up in the 16-byte table by a byte shuffle, interleaved back to element order, joined with the
+// rest bytes as BFloat16Bits::join does.
 CHUNKINFER_SIMD_CLONES
 int64_t bf16_codes_to_words(const uint8_t* codes, const uint8_t* rest, const uint8_t* table, uint16_t* out, int64_t n) {
   typedef uint8_t v16b __attribute__((vector_size(16), aligned(1)));
@@ -25,8 +25,8 @@ int64_t bf16_codes_to_words(const uint8_t* codes, const uint8_t* rest, const uin
   typedef uint16_t v32h __attribute__((vector_size(64), aligned(2)));
   v16b tab;
   std::memcpy(&tab, table, 16);
-  int64_t escaped = 0, i = 0;
-  for (; i + 32 <= n; i += 32) {
+  int64_t escaped = 0;
+  for (int64_t i = 0; i < n; i += kv_codec::kCodesLoopElems) {
     v16b c;
     std::memcpy(&c, codes + i / 2, 16);
     const v16b lo = c & 0xF, hi = c >> 4;
@@ -40,12 +40,6 @@ int64_t bf16_codes_to_words(const uint8_t* codes, const uint8_t* rest, const uin
     std::memcpy(out + i, &w, 64);
     const v16b esc = (lo == 15) + (hi == 15);  // -1 per escape code in each nibble
     for (int k = 0; k < 16; ++k) escaped -= static_cast<int8_t>(esc[k]);
-  }
-  for (; i + 1 < n; i += 2) {
-    const uint32_t b = codes[i >> 1], c0 = b & 0xF, c1 = b >> 4;
-    out[i] = kv_codec::BFloat16Bits::join(table[c0], rest[i], 0);
-    out[i + 1] = kv_codec::BFloat16Bits::join(table[c1], rest[i + 1], 0);
-    escaped += (c0 == kv_codec::kEscape) + (c1 == kv_codec::kEscape);
   }
   return escaped;
 }

@@ -49,7 +49,7 @@ __attribute__((always_inline)) inline float load_one(const uint16_t* p) {
   return f;
 }
 
-// bf16 words from the codec's code nibbles, table and rest bytes (kv_codec::Bf16CodesLoop): n even.
+// bf16 words from the codec's code nibbles, table and rest bytes (kv_codec::Bf16CodesLoop): n a multiple of 32.
 // Defined in kv_codec.cpp, compiled once per vector ISA (the table lookup is a byte shuffle).
 int64_t bf16_codes_to_words(const uint8_t* codes, const uint8_t* rest, const uint8_t* table, uint16_t* out, int64_t n);
 

@@ -19,7 +19,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .kv.cache import ChunkKVCache, ChunkKVLayer
+from .kv.cache import ChunkKVCache
+from .kv.device_layer import ChunkKVLayer
 from .kv.placement import PromptCall, place, plan_prompt
 from .loop.head import final_norm, head_chunk_rows, iter_logits, logits_of
 from .loop.loss import ChunkedCrossEntropy, shifted_targets

@@ -14,7 +14,7 @@ import torch
 
 import chunkinfer
 import chunkinfer.kv.transfer
-from chunkinfer.kv.cache import ChunkKVLayer
+from chunkinfer.kv.device_layer import ChunkKVLayer
 from chunkinfer.kv.offload import HostKVLayer
 from tests.tiny_models import left_padded_batch, make_model
 

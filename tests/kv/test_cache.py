@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from chunkinfer.kv.cache import ALIGN, GROWTH, PREFILL_HEADROOM, ChunkKVCache, ChunkKVLayer, capacity_for
+from chunkinfer.kv.cache import ChunkKVCache
+from chunkinfer.kv.device_layer import ALIGN, GROWTH, PREFILL_HEADROOM, ChunkKVLayer, capacity_for
 from chunkinfer.planner.memory import decode_growth, kv_capacity
 
 

@@ -90,7 +90,7 @@ def test_schedule_decreases_as_the_kv_grows_in_a_continuation():
 
 def cache_capacities(past: int, seq: int) -> tuple[int, int]:
     """(capacity after a prefill of past tokens, after appending seq) as the real cache grows it (meta tensors)."""
-    from chunkinfer.kv.cache import PREFILL_HEADROOM, KVBuffers
+    from chunkinfer.kv.device_layer import PREFILL_HEADROOM, KVBuffers
 
     kv = KVBuffers()
     kv.reserve(1, 8, 128, torch.bfloat16, torch.device("meta"), past, PREFILL_HEADROOM)

@@ -21,7 +21,7 @@ import torch
 
 from .. import ops
 from ..planner.rates import H200_H2D_BYTES_PER_S as H2D_BYTES_PER_S  # pinned host->device copies, measured
-from .cache import ALIGN
+from .device_layer import ALIGN
 
 CPU_BYTES_PER_S_PRIOR = 66e9  # bf16 K, V read by the CPU kernel on the H200 host's 16 cores while the
 #                               H2D copies run (bench/results/host_decode_h200.md); refined by measurement

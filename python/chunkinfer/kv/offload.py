@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from .cache import CachedPositions, ChunkKVLayer, KVBuffers, round_up_positions
+from .device_layer import CachedPositions, ChunkKVLayer, KVBuffers, round_up_positions
 
 _HOST_GROWTH_MIN = 4096  # positions added at least when a host layer grows (decode past the headroom)
 

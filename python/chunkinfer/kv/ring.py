@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import GROWTH, STEP_TOKENS, ChunkKVLayer
+from .device_layer import GROWTH, STEP_TOKENS, ChunkKVLayer
 # Whether ops.decode_attention reads rings (position p at slot p % capacity, lengths beyond the capacity).
 # Until it does, steps attend sliding-window layers eagerly over the ring's band (loop/step.py), exactly,
 # and such models take no CUDA graph (loop/decode_graph.py).

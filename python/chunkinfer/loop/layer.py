@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..kv.cache import KVBuffers
+from ..kv.device_layer import KVBuffers
 from ..models.adapters import LayerBinding, ModelBinding
 from .moe import moe_mlp
 from .rope import Rope, write_interleaved

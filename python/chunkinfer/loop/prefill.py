@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kv.cache import PREFILL_HEADROOM, ChunkKVCache
+from ..kv.cache import ChunkKVCache
+from ..kv.device_layer import PREFILL_HEADROOM
 from ..kv.ring import STEP_TOKENS, RingKVLayer
 from ..kv.offload import LayerStreamer
 from ..models.adapters import LayerBinding, ModelBinding

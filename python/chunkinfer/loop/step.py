@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..kv.cache import STEP_TOKENS, ChunkKVCache, KVBuffers
+from ..kv.cache import ChunkKVCache
+from ..kv.device_layer import STEP_TOKENS, KVBuffers
 from ..kv.ring import RING_DECODE
 from .attention import block_attention, first_key, with_sinks
 from ..models.adapters import ModelBinding

@@ -1,7 +1,7 @@
 """The memory model: what the layer loop allocates, from the shapes, and what the runtime adds.
 
 * the residual stream [B, S, H] in the model dtype (plus the int64 token ids and positions),
-* per-layer K, V buffers [B, Hkv, cap, D], sized by the cache's own rule (kv/cache.py: ``capacity_for``;
+* per-layer K, V buffers [B, Hkv, cap, D], sized by the cache's own rule (kv/device_layer.py: ``capacity_for``;
   after a prefill cap = round_up(S + PREFILL_HEADROOM, ALIGN)), so a plan and a run agree on every capacity,
 * chunk work buffers of C rows (``work_bytes``): the MLP activation buffer [C, intermediate] kept for the
   layer, and per block the larger of the attention phase (q, k, v, block and prefix outputs and their
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..kv.cache import PREFILL_HEADROOM, capacity_for
+from ..kv.device_layer import PREFILL_HEADROOM, capacity_for
 from ..kv.ring import held_capacity, ring_capacity
 from .schedule import ChunkWork
 from .shape import Shape

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kv.cache import PREFILL_HEADROOM, capacity_for
+from ..kv.device_layer import PREFILL_HEADROOM, capacity_for
 from ..kv.transfer import available as offload_engine_available
 from ..loop.head import head_chunk_rows
 from ..kv.ring import held_capacity, ring_capacity

@@ -32,8 +32,8 @@ void decode_attention_out(at::Tensor& out, at::Tensor& lse, const at::Tensor& q,
   constexpr const char* op = "decode_attention";
   const DecodeArgs a =
       check_decode_attention_args(op, out, lse, q, k_cache, v_cache, seq_lens, starts, scale, window, split_keys);
-  CHUNKINFER_CHECK(a.D == 64 || a.D == 128 || a.D == 256, op, ": head dim ", a.D,
-              " is not supported on CUDA (64, 128 or 256)");
+  CHUNKINFER_CHECK(a.D % 8 == 0 && a.D <= 256, op, ": head dim ", a.D,
+                   " is not supported on CUDA (a multiple of 8 up to 256)");
   CHUNKINFER_CHECK(vectorisable16(k_cache) && vectorisable16(v_cache), op,
               ": k_cache and v_cache must be 16-byte aligned: their data pointer and every stride a multiple "
               "of 16 bytes (a view at an odd offset into a larger buffer is not)");

@@ -233,7 +233,7 @@ struct DecodeConfig {
   static constexpr int kPipeBytes = 2 * kStages * kUnroll * kDecodeThreads * int(sizeof(Pack8<T>));
   static constexpr int kReduceBytes = (2 * kWarps * ROWS + kWarps * kPassRows * D) * 4;
   static constexpr int kSmemBytes = kPipeBytes > kReduceBytes ? kPipeBytes : kReduceBytes;
-  static_assert(D % (kVec * 1) == 0 && kThreadsPerRow <= 32, "head dim must be 64, 128 or 256");
+  static_assert(D % (kVec * 1) == 0 && kThreadsPerRow <= 32, "the kernel's head dim must be 64, 128 or 256");
 };
 
 template <typename T, int D, int ROWS>
@@ -250,6 +250,8 @@ decode_attention_kernel(const DecodeParams p) {
   const int chunk = ix.chunk, split = ix.split, h = ix.h, b = ix.b;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int sub = tid % TPR, group = tid / TPR;
+  // a head dim below D (dispatch_padded_head_dim): lanes past it read zeros and store nothing
+  const bool live = sub * kVec < p.D;
 
   const KeyRange kr_ = block_keys(p, b, split, C::kKeysPerStep);
   const int len = kr_.len, start = kr_.start, k0 = kr_.k0, k1 = kr_.k1;
@@ -270,7 +272,7 @@ decode_attention_kernel(const DecodeParams p) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int key = step_base + step * C::kKeysPerStep + u * GROUPS + group;
-        if (key >= k0 && key < k1) {
+        if (live && key >= k0 && key < k1) {
           const int64_t at = key_slot(p, key);
           cp_async_pack(kpipe + (slot + u) * kDecodeThreads + tid, kb + at * p.k_sp);
           cp_async_pack(vpipe + (slot + u) * kDecodeThreads + tid, vb + at * p.v_sp);
@@ -298,7 +300,7 @@ decode_attention_kernel(const DecodeParams p) {
       row_lo[r] = p.window > 0 ? max(start, pos - p.window + 1) : start;
       const T* qp = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh + t * p.q_st + sub * kVec;
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) q[r][i] = to_float(qp[i]) * p.scale_log2;
+      for (int i = 0; i < kVec; ++i) q[r][i] = live ? to_float(qp[i]) * p.scale_log2 : 0.f;
     } else {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) q[r][i] = 0.f;
@@ -323,7 +325,7 @@ decode_attention_kernel(const DecodeParams p) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       key[u] = base + u * GROUPS + group;
-      if (key[u] >= k0 && key[u] < k1) {
+      if (live && key[u] >= k0 && key[u] < k1) {
         kr[u] = kpipe[(slot + u) * kDecodeThreads + tid];
         vr[u] = vpipe[(slot + u) * kDecodeThreads + tid];
       } else {
@@ -432,7 +434,7 @@ decode_attention_kernel(const DecodeParams p) {
     for (int idx = tid; idx < C::kPassRows * D; idx += kDecodeThreads) {
       const int r = r0 + idx / D, d = idx % D;
       const int row = chunk * ROWS + r;
-      if (r >= ROWS || row >= rows_total) continue;
+      if (r >= ROWS || row >= rows_total || d >= p.D) continue;
       store_split_partial<C::kWarps>(p, b, h, row, split, d, &sm_m[0][r], &sm_l[0][r], ROWS, &sm_acc[0][r - r0][d],
                                      C::kPassRows * D);
     }
@@ -449,7 +451,7 @@ constexpr int kCombineThreads = 256;
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kernel(const DecodeParams p) {
-  constexpr int kLanes = D / 4;                          // threads per split row (float4 each)
+  constexpr int kLanes = D / 4;                          // threads per split row (float4 each); D >= p.D
   constexpr int kGroups = kCombineThreads / kLanes;      // splits in flight per step
   extern __shared__ float smem_f[];
   float* w = smem_f;                                     // [splits] weights
@@ -458,7 +460,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kern
   const int t = row % p.T, hq = (row / p.T) % p.Hq, b = row / (int64_t(p.T) * p.Hq);
   const int S = p.splits, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float* pl = p.part_lse + row * S;
-  const float* po = p.part_out + row * S * D;
+  const float* po = p.part_out + row * S * p.D;
   wait_for_prerequisite_grid();  // pass 1's partials are complete and visible from here on
 
   float mx = -INFINITY;
@@ -478,9 +480,9 @@ __global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kern
   const int group = tid / kLanes, j = tid % kLanes;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 4
-  for (int s = group; s < S; s += kGroups) {
+  for (int s = 4 * j < p.D ? group : S; s < S; s += kGroups) {
     const float ws = w[s];
-    const float4 x = *reinterpret_cast<const float4*>(po + int64_t(s) * D + 4 * j);
+    const float4 x = *reinterpret_cast<const float4*>(po + int64_t(s) * p.D + 4 * j);
     acc.x = fmaf(ws, x.x, acc.x);
     acc.y = fmaf(ws, x.y, acc.y);
     acc.z = fmaf(ws, x.z, acc.z);
@@ -488,7 +490,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kern
   }
   *reinterpret_cast<float4*>(red + group * D + 4 * j) = acc;
   __syncthreads();
-  if (tid < D) {
+  if (tid < p.D) {
     float o = 0.f, sum = 0.f;
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) o += red[g * D + tid];
@@ -822,11 +824,21 @@ bool dispatch_head_dim(int D, F&& f) {
   }
 }
 
-// Calls f(integral_constant<D>, integral_constant<ROWS>); false if D is not 64, 128 or 256.
+// Any head dim that is a multiple of kVec up to 256, as the kernel's head dim at or above it: the FMA
+// kernel and the combine run it with the lanes past D idle (Phi-3's 96, small test models' 16). Calls
+// f(integral_constant<kernel head dim>); false for other head dims.
+template <typename F>
+bool dispatch_padded_head_dim(int D, F&& f) {
+  if (D < kVec || D % kVec != 0 || D > 256) return false;
+  return dispatch_head_dim(D <= 64 ? 64 : D <= 128 ? 128 : 256, f);
+}
+
+// Calls f(integral_constant<kernel head dim>, integral_constant<ROWS>); false where
+// dispatch_padded_head_dim is.
 template <typename F>
 bool dispatch_decode_shape(int D, int rows_total, F&& f) {
   const int rows = decode_block_rows(rows_total);
-  return dispatch_head_dim(D, [&](auto d) {
+  return dispatch_padded_head_dim(D, [&](auto d) {
     switch (rows) {
       case 1: f(d, std::integral_constant<int, 1>{}); break;
       case 2: f(d, std::integral_constant<int, 2>{}); break;
@@ -857,12 +869,14 @@ DecodeKernel describe_decode_kernel() {
   return {Kernel, C::kThreads, C::kSmemBytes, C::kRows, C::kKeysPerStep, blocks_per_sm};
 }
 
-// Tensor cores (mma.sync, compute capability 8.0+) for fp16/bf16; the FMA kernel for fp32, or
-// where `tensor_cores` is false. False if D is not 64, 128 or 256.
+// Tensor cores (mma.sync, compute capability 8.0+) for fp16/bf16 at head dims 64, 128 and 256; the
+// FMA kernel for fp32, other head dims, or where `tensor_cores` is false. The choice depends on the
+// dtype and head dim, never on T: every row of a cache goes through the same kernel. False where
+// dispatch_padded_head_dim is.
 template <typename T>
 bool select_decode_kernel(int D, int rows_total, bool tensor_cores, DecodeKernel& k) {
   if constexpr (!std::is_same_v<T, float>) {
-    if (tensor_cores) {
+    if (tensor_cores && (D == 64 || D == 128 || D == 256)) {
       return dispatch_head_dim(D, [&](auto d) {
         constexpr int kD = decltype(d)::value;
         k = rows_total > 8
@@ -898,7 +912,7 @@ int decode_attention_num_splits(int B, int Hq, int Hkv, int T_, int D, int cap, 
   return int(s < 1 ? 1 : s);
 }
 
-// Both passes on `stream`; false if the head dim is not 64, 128 or 256. p.splits and the
+// Both passes on `stream`; false for a head dim dispatch_padded_head_dim refuses. p.splits and the
 // workspace must come from decode_attention_num_splits with the same `tensor_cores`. The caller
 // checks for launch errors. `programmatic_launch` (where the device has it): pass 1 is scheduled while
 // the kernel before it ends (and waits for it before reading anything), pass 2 overlaps pass 1's tail.
@@ -913,7 +927,7 @@ bool launch_decode_attention(const DecodeParams& p, cudaStream_t stream, bool pr
   // per launch, not once: the attribute belongs to the current device
   cudaFuncSetAttribute(k.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem);
   ::chunkinfer::cuda::launch_kernel(programmatic_launch, k.kernel, grid, dim3(k.threads), size_t(k.smem), stream, p);
-  dispatch_head_dim(p.D, [&](auto d) {
+  dispatch_padded_head_dim(p.D, [&](auto d) {
     constexpr int kD = decltype(d)::value;
     const size_t smem = (size_t(p.splits) + (kCombineThreads / (kD / 4)) * kD + 32) * sizeof(float);
     const unsigned rows = unsigned(int64_t(p.B) * p.Hq * p.T);

@@ -30,11 +30,16 @@ def _err(x, ref, mask):
     return ((x.double() - ref)[mask.bool()].abs().max() / ref[mask.bool()].abs().max()).item()
 
 
+MIXTURE_OF_EXPERTS = ("gpt_oss", "qwen3_moe")
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3", "gpt_oss", "qwen3_moe", "glm4"])
 @torch.no_grad()
 def test_bf16_error_within_stock_error(arch):
     ref_model = make_model(arch, layers=4, dtype=torch.float64, device="cuda")
     stock = copy.deepcopy(ref_model).to(torch.bfloat16)
+    if arch in MIXTURE_OF_EXPERTS:  # transformers' default experts kernel (grouped_mm) has no float64
+        ref_model.set_experts_implementation("eager")
     ids, mask = left_padded_batch(2, 3000, [0, 123])
     ids, mask = ids.cuda(), mask.cuda()
     ref = ref_model(ids, attention_mask=mask).logits

@@ -74,7 +74,7 @@ def check(out, lse, ref_out, ref_lse, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("D", [16, 64, 96, 128, 200, 256])  # 16, 96, 200: CUDA runs them as 64, 128, 256 with idle lanes
 def test_decode_unequal_lengths_and_starts(device, dtype, D):
     run_case(device, dtype, B=3, Hq=8, Hkv=2, T=1, D=D, lens=[1, 7, 4097], starts=[0, 2, 1000])
 
@@ -149,10 +149,11 @@ def test_split_then_merge_equals_whole(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [0, 700])
-def test_split_keys_rows_do_not_depend_on_the_step(device, dtype, window, gen):
+@pytest.mark.parametrize("D", [128, 96])
+def test_split_keys_rows_do_not_depend_on_the_step(device, dtype, window, D, gen):
     """With split_keys, each row of a T-token call equals, bit for bit, a one-token call at its position,
     whatever the capacity: the property speculative decoding's exactness rests on."""
-    B, Hq, Hkv, D, T, L = 2, 8, 2, 128, 6, 2900
+    B, Hq, Hkv, T, L = 2, 8, 2, 6, 2900
     q = torch.randn(B, Hq, T, D, generator=gen).to(dtype).to(device)
     k = torch.randn(B, Hkv, 4096, D, generator=gen).to(dtype).to(device)
     v = torch.randn(B, Hkv, 4096, D, generator=gen).to(dtype).to(device)
@@ -408,8 +409,8 @@ def test_decode_bad_inputs(device):
     if device == "cuda":
         with pytest.raises(RuntimeError, match="seq_lens must be on q's device"):
             da(q, k, k, lens.cpu())
-        with pytest.raises(RuntimeError, match="head dim 32 is not supported on CUDA"):
-            da(q[..., :32].contiguous(), k[..., :32].contiguous(), k[..., :32].contiguous(), lens)
+        with pytest.raises(RuntimeError, match="head dim 20 is not supported on CUDA"):
+            da(q[..., :20].contiguous(), k[..., :20].contiguous(), k[..., :20].contiguous(), lens)
         flat = torch.randn(2 * 16 * 64 + 1, device=device)
         odd = flat[1:].view(1, 2, 16, 64)  # 4-byte offset: no 16-byte loads
         with pytest.raises(RuntimeError, match="16-byte aligned"):

@@ -74,6 +74,10 @@ class DecodeGraphs:
         self._graphs.clear()
         self._supported.clear()
 
+    def __len__(self) -> int:
+        """Graphs held."""
+        return len(self._graphs)
+
     def captured(self, batch: int, tokens: int, keep: int, key_starts: tuple | None = None) -> _Captured | None:
         """The graph held for a step of this shape, if any."""
         return self._graphs.get((batch, tokens, keep, key_starts))

@@ -80,18 +80,20 @@ def device_attention(layer: LayerOps, q: torch.Tensor, step: DeviceStep) -> torc
     K, V (just before) and sets the lengths before its first kernel: the attention may start loading
     older keys early (prefix_ready)."""
     lb = layer.lb
-    if lb.window and not RING_DECODE:
-        return eager_ring_attention(layer, q, step)
+    if (lb.window and not RING_DECODE) or not ops.decode_kernel_supports(lb.head_dim, q.device):
+        return eager_step_attention(layer, q, step)
     attn, lse = ops.decode_attention(q.transpose(1, 2), layer.kv.k_buf, layer.kv.v_buf, step.seq_lens, step.starts,
                                      scale=lb.scale, window=lb.window or 0, prefix_ready=True,
                                      split_keys=step.split_keys)
     return attn if lb.sinks is None else with_sinks(attn, lse, lb.sinks)
 
 
-def eager_ring_attention(layer: LayerOps, q: torch.Tensor, step: DeviceStep) -> torch.Tensor:
-    """A sliding-window layer's step attention over its ring's band, in order (block_attention), while
-    decode_attention has no ring semantics (kv/ring.py RING_DECODE): eager only, it reads the step's
-    position and padding on the host."""
+def eager_step_attention(layer: LayerOps, q: torch.Tensor, step: DeviceStep) -> torch.Tensor:
+    """A step's attention by the prefill's block_attention over the keys in view, in order: for a head
+    dim the decode kernel lacks on this device (ops.decode_kernel_supports), or a sliding-window layer
+    while decode_attention has no ring semantics (kv/ring.py RING_DECODE). Eager only: it reads the
+    step's position and padding on the host. Exact to rounding; a T-token step's rows are not promised
+    bit for bit equal to one-token steps here."""
     lb, t = layer.lb, q.shape[1]
     past = int(step.write_index[0])
     starts = None if step.starts is None else step.starts.tolist()

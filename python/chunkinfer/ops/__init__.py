@@ -61,7 +61,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     are not checked against the capacity (that would need a device sync): with window 0 a seq_len
     beyond it is read as the capacity; with window > 0 the cache may be a ring: key j at slot
     j % capacity (the caller keeps capacity >= window + T - 1). A start outside [0, seq_len] is
-    clamped into it. CUDA: head dim 64, 128 or 256, K, V 16-byte aligned; CPU: any head dim.
+    clamped into it. CUDA: head dim a multiple of 8 up to 256, K, V 16-byte aligned; CPU: any head dim.
 
     ``split_keys`` > 0 (a multiple of 256): the keys are reduced in pieces [i * split_keys, (i + 1) *
     split_keys) of absolute position, merged in order, so a query's result depends only on its own
@@ -186,12 +186,12 @@ def gemv_supports(x: torch.Tensor, *weights: torch.Tensor) -> bool:
                and w.is_contiguous() and not (cuda and w.data_ptr() % 16) for w in weights)
 
 
-CUDA_DECODE_HEAD_DIMS = (64, 128, 256)  # head dims decode_attention's CUDA kernel is built for
+CUDA_DECODE_MAX_HEAD_DIM = 256  # decode_attention's CUDA kernels: head dims that are multiples of 8 up to this
 
 
 def decode_kernel_supports(head_dim: int, device: torch.device) -> bool:
     """Whether decode_attention runs for this head dim on this device (the CPU kernel takes any)."""
-    return device.type != "cuda" or head_dim in CUDA_DECODE_HEAD_DIMS
+    return device.type != "cuda" or (head_dim % 8 == 0 and 0 < head_dim <= CUDA_DECODE_MAX_HEAD_DIM)
 
 
 

@@ -4,6 +4,7 @@ references registered under the same names, the fake (Meta) kernels torch.compil
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import warnings
 
@@ -30,7 +31,9 @@ SCHEMAS = {
 }
 
 try:
-    from .. import _C as extension  # loading it registers the ops
+    # the extension module by its own name, not through the package's namespace (whose __init__ imports
+    # this module); loading it registers the ops
+    extension = importlib.import_module("chunkinfer._C")
 
     LOAD_ERROR: str | None = None
 except ImportError as exc:  # a broken or missing build: fall back, loudly

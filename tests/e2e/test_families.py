@@ -88,3 +88,39 @@ def test_loss_and_token_logprobs_several_windows(arch):
     out = model(ids, labels=ids)
     assert abs(out.loss.item() - ref.loss.item()) < 1e-5 * ref.loss.item()
     assert (chunkinfer.token_logprobs(model, ids) - ref_lp).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", SLIDING)
+@torch.no_grad()
+def test_a_failed_continuation_leaves_the_rings_as_they_were(arch, monkeypatch):
+    """A prompt continuation longer than a ring's room writes over the positions the ring holds; when the
+    call fails in its last layer (after every ring was written), they are given back: the next calls
+    equal those of a model whose call never failed, bit for bit."""
+    import copy
+
+    from chunkinfer.loop import layer as layer_loop
+
+    base = make_model(arch, layers=3)
+    w = _window(base)
+    good = chunkinfer.convert(copy.deepcopy(base), chunk_size=16)
+    failing = chunkinfer.convert(copy.deepcopy(base), chunk_size=16)
+    g = torch.Generator().manual_seed(3)
+    prompt, more, step = (torch.randint(3, 250, (1, n), generator=g) for n in (2 * w + 3, 3 * w, 1))
+    cache_good = good(prompt, use_cache=True).past_key_values
+    cache = failing(prompt, use_cache=True).past_key_values
+    last_o_proj, linear = failing.model.layers[-1].self_attn.o_proj, layer_loop.linear
+
+    def boom(x, m, gemv_rows=1):
+        if m is last_o_proj:
+            raise RuntimeError("boom")
+        return linear(x, m, gemv_rows)
+
+    monkeypatch.setattr(layer_loop, "linear", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        failing(more, past_key_values=cache, use_cache=True)
+    monkeypatch.undo()
+    assert cache.get_seq_length() == prompt.shape[1]
+    assert torch.equal(good(more, past_key_values=cache_good, use_cache=True).logits,
+                       failing(more, past_key_values=cache, use_cache=True).logits)
+    assert torch.equal(good(step, past_key_values=cache_good, use_cache=True).logits,
+                       failing(step, past_key_values=cache, use_cache=True).logits)

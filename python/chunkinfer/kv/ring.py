@@ -8,6 +8,8 @@ every position fits without wrapping). ``length`` stays the logical length, as t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .device_layer import GROWTH, STEP_TOKENS, ChunkKVLayer
@@ -33,6 +35,15 @@ def ring_capacity(window: int, end: int, new_tokens: int) -> int:
 def held_capacity(window: int, end: int) -> int:
     """Slots a ring keeps between calls: the last W - 1 positions (every one while fewer)."""
     return min(end, window - 1)
+
+
+@dataclass
+class HeldPositions:
+    """A copy of a ring's held positions [start, start + n) in host memory (RingKVLayer.save_held)."""
+
+    start: int
+    k: torch.Tensor  # [B, Hkv, n, D]
+    v: torch.Tensor
 
 
 class RingKVLayer(ChunkKVLayer):
@@ -103,6 +114,26 @@ class RingKVLayer(ChunkKVLayer):
     def position_limit(self, new_tokens: int = 1) -> float:
         """Positions a step of ``new_tokens`` can reach without growing: unbounded once the ring wraps safely."""
         return float("inf") if self.capacity >= self.window - 1 + new_tokens else self.capacity
+
+    def save_held(self) -> HeldPositions | None:
+        """A copy of the positions later calls can read, in host memory: a prompt longer than the ring's
+        room writes over their slots before its call ends, and a call that fails gives them back
+        (restore_held), so the cache stays as it was. None when the ring holds none."""
+        lo = self.first_held()
+        if self.k_buf is None or lo >= self.length:
+            return None
+        k, v = self.band(lo, self.length)
+        pinned = k.is_cuda  # an asynchronous copy, ordered before the call's writes on the stream
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned).copy_(t, non_blocking=pinned)
+        return HeldPositions(lo, host(k), host(v))
+
+    def restore_held(self, held: HeldPositions) -> None:
+        """Write back what save_held copied, at the same positions (the buffers may have been regrown)."""
+        n = held.k.shape[2]
+        device = self.k_buf.device
+        self.write_at(torch.arange(held.start, held.start + n, device=device), held.k.to(device), held.v.to(device))
 
     # ---- transformers' CacheLayerMixin (a stock forward on this cache sees DynamicSlidingWindowLayer's view) ----
     @property

@@ -82,7 +82,8 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.
     """Run every decoder layer over inp.hidden in place; afterwards each cache layer holds start + S
     positions. Rows of the last layer before ``last_rows_from`` are left stale (only their K, V count).
     Layer li runs in chunks of ``inp.chunks[li]`` rows when a schedule is given (chunking is exact).
-    If anything raises, the cache keeps its previous length (positions written past it are ignored).
+    If anything raises, the cache keeps its previous length and contents: positions written past it are
+    ignored, and a ring's held positions, which a prompt longer than its room writes over, are put back.
     Each layer runs on its own device (its KV and work buffers there too); returns the residual
     stream, which ends on the last layer's device (inp.hidden follows it)."""
     devices = mb.devices.layers
@@ -110,6 +111,7 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.
     total = sum(n_chunks(s, c) for c in chunks[:-1]) + n_chunks(lf, chunks[-1]) + n_chunks(s - lf, chunks[-1])
     done = 0
     act_buf, act_rows, layer = None, 0, None
+    held = {}  # ring layers' positions this call may write over: given back if it fails
     failed = True
     try:
         for li, lb in enumerate(mb.layers):
@@ -129,6 +131,8 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.
                 kv = streamer.begin(li)
             else:
                 kv = cache.layers[li]
+                if s > STEP_TOKENS and isinstance(kv, RingKVLayer):  # a step's writes fit beside them (ring.py)
+                    held[li] = kv.save_held()
                 kv.reserve(b, lb.n_kv, lb.head_dim, hidden.dtype, hidden.device, end, headroom, new_tokens=min(chunk, s))
             if act_buf is None:
                 act_rows = b * min(chunk, s)
@@ -151,6 +155,10 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.
     finally:
         if streamer is not None:
             streamer.close(failed)
+        if failed:
+            for li, saved in held.items():
+                if saved is not None:
+                    cache.layers[li].restore_held(saved)
     for layer in cache.layers:
         layer.length = end
     return inp.hidden

@@ -6,7 +6,8 @@
 #   bash bench/device_session.sh poll $OUT                       # progress + results so far into $OUT
 #   bash bench/device_session.sh sync                            # the tree's python/ into the installed package
 #
-# Phases: build, cuda-core (the kernels and steps' CUDA tests), cuda-all (every CUDA test), steps
+# Phases: build, cuda-core (the kernels and steps' CUDA tests), cuda-all (every CUDA test; cuda-all-verbose: the
+# same, a line per test so a partial log reads), steps
 # (bench_steps: T-token steps, speculation, exactness, host KV), model (bench_model vs stock: prefill and
 # decode headline rows), steps-quick (steps and speculation at 32k and 131k), profile (profile_decode),
 # offload (bench_offload 262k), families (bench_families), codec (bench_kv_codec).
@@ -28,6 +29,12 @@ run_phase() {
         tests/e2e/test_steps.py tests/e2e/test_decode_graph.py -rfE > "$RES/cuda_core.log" 2>&1 || rc=$? ;;
     cuda-all)
       python3 -m pytest -q -m cuda -p no:cacheprovider tests -rfE > "$RES/cuda_all.log" 2>&1 || rc=$? ;;
+    cuda-all-verbose)  # every CUDA test, the kernels' and the last failures' files first, one line per test
+      first="tests/ops tests/e2e/test_convert_cuda.py tests/e2e/test_device_map.py tests/e2e/test_kv_offload.py
+             tests/e2e/test_steps.py tests/e2e/test_decode_graph.py"
+      python3 -m pytest -v -m cuda -p no:cacheprovider --durations=15 $first -rfE > "$RES/cuda_all.log" 2>&1 || rc=$?
+      python3 -m pytest -v -m cuda -p no:cacheprovider --durations=15 tests $(printf -- '--ignore=%s ' $first) -rfE \
+        > "$RES/cuda_rest.log" 2>&1 || rc=$? ;;
     steps)
       python3 -m bench.bench_steps --lengths 32768 131072 --exact-length 32768 --exact-tokens 512 \
         --offload-length 262144 --out "$RES/steps_h200.jsonl" > "$RES/steps.log" 2>&1 || rc=$? ;;

@@ -107,7 +107,7 @@ def main() -> None:
     out = model(ids, use_cache=True, logits_to_keep=1)
     cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     res = dict(length=n, call_ms_decode_ms=decode_ms(model, out, 30))
-    cap = model._chunkinfer.graphs._by_batch[1]
+    cap = model._chunkinfer.graphs.captured(1, 1, 1)  # batch 1, one token, one row kept, no padding
     res.update(call_split(model, cache, nxt))
     walls = []
     for _ in range(50):
@@ -120,7 +120,8 @@ def main() -> None:
     res.update(  # the pieces, enqueue cost on the host
         bind_us=host_us(lambda: model._chunkinfer.signature.bind(model, nxt, past_key_values=cache, use_cache=True)),
         ids_copy_us=host_us(lambda: cap.ids.copy_(nxt)),
-        fill_us=host_us(lambda: cap.past.fill_(n)),
+        positions_us=host_us(lambda: torch.arange(n, n + 1, out=cap.positions[0])),
+        write_index_us=host_us(lambda: torch.arange(n, n + 1, out=cap.step.write_index)),
         logits_clone_us=host_us(lambda: cap.logits.clone()),
         output_object_us=host_us(lambda: CausalLMOutputWithPast(logits=cap.logits, past_key_values=cache)),
         replay_enqueue_us=host_us(lambda: cap.graph.replay(), reps=20),

@@ -39,7 +39,7 @@ def main() -> None:
             ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
             out = model(ids, use_cache=True, logits_to_keep=1)
             call = decode_ms(model, out, steps=40)
-            graph = model._chunkinfer.graphs._by_batch[1].graph
+            graph = model._chunkinfer.graphs.captured(1, 1, 1).graph  # batch 1, one token, one row kept
             gpu = []
             for _ in range(60):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -30,8 +30,10 @@ run_phase() {
     cuda-all)
       python3 -m pytest -q -m cuda -p no:cacheprovider tests -rfE > "$RES/cuda_all.log" 2>&1 || rc=$? ;;
     cuda-all-verbose)  # every CUDA test, the kernels' and the last failures' files first, one line per test
-      first="tests/ops tests/e2e/test_convert_cuda.py tests/e2e/test_device_map.py tests/e2e/test_kv_offload.py
-             tests/e2e/test_steps.py tests/e2e/test_decode_graph.py"
+      first="tests/ops/test_attention.py tests/e2e/test_convert_cuda.py tests/e2e/test_device_map.py
+             tests/e2e/test_kv_offload.py tests/e2e/test_steps.py tests/e2e/test_decode_graph.py
+             tests/ops/test_gemv.py tests/ops/test_rotary.py tests/ops/test_layernorm.py tests/ops/test_activation.py
+             tests/ops/test_kv_codec.py"  # files in this order (a folder among them would reorder them)
       python3 -m pytest -v -m cuda -p no:cacheprovider --durations=15 $first -rfE > "$RES/cuda_all.log" 2>&1 || rc=$?
       python3 -m pytest -v -m cuda -p no:cacheprovider --durations=15 tests $(printf -- '--ignore=%s ' $first) -rfE \
         > "$RES/cuda_rest.log" 2>&1 || rc=$? ;;

@@ -327,7 +327,7 @@ def _prompt(model, state: ConvertedState, cache: ChunkKVCache, call: Call, past:
     logits_rows = len(ltk) if torch.is_tensor(ltk) else (s if ltk == 0 else min(ltk, s))
     weight = mb.embed.weight
     prompt = PromptCall(b, past, s, weight.dtype, weight.device, last_rows_from == 0, logits_rows)
-    chunk, chunks = _plan_chunks(model, state, cache, prompt)  # before any allocation of the call
+    chunk, chunks = plan_prompt_chunks(model, state, cache, prompt)  # before any allocation of the call
     if pos is None:
         pos = torch.arange(past, past + s, device=mb.devices.embed)[None]
     # no reference to the embedded stream is kept here: on a model spread over devices, the copy on
@@ -367,7 +367,8 @@ def _prompt(model, state: ConvertedState, cache: ChunkKVCache, call: Call, past:
     return _output(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
-def _plan_chunks(model, state: ConvertedState, cache: ChunkKVCache, call: PromptCall) -> tuple[int, list | None]:
+def plan_prompt_chunks(model, state: ConvertedState, cache: ChunkKVCache,
+                       call: PromptCall) -> tuple[int, list | None]:
     """Plan a prompt: place offloaded KV, choose the chunk schedule. Returns (chunk, per-layer chunks
     or None). Raises InsufficientMemoryError before any work."""
     chunk = state.chunk_size

@@ -275,3 +275,24 @@ def test_cpu_attention_share_needs_kv_offload():
     assert not hasattr(model, "_chunkinfer")
     chunkinfer.convert(model, cpu_attention=False)  # nothing to split, nothing asked: fine
     chunkinfer.convert(model)  # the default "auto" applies only once KV is offloaded
+
+
+@torch.no_grad()
+def test_token_logprobs_streams_the_host_layers(monkeypatch):
+    """token_logprobs on a model converted with kv_offload=True places its KV as a prompt's (layers past
+    resident_layers on the host) and gives the resident model's values exactly."""
+    import chunkinfer.forward
+
+    resident, offloaded = _pair("llama", "cpu", resident_layers=1)
+    ids = _ids(2, 700, "cpu", 11)
+    placed, place = [], chunkinfer.forward.place
+
+    def recording(cache, settings, p):
+        place(cache, settings, p)
+        placed.append([isinstance(layer, HostKVLayer) for layer in cache.layers])
+
+    monkeypatch.setattr(chunkinfer.forward, "place", recording)
+    lp = chunkinfer.token_logprobs(offloaded, ids)
+    monkeypatch.undo()
+    assert placed == [[False, True, True, True]]
+    assert torch.equal(lp, chunkinfer.token_logprobs(resident, ids))

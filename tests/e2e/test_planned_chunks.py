@@ -141,3 +141,43 @@ def test_memory_budget_is_validated_without_offload():
         chunkinfer.convert(model, resident_layers=1)
     assert not chunkinfer.is_converted(model)
     assert chunkinfer.convert(model, memory_budget="2GiB")._chunkinfer.memory_budget == 2 << 30
+
+
+@torch.no_grad()
+def test_token_logprobs_is_planned_like_a_prompt(pinned_rss, gen):
+    """token_logprobs follows the converted model's budget: the plan of a prompt of the same length (with
+    the head chunk's fp32 log-softmax counted) and its chunk schedule, stock's values; a budget too small
+    raises before any work."""
+    ids = ids_of(3000, gen)
+    stock = kv_heavy_model()
+    ref = torch.log_softmax(stock(ids).logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    planned = chunkinfer.convert(kv_heavy_model())
+    call = PromptCall(1, 0, 3000, torch.float32, torch.device("cpu"), last_layer_block=True, logits_rows=0,
+                      log_probs=True)
+    want = placement.plan_prompt(planned, call, ChunkKVCache(6), chunk_size=None, memory_budget=None)
+    assert want.fits
+    budget = want.device_bytes
+    planned._chunkinfer.memory_budget = budget
+    seen = []
+    planned._chunkinfer.progress = lambda done, total: seen.append(total)
+    lp = chunkinfer.token_logprobs(planned, ids)
+    p = planned._chunkinfer.last_plan
+    assert p is not None and p.chunk_schedule is not None and p.device_bytes <= budget
+    assert seen[0] == expected_chunks(p.chunk_schedule, 3000, 0)
+    assert (lp - ref).abs().max() < 1e-4
+
+    tight = chunkinfer.convert(kv_heavy_model(), memory_budget=RSS // 2)  # below what is resident now
+    with pytest.raises(chunkinfer.InsufficientMemoryError, match="bytes"):
+        chunkinfer.token_logprobs(tight, ids)
+
+
+def test_the_log_softmax_chunk_is_counted():
+    config = kv_heavy_model().config
+    kw = dict(device="cpu", device_memory="64GiB", process_baseline=0, chunk_size=512, last_layer_block=True)
+    plain = placement.plan(config, 4096, logits_rows=0, **kw)
+    with_lp = placement.plan(config, 4096, logits_rows=0, log_probs=True, **kw)
+    rows, v, h = min(4096, (1 << 27) // config.vocab_size), config.vocab_size, config.hidden_size
+    # at most: one head chunk's normed rows and logits (bf16), their fp32 copy and log-softmax, the result;
+    # scaled by the CPU calibration (1.108) and its 10% margin
+    most = (rows * (v + h) * 2 + (2 * rows * v + 4096) * 4) * 1.25
+    assert 0 < with_lp.peak_alloc_beyond_weights - plain.peak_alloc_beyond_weights <= most

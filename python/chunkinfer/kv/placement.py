@@ -39,6 +39,7 @@ class PromptCall:
     device: torch.device
     last_layer_block: bool = False  # the last layer computes every row (loss, hidden states, all logits)
     logits_rows: int = 1           # rows of logits the call returns
+    log_probs: bool = False        # the call ends in token log-probabilities (token_logprobs)
 
 
 def _device_budget(memory_budget: int | None, device: torch.device, weight_bytes: int, cache_bytes: int) -> int:
@@ -67,7 +68,7 @@ def plan_prompt(model, call: PromptCall, cache, *, chunk_size: int | None, memor
     end = call.past + call.seq_len
     common = dict(batch=call.batch, dtype=call.dtype, chunk_size=chunk_size, past=call.past,
                   past_capacity=max(capacity, call.past), calibration=calibration,
-                  last_layer_block=call.last_layer_block, logits_rows=call.logits_rows)
+                  last_layer_block=call.last_layer_block, logits_rows=call.logits_rows, log_probs=call.log_probs)
     if device.type == "cuda":
         budget = _device_budget(memory_budget, device, weight_bytes, cache_bytes)
         host = available_memory()

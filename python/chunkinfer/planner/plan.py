@@ -140,7 +140,8 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
          decode_tokens: int = 0, chunk_size: int | None = None, allow_offload: bool = True,
          resident_layers: int | None = None, device="cuda", past: int = 0, past_capacity: int | None = None,
          process_baseline: int | None = None, calibration: Calibration | None = None,
-         last_layer_block: bool = False, logits_rows: int = 1, cpu_attention: bool = True) -> Plan:
+         last_layer_block: bool = False, logits_rows: int = 1, cpu_attention: bool = True,
+         log_probs: bool = False) -> Plan:
     """Predict device / host memory, chunk sizes and times of a prefill of ``seq_len`` tokens (plus
     ``decode_tokens`` generated ones) with chunkinfer. Memories: bytes or strings like "139GiB".
 
@@ -148,7 +149,9 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
     non-increasing as the KV grows (``Plan.chunk_schedule``; ``Plan.chunk_size`` is its smallest);
     ``chunk_size`` fixes one chunk for every layer instead. The prefill is generate()'s (logits of
     the last position); ``last_layer_block``: the last layer computes every row (loss, hidden states);
-    ``logits_rows``: rows of logits the call returns (a model(ids) call: all of them).
+    ``logits_rows``: rows of logits the call returns (a model(ids) call: all of them); ``log_probs``: the
+    call ends in token log-probabilities (``token_logprobs``): each head chunk's logits again in fp32 and
+    their log-softmax, and the [B, S] fp32 result.
 
     KV placement: every layer resident when that fits; else, with ``allow_offload``, the first layers
     resident and the rest in pinned host memory, as many resident as fit. ``resident_layers`` fixes
@@ -235,6 +238,8 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
     # the LM head after the loop: the returned logits and one head chunk's normed rows and logits
     head_rows = head_chunk_rows(seq_len, shape.vocab)  # at most: the loop's chunk caps it too
     logits = batch * (logits_rows * shape.vocab + head_rows * (shape.vocab + shape.hidden)) * elt
+    if log_probs:
+        logits += batch * (2 * head_rows * shape.vocab + seq_len) * 4
 
     def memory(n_resident: int) -> CallMemory:
         n_host = host_count(n_resident)
@@ -244,7 +249,8 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
                   for i in range(L)]
         kv_new = [ring_kv[i] if not full[i] else (layer_kv if i < n_resident else 0) for i in range(L)]
         return CallMemory(kv_old=kv_old, kv_new=kv_new, fixed=residual + staging + growth_kv,
-                          work=work_of, last_layer_block=last_layer_block, tail=logits if logits_rows > 1 else 0)
+                          work=work_of, last_layer_block=last_layer_block,
+                          tail=logits if logits_rows > 1 or log_probs else 0)
 
     def total(alloc: int) -> int:
         over = cal.overhead(alloc)
@@ -320,7 +326,8 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
                       f"KV resident, but {tail}")
             alt = plan(config, seq_len, batch=batch, dtype=dt, device_memory=dev, host_memory=host,
                        decode_tokens=decode_tokens, chunk_size=chunk_size, past=past, past_capacity=past_capacity,
-                       calibration=calibration, last_layer_block=last_layer_block) if offload_available else None
+                       calibration=calibration, last_layer_block=last_layer_block, logits_rows=logits_rows,
+                       log_probs=log_probs) if offload_available else None
             if alt is None:
                 reason += "; this build has no KV offload engine"
             elif alt.fits:

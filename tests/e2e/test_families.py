@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import chunkinfer
+from tests.e2e.failing_call import raise_at_projection
 from tests.tiny_models import left_padded_batch, make_model, max_rel_err
 
 SLIDING = ["gemma3", "gpt_oss", "mistral"]  # windows 40, 24, 48
@@ -98,8 +99,6 @@ def test_a_failed_continuation_leaves_the_rings_as_they_were(arch, monkeypatch):
     equal those of a model whose call never failed, bit for bit."""
     import copy
 
-    from chunkinfer.loop import layer as layer_loop
-
     base = make_model(arch, layers=3)
     w = _window(base)
     good = chunkinfer.convert(copy.deepcopy(base), chunk_size=16)
@@ -108,14 +107,7 @@ def test_a_failed_continuation_leaves_the_rings_as_they_were(arch, monkeypatch):
     prompt, more, step = (torch.randint(3, 250, (1, n), generator=g) for n in (2 * w + 3, 3 * w, 1))
     cache_good = good(prompt, use_cache=True).past_key_values
     cache = failing(prompt, use_cache=True).past_key_values
-    last_o_proj, linear = failing.model.layers[-1].self_attn.o_proj, layer_loop.linear
-
-    def boom(x, m, gemv_rows=1):
-        if m is last_o_proj:
-            raise RuntimeError("boom")
-        return linear(x, m, gemv_rows)
-
-    monkeypatch.setattr(layer_loop, "linear", boom)
+    raise_at_projection(monkeypatch, failing.model.layers[-1].self_attn.o_proj)
     with pytest.raises(RuntimeError, match="boom"):
         failing(more, past_key_values=cache, use_cache=True)
     monkeypatch.undo()

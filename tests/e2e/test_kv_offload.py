@@ -16,6 +16,7 @@ import chunkinfer
 import chunkinfer.kv.transfer
 from chunkinfer.kv.device_layer import ChunkKVLayer
 from chunkinfer.kv.offload import HostKVLayer
+from tests.e2e.failing_call import raise_at_projection
 from tests.tiny_models import left_padded_batch, make_model
 
 pytestmark = pytest.mark.skipif(not chunkinfer.kv.transfer.available(),
@@ -148,16 +149,7 @@ def test_failure_midway_keeps_the_cache_usable(monkeypatch):
     a = resident(ids, use_cache=True)
     b = offloaded(ids, use_cache=True)
     more = _ids(1, 1300, "cpu", 6)  # grows the host regions
-    from chunkinfer.loop import layer as layer_loop
-
-    layer3, linear = offloaded.model.layers[3].mlp.down_proj, layer_loop.linear
-
-    def failing(x, m, gemv_rows=1):
-        if m is layer3:
-            raise RuntimeError("boom")
-        return linear(x, m, gemv_rows)
-
-    monkeypatch.setattr(layer_loop, "linear", failing)
+    raise_at_projection(monkeypatch, offloaded.model.layers[3].mlp.down_proj)
     with pytest.raises(RuntimeError, match="boom"):
         offloaded(more, past_key_values=b.past_key_values, use_cache=True)
     monkeypatch.undo()

@@ -15,7 +15,7 @@ import torch
 import chunkinfer
 from chunkinfer.cli import main
 from chunkinfer.tools import demo
-from chunkinfer.tools.demo import (DemoSettings, ModelFacts, _first_difference, auto_long_tokens, check_before_loading,
+from chunkinfer.tools.demo import (DemoSettings, ModelFacts, first_difference, auto_long_tokens, check_before_loading,
                                    model_facts, not_better, stock_scoring_floor)
 from chunkinfer.tools.models import DEMO_INSTALL, gemma3_gguf, gguf_header
 
@@ -202,4 +202,4 @@ def test_one_progress_bar_and_one_rss_reader():
     ([1, 2, 3], [1, 2, 3], None), ([1, 2, 3], [1, 5, 3], 1), ([1, 2], [1, 2, 3], 2), ([], [], None),
 ])
 def test_first_difference(a, b, first):
-    assert _first_difference(a, b) == first
+    assert first_difference(a, b) == first

@@ -376,7 +376,7 @@ class DemoReport:
         return self.exact and (self.long_tokens == 0 or self.long_perplexity is not None)
 
 
-def _first_difference(a: list[int], b: list[int]) -> int | None:
+def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
             return i
@@ -434,7 +434,7 @@ def run_demo(settings: DemoSettings, gguf: Path, facts: ModelFacts) -> DemoRepor
         conv = _run_child("converted", workdir, settings, ids, long_ids)
     results = {"stock": stock, "converted": conv}
     conts = {k: r["continuation"] for k, r in results.items()}
-    first = _first_difference(conts["stock"], conts["converted"])
+    first = first_difference(conts["stock"], conts["converted"])
     ppl = {k: math.exp(r["nll"]) for k, r in results.items()}
     phases = {k: r["phases"] for k, r in results.items()}
     cuda = settings.device.startswith("cuda")

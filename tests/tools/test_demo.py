@@ -15,7 +15,7 @@ import torch
 import chunkinfer
 from chunkinfer.cli import main
 from chunkinfer.tools import demo
-from chunkinfer.tools.demo import (DemoSettings, ModelFacts, first_difference, auto_long_tokens, check_before_loading,
+from chunkinfer.tools.demo import (DemoSettings, ModelFacts, auto_long_tokens, check_before_loading, first_difference,
                                    model_facts, not_better, stock_scoring_floor)
 from chunkinfer.tools.models import DEMO_INSTALL, gemma3_gguf, gguf_header
 

@@ -47,15 +47,7 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   CHECK_CUDA(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
 
-  const size_t copy_bytes = size_t(1) << 30;
-  void *src, *dst;
-  CHECK_CUDA(cudaMalloc(&src, copy_bytes));
-  CHECK_CUDA(cudaMalloc(&dst, copy_bytes));
-  CHECK_CUDA(cudaMemset(src, 1, copy_bytes));
-  const float copy_ms = median_ms([&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice)); }, 20);
-  const double copy_gbps = 2.0 * copy_bytes / (copy_ms * 1e6);
-  CHECK_CUDA(cudaFree(src));
-  CHECK_CUDA(cudaFree(dst));
+  const double copy_gbps = measure_copy_rate(int64_t(1) << 30).gbs;
   std::printf("device-to-device copy: %.0f GB/s (read + written), %d SMs, L2 %d MB, programmatic launch %s, pass 1 on %s\n",
               copy_gbps, sms, l2 >> 20, pdl ? "on" : "off", tensor_cores ? "tensor cores" : "FMAs");
 

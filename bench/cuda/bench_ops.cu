@@ -40,17 +40,10 @@ chunkinfer::RowLayout contiguous_rows(int64_t rows, int64_t stride) {
 int main() {
   const int64_t rows = 32768, d = 14336, hidden = 4096;
 
-  const int64_t copy_bytes = 2LL << 30;
-  void *src, *dst;
-  CHECK_CUDA(cudaMalloc(&src, copy_bytes));
-  CHECK_CUDA(cudaMalloc(&dst, copy_bytes));
-  CHECK_CUDA(cudaMemset(src, 1, copy_bytes));
-  const float copy_ms = median_ms([&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice)); });
-  const double copy_gbs = 2.0 * copy_bytes / copy_ms / 1e6;
-  CHECK_CUDA(cudaFree(src));
-  CHECK_CUDA(cudaFree(dst));
+  const CopyRate copy = measure_copy_rate();
+  const double copy_gbs = copy.gbs;
   std::printf("| kernel | shape | ms | GB/s | of copy |\n|---|---|---|---|---|\n");
-  std::printf("| device-to-device copy | %lld B | %.3f | %.0f | 1.00 |\n", (long long)copy_bytes, copy_ms, copy_gbs);
+  std::printf("| device-to-device copy | %lld B | %.3f | %.0f | 1.00 |\n", (long long)copy.bytes, copy.ms, copy_gbs);
 
   bf16* x = alloc_random(rows * 2 * d, 1);
   bf16* out = alloc_random(rows * d, 2);

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -37,4 +38,22 @@ float median_ms(F&& f, int reps = 20) {
   CHECK_CUDA(cudaEventDestroy(b));
   std::sort(ms.begin(), ms.end());
   return ms[reps / 2];
+}
+
+// The device-to-device copy of `bytes`: the ceiling the benchmarks compare memory-bound kernels with.
+struct CopyRate {
+  int64_t bytes;  // copied (read once, written once)
+  float ms;       // median
+  double gbs;     // bytes read + written per second, in GB/s
+};
+
+inline CopyRate measure_copy_rate(int64_t bytes = 2LL << 30) {
+  void *src, *dst;
+  CHECK_CUDA(cudaMalloc(&src, bytes));
+  CHECK_CUDA(cudaMalloc(&dst, bytes));
+  CHECK_CUDA(cudaMemset(src, 1, bytes));
+  const float ms = median_ms([&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); });
+  CHECK_CUDA(cudaFree(src));
+  CHECK_CUDA(cudaFree(dst));
+  return {bytes, ms, 2.0 * bytes / ms / 1e6};
 }

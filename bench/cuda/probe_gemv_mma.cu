@@ -171,15 +171,7 @@ static float bf16_to_float(bf16 v) { return __bfloat162float(v); }
 
 int main() {
   int failures = 0;
-  const int64_t copy_bytes = 2LL << 30;
-  void *src, *dst;
-  CHECK_CUDA(cudaMalloc(&src, copy_bytes));
-  CHECK_CUDA(cudaMalloc(&dst, copy_bytes));
-  CHECK_CUDA(cudaMemset(src, 1, copy_bytes));
-  const float copy_ms = median_ms([&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice)); });
-  const double copy_gbs = 2.0 * copy_bytes / copy_ms / 1e6;
-  CHECK_CUDA(cudaFree(src));
-  CHECK_CUDA(cudaFree(dst));
+  const double copy_gbs = measure_copy_rate().gbs;
   std::printf("device-to-device copy: %.0f GB/s (read + write)\n\n", copy_gbs);
   std::printf("| O x K | S | rows | kernel | ms | weight GB/s | of copy | rows = one-row calls | max rel err |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");

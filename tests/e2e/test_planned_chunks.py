@@ -9,6 +9,7 @@ import chunkinfer
 from chunkinfer.kv import placement
 from chunkinfer.kv.cache import ChunkKVCache
 from chunkinfer.kv.placement import PromptCall
+from chunkinfer.planner.plan import plan
 from chunkinfer.planner.schedule import CHUNK_LIMITS
 from tests.tiny_models import make_model, max_rel_err
 from tests.e2e.schedule_budget import budget_for_decreasing_schedule
@@ -174,8 +175,8 @@ def test_token_logprobs_is_planned_like_a_prompt(pinned_rss, gen):
 def test_the_log_softmax_chunk_is_counted():
     config = kv_heavy_model().config
     kw = dict(device="cpu", device_memory="64GiB", process_baseline=0, chunk_size=512, last_layer_block=True)
-    plain = placement.plan(config, 4096, logits_rows=0, **kw)
-    with_lp = placement.plan(config, 4096, logits_rows=0, log_probs=True, **kw)
+    plain = plan(config, 4096, logits_rows=0, **kw)
+    with_lp = plan(config, 4096, logits_rows=0, log_probs=True, **kw)
     rows, v, h = min(4096, (1 << 27) // config.vocab_size), config.vocab_size, config.hidden_size
     # at most: one head chunk's normed rows and logits (bf16), their fp32 copy and log-softmax, the result;
     # scaled by the CPU calibration (1.108) and its 10% margin

@@ -115,12 +115,14 @@ class RingKVLayer(ChunkKVLayer):
         """Positions a step of ``new_tokens`` can reach without growing: unbounded once the ring wraps safely."""
         return float("inf") if self.capacity >= self.window - 1 + new_tokens else self.capacity
 
-    def save_held(self) -> HeldPositions | None:
-        """A copy of the positions later calls can read, in host memory: a prompt longer than the ring's
-        room writes over their slots before its call ends, and a call that fails gives them back
-        (restore_held), so the cache stays as it was. None when the ring holds none."""
+    def save_held(self, new_tokens: int) -> HeldPositions | None:
+        """A copy of the positions later calls can read, in host memory, before a call writes
+        ``new_tokens``: a prompt longer than the ring's room writes over their slots before its call
+        ends, and a call that fails gives them back (restore_held), so the cache stays as it was. None
+        when the ring holds none, or when the writes fit beside them (a step: ring_room keeps
+        STEP_TOKENS slots for it)."""
         lo = self.first_held()
-        if self.k_buf is None or lo >= self.length:
+        if self.k_buf is None or lo >= self.length or new_tokens <= STEP_TOKENS:
             return None
         k, v = self.band(lo, self.length)
         pinned = k.is_cuda  # an asynchronous copy, ordered before the call's writes on the stream

@@ -131,8 +131,8 @@ def run_layers(mb: ModelBinding, cache: ChunkKVCache, inp: LoopInputs) -> torch.
                 kv = streamer.begin(li)
             else:
                 kv = cache.layers[li]
-                if s > STEP_TOKENS and isinstance(kv, RingKVLayer):  # a step's writes fit beside them (ring.py)
-                    held[li] = kv.save_held()
+                if isinstance(kv, RingKVLayer):
+                    held[li] = kv.save_held(s)
                 kv.reserve(b, lb.n_kv, lb.head_dim, hidden.dtype, hidden.device, end, headroom, new_tokens=min(chunk, s))
             if act_buf is None:
                 act_rows = b * min(chunk, s)

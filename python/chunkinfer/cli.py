@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 
@@ -9,7 +10,8 @@ import sys
 # plan()'s keyword names as the command line spells them, for its messages
 PLAN_FLAGS = {"allow_offload=True": "without --no-offload", "allow_offload": "--no-offload",
               "device_memory": "--gpu", "host_memory": "--host", "seq_len": "--seq",
-              "decode_tokens": "--decode-tokens", "chunk_size": "--chunk-size"}
+              "decode_tokens": "--decode-tokens", "chunk_size": "--chunk-size",
+              "kv_compression_ratio": "--kv-compression-ratio"}
 _PLAN_FLAG_RE = re.compile("|".join(rf"\b{re.escape(k)}(?![\w=])" for k in PLAN_FLAGS))
 
 
@@ -51,6 +53,16 @@ def _dtype(text: str, what: str) -> str:
     return text
 
 
+def _ratio(text: str, what: str) -> float:
+    try:
+        r = float(text)
+    except ValueError:
+        raise ValueError(f"{what} must be a number >= 1.0, got {text!r}") from None
+    if not math.isfinite(r) or r < 1.0:
+        raise ValueError(f"{what} must be a finite number >= 1.0, got {text!r}")
+    return r
+
+
 def _whole(minimum: int):
     def parse(text: str, what: str) -> int:
         try:
@@ -86,11 +98,14 @@ def _plan(args: argparse.Namespace) -> int:
     if args.gpu is None and not torch.cuda.is_available():
         raise ValueError("--gpu is needed: torch sees no CUDA GPU to read the memory size from (e.g. --gpu 80GiB)")
     kw = dict(batch=args.batch, dtype=args.dtype, device_memory=args.gpu, host_memory=args.host,
-              decode_tokens=args.decode_tokens, chunk_size=args.chunk_size, allow_offload=not args.no_offload)
+              decode_tokens=args.decode_tokens, chunk_size=args.chunk_size, allow_offload=not args.no_offload,
+              kv_compression_ratio=args.kv_compression_ratio)
     p = plan(args.config, args.seq, **kw)
     print(flag_words(p.table()))
     longest = longest_planned(args.config, **kw)
     how = "every layer's KV on the GPU (--no-offload)" if args.no_offload else "offloading KV to the host as needed"
+    if args.kv_compression_ratio is not None and not args.no_offload:
+        how += f", host KV compressed at ratio {args.kv_compression_ratio:.2f}"
     print(f"longest length that fits: {longest:,} tokens (--gpu {p.device_memory / (1 << 30):.2f} GiB, --host "
           f"{p.host_memory / (1 << 30):.2f} GiB, {how})" if longest else
           "longest length that fits: none (not even one token)")
@@ -178,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fix the chunk size instead of choosing it")
     p.add_argument("--no-offload", action="store_true",
                    help="every layer's KV on the device (default: offload layers to pinned host memory when needed)")
+    p.add_argument("--kv-compression-ratio", type=_arg(_ratio, "--kv-compression-ratio"), default=None,
+                   metavar="R",
+                   help="plan host-offloaded KV stored with lossless compression at ratio R >= 1.0, already "
+                        "margined (measured ratio / (1 + margin)); default: stored raw")
     p.set_defaults(func=_plan)
     _add_bench(sub)
 

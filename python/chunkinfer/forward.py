@@ -24,7 +24,8 @@ from .kv.device_layer import ChunkKVLayer
 from .kv.placement import PromptCall, place, plan_prompt
 from .loop.head import final_norm, head_chunk_rows, iter_logits, logits_of
 from .loop.loss import ChunkedCrossEntropy, shifted_targets
-from .loop.prefill import LoopInputs, run_layers
+from .kv.encoded import measured_ratio
+from .loop.prefill import LoopInputs, run_layers, sample_kv
 from .loop.step import STEP_TOKENS
 from .loop.step_path import run_step
 from .models.devices import moves_inputs
@@ -326,7 +327,8 @@ def _prompt(model, state: ConvertedState, cache: ChunkKVCache, call: Call, past:
         last_rows_from = s - ltk
     logits_rows = len(ltk) if torch.is_tensor(ltk) else (s if ltk == 0 else min(ltk, s))
     weight = mb.embed.weight
-    prompt = PromptCall(b, past, s, weight.dtype, weight.device, last_rows_from == 0, logits_rows)
+    prompt = PromptCall(b, past, s, weight.dtype, weight.device, last_rows_from == 0, logits_rows,
+                        kv_compression_ratio=planned_kv_ratio(state, ids, emb, pos, past))
     chunk, chunks = plan_prompt_chunks(model, state, cache, prompt)  # before any allocation of the call
     if pos is None:
         pos = torch.arange(past, past + s, device=mb.devices.embed)[None]
@@ -365,6 +367,30 @@ def _prompt(model, state: ConvertedState, cache: ChunkKVCache, call: Call, past:
             logits[:, a0 - keep_from:r1 - keep_from] = chunk_logits[:, a0 - r0:]
     loss = ce.result(call.get("num_items_in_batch")) if ce is not None else None
     return _output(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+def planned_kv_ratio(state: ConvertedState, ids: torch.Tensor | None, emb: torch.Tensor | None,
+                     pos: torch.Tensor | None, past: int) -> float | None:
+    """With kv_compression on a CUDA model: the ratio the planner sizes encoded host KV by, measured on
+    layer 0's K, V of the prompt's first rows (at most the calibration's) and taken down by the margin.
+    None where no plan uses it (no compression, or the CPU, where host memory is the device's)."""
+    host, mb = state.host, state.binding
+    if host is None or host.compression is None:
+        return None
+    weight = mb.embed.weight
+    if weight.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"kv_compression codes bfloat16 / float16 K, V; the model now runs in {weight.dtype} "
+                         "(convert it again without kv_compression, or cast it back)")
+    if weight.device.type != "cuda":
+        return None
+    settings = host.compression
+    n = min((ids if ids is not None else emb).shape[1], settings.calibration_rows)
+    device = mb.devices.layers[0]
+    hidden = (mb.embed(ids[:, :n]) if ids is not None else emb[:, :n]).to(device)
+    positions = torch.arange(past, past + n, device=device)[None] if pos is None else pos[:, :n].to(device)
+    k, v = sample_kv(mb, hidden, positions)
+    host.planned_ratio = settings.planned_ratio(measured_ratio(k, v, settings))
+    return host.planned_ratio
 
 
 def plan_prompt_chunks(model, state: ConvertedState, cache: ChunkKVCache,

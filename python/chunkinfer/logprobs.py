@@ -5,7 +5,7 @@ import torch
 
 from .kv.cache import ChunkKVCache
 from .convert import build_state, is_converted
-from .forward import NotOnLoop, check_inputs, mask_layout, plan_prompt_chunks
+from .forward import NotOnLoop, check_inputs, mask_layout, plan_prompt_chunks, planned_kv_ratio
 from .kv.placement import PromptCall
 from .loop.head import head_chunk_rows, iter_logits
 from .loop.prefill import LoopInputs, run_layers
@@ -32,14 +32,15 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         raise ValueError(f"token_logprobs: {exc}") from None
     cache = ChunkKVCache(len(mb.layers), state.host, mb.windows)
     weight = mb.embed.weight
-    chunk, chunks = plan_prompt_chunks(model, state, cache, PromptCall(b, 0, s, weight.dtype, weight.device,
-                                                                       last_layer_block=True, logits_rows=0,
-                                                                       log_probs=True))
-    hidden = mb.embed(input_ids)
     if attention_mask is None:
-        pos = torch.arange(s, device=hidden.device)[None]
+        pos = torch.arange(s, device=input_ids.device)[None]
     else:  # generate()'s convention: positions count real tokens
         pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    call = PromptCall(b, 0, s, weight.dtype, weight.device, last_layer_block=True, logits_rows=0, log_probs=True,
+                      kv_compression_ratio=planned_kv_ratio(state, input_ids, None, pos, 0))
+    chunk, chunks = plan_prompt_chunks(model, state, cache, call)
+    hidden = mb.embed(input_ids)
+    pos = pos.to(hidden.device)
     inp = LoopInputs(hidden=hidden, position_ids=pos, start=0, key_starts=key_starts, chunk=chunk, chunks=chunks,
                      progress=state.progress)
     hidden = run_layers(mb, cache, inp)  # on a model spread over devices: the last layer's device

@@ -23,10 +23,11 @@ class ConvertSettings:
     resident_layers: int | None
     cpu_attention: object
     progress: object | None
+    kv_compression: object = None
 
     def as_args(self) -> tuple:
         return (self.chunk_size, self.cuda_graphs, self.kv_offload, self.memory_budget, self.resident_layers,
-                self.progress, self.cpu_attention)
+                self.progress, self.cpu_attention, self.kv_compression)
 
 
 @dataclass

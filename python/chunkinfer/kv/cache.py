@@ -11,6 +11,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from .device_layer import ChunkKVLayer, cropped_length
+from .offload import EncodedHostKVLayer
 from .ring import RingKVLayer
 
 def _new_layers(num_layers: int, windows) -> list:
@@ -95,9 +96,14 @@ class ChunkKVCache(DynamicCache):
         return nbytes, max(full, default=0)
 
     def host_kv_bytes(self) -> int:
-        """Bytes of the host-resident layers' K, V regions."""
-        return sum(2 * layer.k_buf.numel() * layer.k_buf.element_size()
-                   for layer in self.layers if not isinstance(layer, ChunkKVLayer) and layer.k_buf is not None)
+        """Bytes of the host-resident layers' K, V regions (encoded ones: blocks and spill pools)."""
+        return sum(layer.nbytes() for layer in self.layers if not isinstance(layer, ChunkKVLayer))
+
+    def kv_codec_report(self) -> list:
+        """Per host layer whose K, V are encoded (convert(kv_compression="lossless")): what they cost, as
+        encoded.LayerCodecReport (raw / stored bytes of K and V, spilled blocks, the spill pools)."""
+        reports = [layer.codec_report(i) for i, layer in enumerate(self.layers) if isinstance(layer, EncodedHostKVLayer)]
+        return [r for r in reports if r is not None]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].length if layer_idx < len(self.layers) else 0

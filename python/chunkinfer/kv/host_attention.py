@@ -22,6 +22,7 @@ import torch
 from .. import ops
 from ..planner.rates import H200_H2D_BYTES_PER_S as H2D_BYTES_PER_S  # pinned host->device copies, measured
 from .device_layer import ALIGN
+from .offload import EncodedHostKVLayer
 
 CPU_BYTES_PER_S_PRIOR = 66e9  # bf16 K, V read by the CPU kernel on the H200 host's 16 cores while the
 #                               H2D copies run (bench/results/host_decode_h200.md); refined by measurement
@@ -117,11 +118,21 @@ def split_decode_attention(q: torch.Tensor, staged, host_layer, step: SplitStep,
     if q_ready is not None:
         q_ready.synchronize()
     t0 = time.perf_counter()
-    ops.decode_attention(step.q_host.view(b, hq * t, 1, d), host_layer.k_buf, host_layer.v_buf, step.cpu_lens,
-                         step.cpu_starts, scale=scale, out=step.out_host.view(b, hq * t, 1, d),
-                         lse=step.lse_host.view(b, hq * t, 1))
-    k = host_layer.k_buf
-    share.observe(2 * k.shape[0] * k.shape[1] * step.n_cpu * k.shape[3] * k.element_size(), time.perf_counter() - t0)
+    q_rows, out_rows, lse_rows = (step.q_host.view(b, hq * t, 1, d), step.out_host.view(b, hq * t, 1, d),
+                                  step.lse_host.view(b, hq * t, 1))
+    encoded = isinstance(host_layer, EncodedHostKVLayer)
+    if not encoded:
+        ops.decode_attention(q_rows, host_layer.k_buf, host_layer.v_buf, step.cpu_lens, step.cpu_starts,
+                             scale=scale, out=out_rows, lse=lse_rows)
+    else:  # encoded host KV: read where it is, block by block, with the plain kernel's arithmetic
+        out_c, lse_c = ops.decode_attention_kv_codec(q_rows, host_layer.k_enc.encoded(step.n_cpu),
+                                                     host_layer.v_enc.encoded(step.n_cpu), step.cpu_lens,
+                                                     step.cpu_starts, scale=scale)
+        out_rows.copy_(out_c)
+        lse_rows.copy_(lse_c)
+    hkv = host_layer.k_enc.blocks.shape[1] if encoded else host_layer.k_buf.shape[1]
+    # raw-equivalent bytes: the rate compares positions per second with the H2D copy's
+    share.observe(2 * b * hkv * step.n_cpu * d * q.element_size(), time.perf_counter() - t0)
     out_c = step.out_host.to(q.device, non_blocking=True)
     lse_c = step.lse_host.to(q.device, non_blocking=True)
     out, _ = ops.merge_attn_states(out_g, lse_g, out_c, lse_c)

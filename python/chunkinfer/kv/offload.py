@@ -14,10 +14,13 @@ own streams, ordered against compute by CUDA events only: the host never waits f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
 from .device_layer import CachedPositions, ChunkKVLayer, KVBuffers, round_up_positions
+from .encoded import EncodedKV, KVCompression, LayerCodecReport, calibrated
 
 _HOST_GROWTH_MIN = 4096  # positions added at least when a host layer grows (decode past the headroom)
 
@@ -25,7 +28,7 @@ _HOST_GROWTH_MIN = 4096  # positions added at least when a host layer grows (dec
 class HostKV:
     """What a converted model keeps across calls for offloading: the pinned arena and the engine."""
 
-    def __init__(self, device: torch.device, cpu_share=None):
+    def __init__(self, device: torch.device, cpu_share=None, compression: KVCompression | None = None):
         from .transfer import KVTransferEngine, PinnedArena
 
         cuda = device.type == "cuda"
@@ -34,11 +37,15 @@ class HostKV:
         self.arena = PinnedArena(slab_bytes=1 << 30, pinned=cuda, device=max(index, 0))
         self.engine = KVTransferEngine(index)  # holds both ends of a copy until it is done
         self.cpu_share = cpu_share  # host_attention.CpuShare: decode attends part of the host KV on the CPU
-
+        self.compression = compression  # encoded.KVCompression: host layers keep their K, V encoded
+        self.planned_ratio = 1.0        # the ratio the last prompt's plan sized encoded host KV by
 
     def spare_bytes(self) -> int:
         """Pinned bytes the arena holds but has not handed out."""
         return self.arena.bytes_reserved - self.arena.bytes_used
+
+    def new_layer(self) -> "HostKVLayer":
+        return HostKVLayer(self) if self.compression is None else EncodedHostKVLayer(self)
 
 
 class HostKVLayer(CachedPositions):
@@ -55,14 +62,41 @@ class HostKVLayer(CachedPositions):
     def capacity_for(self, needed: int, headroom: int) -> int:
         """Positions of the region that replaces this one when ``needed`` exceeds its capacity."""
         cap = round_up_positions(needed + headroom)
-        if self.k_buf is not None:
+        if self.capacity:
             cap = max(cap, round_up_positions(self.capacity + _HOST_GROWTH_MIN))
         return cap
+
+    def region_bytes(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, positions: int) -> int:
+        """Host bytes of K and V regions for ``positions`` positions."""
+        return 2 * batch * n_kv * positions * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def nbytes(self) -> int:
+        return 0 if self.k_buf is None else 2 * self.k_buf.numel() * self.k_buf.element_size()
 
     def new_region(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, needed: int,
                    headroom: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = [batch, n_kv, self.capacity_for(needed, headroom), head_dim]
         return self.host.arena.allocate(shape, dtype), self.host.arena.allocate(shape, dtype)
+
+    def fetch(self, dst: KVBuffers, lo: int, n: int) -> int:
+        """Copy positions [lo, n) into the staging buffers dst; returns the ticket to wait for."""
+        engine = self.host.engine
+        engine.prefetch(self.k_buf, dst.k_buf, lo, n)
+        return engine.prefetch(self.v_buf, dst.v_buf, lo, n)
+
+    def send(self, src: KVBuffers, lo: int, end: int, headroom: int) -> int:
+        """Keep positions [lo, end) of the staging buffers src (growing the region first when short:
+        then the whole layer [0, end) goes, its prefix having come from the old region); returns the
+        ticket of the last copy that reads src (-1: none)."""
+        if self.capacity < end:
+            b, h, _, d = src.k_buf.shape
+            self.k_buf, self.v_buf = self.new_region(b, h, d, src.k_buf.dtype, end, headroom)
+            self.is_initialized = True
+            lo = 0
+        if end <= lo:
+            return -1
+        self.host.engine.offload(src.k_buf, self.k_buf, lo, end)
+        return self.host.engine.offload(src.v_buf, self.v_buf, lo, end)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         raise NotImplementedError("a host-resident KV layer is only written by chunkinfer's layer loop")
@@ -78,6 +112,55 @@ class HostKVLayer(CachedPositions):
     reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
 
 
+class EncodedHostKVLayer(HostKVLayer):
+    """A streamed layer whose K, V are held by the lossless codec (encoded.py), bit for bit."""
+
+    def __init__(self, host: HostKV) -> None:
+        super().__init__(host)
+        self.k_enc: EncodedKV | None = None
+        self.v_enc: EncodedKV | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k_enc is None else self.k_enc.capacity
+
+    def region_bytes(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, positions: int) -> int:
+        if self.k_enc is None:  # not calibrated yet: the size the plan expects
+            return math.ceil(super().region_bytes(batch, n_kv, head_dim, dtype, positions) / self.host.planned_ratio)
+        return self.k_enc.region_bytes(batch, n_kv, positions) + self.v_enc.region_bytes(batch, n_kv, positions)
+
+    def nbytes(self) -> int:
+        return 0 if self.k_enc is None else self.k_enc.nbytes() + self.v_enc.nbytes()
+
+    def fetch(self, dst: KVBuffers, lo: int, n: int) -> int:
+        self.k_enc.expand(dst.k_buf, lo, n)  # on the current stream: nothing to wait for
+        self.v_enc.expand(dst.v_buf, lo, n)
+        return -1
+
+    def send(self, src: KVBuffers, lo: int, end: int, headroom: int) -> int:
+        settings = self.host.compression
+        b, h = src.k_buf.shape[:2]
+        if self.capacity < end:  # the slot holds [0, end): encode it all, with tables chosen again
+            lo = 0               # when the first ones saw fewer rows than a calibration takes
+            if self.k_enc is None or self.k_enc.sample_rows < min(end, settings.calibration_rows):
+                self.k_enc = calibrated(self.host, src.k_buf, end, settings)
+                self.v_enc = calibrated(self.host, src.v_buf, end, settings)
+            cap = self.capacity_for(end, headroom)
+            self.k_enc.reserve(b, h, cap, 0)
+            self.v_enc.reserve(b, h, cap, 0)
+            self.is_initialized = True
+        if end > lo:
+            self.k_enc.store(src.k_buf, lo, end)
+            self.v_enc.store(src.v_buf, lo, end)
+        return -1
+
+    def codec_report(self, index: int) -> LayerCodecReport | None:
+        if self.k_enc is None or not self.length:
+            return None
+        return LayerCodecReport(index, self.k_enc.stats(self.length), self.v_enc.stats(self.length),
+                                self.k_enc.pool.numel() + self.v_enc.pool.numel())
+
+
 def move_to_host(cache, n_resident: int) -> None:
     """Keep a cache's layers [0, n_resident) on the device and move the rest to pinned host memory (a
     layer already on the host stays there; a sliding-window layer's ring, bounded by its window, stays on
@@ -88,12 +171,9 @@ def move_to_host(cache, n_resident: int) -> None:
     for i in range(n_resident, len(cache.layers)):
         old = cache.layers[i]
         if isinstance(old, ChunkKVLayer) and old.window is None:  # rings stay: a window is small
-            new = HostKVLayer(host)
+            new = host.new_layer()
             if old.length:
-                b, h, _, d = old.k_buf.shape
-                new.k_buf, new.v_buf = new.new_region(b, h, d, old.k_buf.dtype, old.length, 0)
-                host.engine.offload(old.k_buf, new.k_buf, 0, old.length)
-                host.engine.offload(old.v_buf, new.v_buf, 0, old.length)
+                new.send(old, 0, old.length, 0)
                 host.engine.synchronize()
                 new.length, new.is_initialized = old.length, True
             cache.layers[i] = new
@@ -149,11 +229,9 @@ class LayerStreamer:
         for li in streamed:
             layer = cache.layers[li]
             if layer.capacity < end:
-                b, h, d, dtype = shape_of(li)
-                elt = torch.empty((), dtype=dtype).element_size()
-                cap = layer.capacity_for(end, headroom)
-                need += 2 * b * h * cap * d * elt
-                region = max(region, b * h * cap * d * elt)
+                nbytes = layer.region_bytes(*shape_of(li), layer.capacity_for(end, headroom))
+                need += nbytes
+                region = max(region, nbytes // 2)
         if need:  # pinning is slow (~2.6 GiB/s): start it now, on the arena's thread
             host.arena.grow_async(host.arena.bytes_used + need, region)
         cpu_keys = {}
@@ -187,8 +265,7 @@ class LayerStreamer:
             return
         slot = self._slot(li)
         self._wait(slot.offload_ticket)  # positions the last offload reads may be overwritten
-        self.engine.prefetch(layer.k_buf, slot.kv.k_buf, lo, n)
-        self.prefetched[li] = self.engine.prefetch(layer.v_buf, slot.kv.v_buf, lo, n)
+        self.prefetched[li] = layer.fetch(slot.kv, lo, n)
 
     def begin(self, li: int) -> KVBuffers:
         if li not in self.prefetched:
@@ -207,15 +284,9 @@ class LayerStreamer:
     def finish(self, li: int) -> None:
         layer: HostKVLayer = self.layers[li]
         slot = self.staging.slots[self.turn[li]]
-        lo = self.start
-        if layer.capacity < self.end:
-            b, h, d, dtype = self.shape_of(li)
-            layer.k_buf, layer.v_buf = layer.new_region(b, h, d, dtype, self.end, self.headroom)
-            layer.is_initialized = True
-            lo = 0  # the whole layer goes to the new region (its prefix came from the old one)
-        if self.end > lo:
-            self.engine.offload(slot.kv.k_buf, layer.k_buf, lo, self.end)
-            slot.offload_ticket = self.engine.offload(slot.kv.v_buf, layer.v_buf, lo, self.end)
+        ticket = layer.send(slot.kv, self.start, self.end, self.headroom)
+        if ticket >= 0:
+            slot.offload_ticket = ticket
 
     def close(self, failed: bool) -> None:
         """After the loop. On failure, wait for every copy so nothing in flight outlives the call."""

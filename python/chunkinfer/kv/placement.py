@@ -40,6 +40,7 @@ class PromptCall:
     last_layer_block: bool = False  # the last layer computes every row (loss, hidden states, all logits)
     logits_rows: int = 1           # rows of logits the call returns
     log_probs: bool = False        # the call ends in token log-probabilities (token_logprobs)
+    kv_compression_ratio: float | None = None  # encoded host KV: the planned raw / stored ratio (margined)
 
 
 def _device_budget(memory_budget: int | None, device: torch.device, weight_bytes: int, cache_bytes: int) -> int:
@@ -77,7 +78,8 @@ def plan_prompt(model, call: PromptCall, cache, *, chunk_size: int | None, memor
         p = plan(model.config, call.seq_len, device_memory=budget, host_memory=host,
                  allow_offload=offload is not None,
                  cpu_attention=getattr(cache.host, "cpu_share", None) is not None,
-                 resident_layers=offload.resident_layers if offload is not None else None, **common)
+                 resident_layers=offload.resident_layers if offload is not None else None,
+                 kv_compression_ratio=call.kv_compression_ratio if offload is not None else None, **common)
         where = f"(device budget {budget / GiB:.2f} GiB, host available {host / GiB:.2f} GiB)"
     else:
         rss = current_rss()

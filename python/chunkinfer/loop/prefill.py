@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kv.cache import ChunkKVCache
-from ..kv.device_layer import PREFILL_HEADROOM
+from ..kv.device_layer import PREFILL_HEADROOM, KVBuffers
 from ..kv.ring import STEP_TOKENS, RingKVLayer
 from ..kv.offload import LayerStreamer
 from ..models.adapters import LayerBinding, ModelBinding
@@ -45,6 +45,19 @@ def kv_only(layer: LayerOps, inp: LoopInputs, r0: int, r1: int) -> None:
     h = layer.norm(inp.hidden[:, r0:r1], layer.lb.input_norm)
     _, k, v = layer.qkv(h, want_q=False)
     layer.rotate_and_write(None, k, v, r0, r1, inp.write_index[r0:r1])
+
+
+def sample_kv(mb: ModelBinding, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer 0's K, V [B, Hkv, n, D] of the embedded rows hidden [B, n, H] at position_ids [B or 1, n], as
+    the loop writes them into the cache: a sample of the prompt's K, V (the codec's calibration)."""
+    lb = mb.layers[0]
+    b, n, _ = hidden.shape
+    kv = KVBuffers()
+    kv.reserve(b, lb.n_kv, lb.head_dim, hidden.dtype, hidden.device, n)
+    inp = LoopInputs(hidden=hidden, position_ids=position_ids, start=0, key_starts=None, chunk=n,
+                     write_index=torch.arange(n, device=hidden.device))
+    kv_only(LayerOps(mb, lb, kv, Rope(mb, position_ids, hidden, single_block=True), None), inp, 0, n)
+    return kv.k_buf, kv.v_buf
 
 
 def block(layer: LayerOps, inp: LoopInputs, r0: int, r1: int) -> None:

@@ -26,6 +26,10 @@ def longest_that_fits(fits: Callable[[int], bool], limit: int = SEARCH_LIMIT) ->
     return lo
 
 
-def longest_planned(config, **plan_kwargs) -> int:
-    """The longest ``seq_len`` whose plan(config, seq_len, **plan_kwargs) fits (0: none)."""
-    return longest_that_fits(lambda n: plan(config, n, **plan_kwargs).fits)
+def longest_planned(config, *, kv_compression_ratio: float | None = None, **plan_kwargs) -> int:
+    """The longest ``seq_len`` whose plan(config, seq_len, **plan_kwargs) fits (0: none).
+
+    ``kv_compression_ratio``: plan()'s, named here so the longest length with KV offload and host KV
+    compressed at that (already margined) ratio is a search of its own; None: host KV raw."""
+    return longest_that_fits(
+        lambda n: plan(config, n, kv_compression_ratio=kv_compression_ratio, **plan_kwargs).fits)

@@ -9,6 +9,7 @@ weights + the loop's allocations + the CPU calibration. Times are not predicted 
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ class Plan:
     past: int = 0                          # positions cached before the call (a continuation)
     calibration: Calibration = CUDA_CALIBRATION
     shape_bytes: int = 0                   # the loop's allocations at the peak from the shapes alone
+    kv_compression_ratio: float | None = None  # host KV stored losslessly compressed at this ratio; None: raw
 
     @property
     def device_bytes(self) -> int:
@@ -90,13 +92,18 @@ class Plan:
                 f"{self.dtype}" + (" on the CPU" if cpu else ""))
         where = (f"KV layers {len(self.resident_layers)} in process memory" if cpu else
                  f"KV layers resident {len(self.resident_layers)}, on host {len(self.host_layers)}")
+        ratio = self.kv_compression_ratio
+        if ratio is not None and not cpu:
+            where += f" (host KV compressed, ratio {ratio:.2f})"
         lines = [head, f"{self.chunks_text()}, KV capacity {self.kv_capacity:,} positions/layer, {where}", "",
                  f"{'process (peak RSS)' if cpu else 'device (peak)':<34}{'GiB':>10}"]
         lines += [f"  {k:<32}{g(v)}" for k, v in self.device_breakdown.items()]
         lines += [f"  {'total':<32}{g(self.device_bytes)}", f"  {'available':<32}{g(self.device_memory)}", ""]
         if not cpu:
             lines += [f"{'host':<34}{'GiB':>10}"]
-            lines += [f"  {k:<32}{g(v)}" for k, v in self.host_breakdown.items()]
+            # the key stays "KV on host" (code reads it); only the printed label says it is compressed
+            label = {"KV on host": f"KV on host (compressed {ratio:.2f}x)"} if ratio is not None else {}
+            lines += [f"  {label.get(k, k):<32}{g(v)}" for k, v in self.host_breakdown.items()]
             lines += [f"  {'total':<32}{g(self.host_bytes)}", f"  {'available':<32}{g(self.host_memory)}", ""]
         if self.prefill_seconds is None:
             lines += ["times: not predicted on the CPU (no CPU rates measured)", ""]
@@ -136,12 +143,32 @@ def _process_baseline(value, kind: str, model_type: str) -> int:
     return positive_int(value, "process_baseline", minimum=0)
 
 
+def _compression_ratio(value) -> float | None:
+    """kv_compression_ratio checked: None, or a finite int/float >= 1.0 (as a float)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"kv_compression_ratio must be a float >= 1.0 or None, got {type(value).__name__} {value!r}")
+    ratio = float(value)
+    if not math.isfinite(ratio) or ratio < 1.0:  # NaN compares false with everything: checked apart
+        raise ValueError(f"kv_compression_ratio must be a finite number >= 1.0, got {value!r}")
+    return ratio
+
+
+def _compressed(n_bytes: int, ratio: float | None) -> int:
+    """ceil(n_bytes / ratio) in exact integer arithmetic (the float ratio as its exact fraction); raw for None."""
+    if ratio is None:
+        return n_bytes
+    num, den = ratio.as_integer_ratio()
+    return -(-n_bytes * den // num)
+
+
 def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_memory=None, host_memory=None,
          decode_tokens: int = 0, chunk_size: int | None = None, allow_offload: bool = True,
          resident_layers: int | None = None, device="cuda", past: int = 0, past_capacity: int | None = None,
          process_baseline: int | None = None, calibration: Calibration | None = None,
          last_layer_block: bool = False, logits_rows: int = 1, cpu_attention: bool = True,
-         log_probs: bool = False) -> Plan:
+         log_probs: bool = False, kv_compression_ratio: float | None = None) -> Plan:
     """Predict device / host memory, chunk sizes and times of a prefill of ``seq_len`` tokens (plus
     ``decode_tokens`` generated ones) with chunkinfer. Memories: bytes or strings like "139GiB".
 
@@ -162,6 +189,12 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
     (calibrate.py); default ``CUDA_CALIBRATION`` / ``CPU_CALIBRATION``. ``cpu_attention``: decode
     steps attend part of the host KV on the CPU (convert's default), else they stream all of it.
 
+    ``kv_compression_ratio``: None (default) keeps host-resident KV raw. A float r >= 1.0 plans it stored
+    with lossless compression: each host layer's K, V take ceil(layer bytes / r) of pinned host memory
+    (the device staging slots stay raw: they hold the expanded K, V) and cross PCIe compressed in decode.
+    Pass an already-margined ratio, the measured one divided by (1 + safety margin): the plan takes r as
+    given, and a tensor that compresses worse than r would not fit the host memory planned for it.
+
     ``device="cpu"``: predicts the process's peak RSS. ``device_memory`` is then the RSS the process
     may reach (default: physical memory), nothing is offloaded, and ``process_baseline`` is the RSS
     before the weights (default: measured in a fresh interpreter, see rss.fresh_process_baseline)."""
@@ -180,6 +213,9 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         raise TypeError(f"calibration must be a chunkinfer Calibration, got {type(calibration).__name__}")
     kind = device_kind(device)
     cpu = kind == "cpu"
+    ratio = _compression_ratio(kv_compression_ratio)
+    if ratio is not None and cpu:
+        raise ValueError("kv_compression_ratio compresses KV offloaded to host memory: not a CPU plan's choice")
     offload_available = offload_engine_available() and not cpu
     allow_offload = allow_offload and offload_available
     dt = parse_dtype(dtype)
@@ -302,7 +338,8 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
     peak_chunks = chunks if chunks is not None else [report_chunk] * L
     parts, peak_layer, shape_bytes = parts_of(n_resident, peak_chunks)
     n_host = host_count(n_resident)
-    host_kv = n_host * layer_kv
+    # compressed per layer: each host layer's K, V is its own region of the arena
+    host_kv = n_host * _compressed(layer_kv, ratio)
     # the arena hands out exact regions from 1 GiB slabs: at most one slab's tail is unused
     host_parts = {} if cpu else {"KV on host": host_kv, "pinned arena slab tail": GiB if n_host else 0}
     host_usable = int(host * HOST_USABLE)
@@ -327,7 +364,7 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
             alt = plan(config, seq_len, batch=batch, dtype=dt, device_memory=dev, host_memory=host,
                        decode_tokens=decode_tokens, chunk_size=chunk_size, past=past, past_capacity=past_capacity,
                        calibration=calibration, last_layer_block=last_layer_block, logits_rows=logits_rows,
-                       log_probs=log_probs) if offload_available else None
+                       log_probs=log_probs, kv_compression_ratio=ratio) if offload_available else None
             if alt is None:
                 reason += "; this build has no KV offload engine"
             elif alt.fits:
@@ -337,7 +374,8 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
                 reason += "; KV offload would not fit either"
     elif n_host and sum(host_parts.values()) > host_usable:
         hb = sum(host_parts.values())
-        reason = (f"host needs {hb:,} bytes ({hb / GiB:.2f} GiB) for {n_host} layers' KV (the device holds "
+        packed = f", compressed at ratio {ratio:.2f}" if ratio is not None else ""
+        reason = (f"host needs {hb:,} bytes ({hb / GiB:.2f} GiB) for {n_host} layers' KV{packed} (the device holds "
                   f"{n_resident} of {L} layers), but only "
                   f"{host_usable:,} bytes ({host_usable / GiB:.2f} GiB, {HOST_USABLE:.0%} of {host / GiB:.2f} GiB) "
                   "are usable")
@@ -347,6 +385,14 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
                      "(kv_offload=True); "
                      + ("each decode step attends part of it on the CPU and streams the rest to the device"
                         if cpu_attention else "each decode step streams it to the device once"))
+    if ratio is not None:
+        if n_host:
+            raw = n_host * layer_kv
+            notes.append(f"host KV stored with lossless compression at the planned ratio {ratio:.2f} "
+                         f"(kv_compression_ratio, taken as already margined): {host_kv / GiB:.2f} GiB instead of "
+                         f"{raw / GiB:.2f} GiB raw; the device staging slots hold it expanded")
+        else:
+            notes.append(f"kv_compression_ratio {ratio:.2f} changes nothing here: no layer's KV is on the host")
     if chunks is not None and len(set(chunks)) > 1:
         notes.append("the chunk shrinks layer by layer as the KV grows (peak at layer "
                      f"{peak_layer}); convert() with chunk_size=None runs this schedule")
@@ -373,7 +419,9 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         per_tok = decode_bytes(shape, length, batch, elt) * 1e3 / H200_DECODE_BYTES_PER_S + H200_DECODE_STEP_MS
         # the host part crosses PCIe each step (or part of it is attended by the CPU meanwhile),
         # overlapped with the resident part's reads
-        host_rate = H200_H2D_BYTES_PER_S + (H200_SPLIT_CPU_BYTES_PER_S if cpu_attention else 0.0)
+        # Compressed host KV (kept simple): the streamed part crosses PCIe as bytes / r at the H2D rate, i.e.
+        # raw bytes at r x H2D; the CPU's share reads at today's rate; decompression time is not modelled.
+        host_rate = H200_H2D_BYTES_PER_S * (ratio or 1.0) + (H200_SPLIT_CPU_BYTES_PER_S if cpu_attention else 0.0)
         per_tok += n_host * batch * mean * shape.kv_bytes_per_token_layer(elt) * 1e3 / host_rate
         decode_s = per_tok * decode_tokens / 1e3
     return Plan(model_type=shape.model_type, seq_len=seq_len, batch=batch, dtype=dtype_name(dt),
@@ -384,5 +432,5 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
                 prefill_seconds=prefill_s, decode_ms_per_token=per_tok, decode_seconds=decode_s, fits=fits_all,
                 reason=reason, allow_offload=allow_offload, offload_available=offload_available, notes=notes,
                 chunk_schedule=chunks, peak_layer=peak_layer, device=kind, past=past, calibration=cal,
-                shape_bytes=shape_bytes,
+                shape_bytes=shape_bytes, kv_compression_ratio=ratio,
                 rates_from="no CPU rates measured" if cpu else RATES_FROM)

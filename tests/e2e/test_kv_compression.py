@@ -1,0 +1,180 @@
+"""convert(kv_offload=True, kv_compression="lossless"): host layers keep their K, V encoded, and every
+output equals the uncompressed offload run's bit for bit (the same kernels read the same numbers)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import chunkinfer
+import chunkinfer.kv.transfer
+from chunkinfer import ops
+from chunkinfer.kv.encoded import KVCompression
+from chunkinfer.kv.offload import EncodedHostKVLayer, HostKVLayer
+from chunkinfer.loop.prefill import sample_kv
+from tests.e2e.failing_call import raise_at_projection
+from tests.tiny_models import left_padded_batch, make_model
+
+pytestmark = pytest.mark.skipif(not chunkinfer.kv.transfer.available() or not ops.has_kernel("kv_encode_out", "CPU"),
+                                reason="the compiled extension has no KV offload engine or codec")
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda,
+                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+DEVICES = ["cpu", CUDA]
+HD64 = dict(hidden_size=128, intermediate_size=256, head_dim=64)  # a head dim the CUDA decode kernel takes
+
+
+def _pair(arch: str, device: str, layers: int = 4, model_kw: dict | None = None, compression="lossless", **kw):
+    """(raw offload, compressed offload) copies of one bf16 model."""
+    kw.setdefault("cpu_attention", False)
+    base = make_model(arch, layers=layers, dtype=torch.bfloat16, device=device, **(model_kw or {}))
+    raw = chunkinfer.convert(copy.deepcopy(base), chunk_size=96, kv_offload=True, **kw)
+    enc = chunkinfer.convert(copy.deepcopy(base), chunk_size=96, kv_offload=True, kv_compression=compression, **kw)
+    return raw, enc
+
+
+def _ids(b: int, s: int, device: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 256, (b, s), generator=g).to(device)
+
+
+def _same_host_kv(raw_cache, enc_cache) -> int:
+    """Every encoded host layer decodes to the raw host layer's bits; returns how many were compared."""
+    compared = 0
+    for r, e in zip(raw_cache.layers, enc_cache.layers):
+        assert isinstance(e, EncodedHostKVLayer) == isinstance(r, HostKVLayer)
+        if isinstance(e, EncodedHostKVLayer):
+            n = e.length
+            assert torch.equal(e.k_enc.decoded(n).view(torch.int16), r.k_buf[:, :, :n].view(torch.int16))
+            assert torch.equal(e.v_enc.decoded(n).view(torch.int16), r.v_buf[:, :, :n].view(torch.int16))
+            compared += 1
+    return compared
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_resident", [0, 2])
+@pytest.mark.parametrize("compression", ["lossless", KVCompression(escape_capacity=0)], ids=["calibrated", "spilling"])
+@torch.no_grad()
+def test_prefill_continuation_and_steps_equal_uncompressed(device, n_resident, compression):
+    """A prompt, a continuation that grows the host regions, steps of 1 and 3 tokens: the same logits as
+    the raw offload run, and the host K, V decode to its bits. ``escape_capacity=0``: every block with
+    an escape spills, so the spill pool grows and its indices are rebased on every store."""
+    raw, enc = _pair("llama", device, resident_layers=n_resident, compression=compression)
+    ids = _ids(2, 300, device, seed=torch.randint(0, 1 << 30, ()).item())
+    a, b = raw(ids, use_cache=True), enc(ids, use_cache=True)
+    assert torch.equal(a.logits, b.logits)
+    more = _ids(2, 1400, device, seed=7)
+    a2 = raw(more, past_key_values=a.past_key_values, use_cache=True)
+    b2 = enc(more, past_key_values=b.past_key_values, use_cache=True)
+    assert torch.equal(a2.logits, b2.logits)
+    tok = a2.logits[:, -1:].argmax(-1)
+    for t in (1, 3, 1):
+        step = torch.cat([tok] * t, dim=1)
+        sa = raw(step, past_key_values=a.past_key_values, use_cache=True)
+        sb = enc(step, past_key_values=b.past_key_values, use_cache=True)
+        assert torch.equal(sa.logits, sb.logits)
+        tok = sa.logits[:, -1:].argmax(-1)
+    assert _same_host_kv(a.past_key_values, b.past_key_values) == 4 - n_resident
+    reports = b.past_key_values.kv_codec_report()
+    assert [r.layer for r in reports] == list(range(n_resident, 4))
+    for r in reports:
+        assert r.k.lost_blocks == r.v.lost_blocks == 0
+        if isinstance(compression, KVCompression):
+            assert r.k.spilled_blocks + r.v.spilled_blocks > 0
+        else:
+            assert r.ratio > 1.1, r  # bf16: 8 + 4 bits an element before block costs
+    assert b.past_key_values.host_kv_bytes() < a.past_key_values.host_kv_bytes()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+@torch.no_grad()
+def test_generate_left_padded_batch_equal(device, arch):
+    """Sliding-window layers keep their rings on the device; the full-attention ones are encoded."""
+    raw, enc = _pair(arch, device, resident_layers=1)
+    ids, mask = left_padded_batch(2, 150, [0, 37])
+    ids, mask = ids.to(device), mask.to(device)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    ga, gb = raw.generate(ids, **kw), enc.generate(ids, **kw)
+    assert torch.equal(ga.sequences, gb.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(ga.logits, gb.logits))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
+def test_cpu_attention_reads_the_encoded_host_kv(device):
+    """Steps whose first positions are attended on the CPU read them from the encoded blocks
+    (decode_attention_kv_codec): the same logits as the CPU reading raw host KV."""
+    raw, enc = _pair("llama", device, resident_layers=1, cpu_attention=0.5, model_kw=HD64)
+    ids = _ids(2, 700, device, seed=torch.randint(0, 1 << 30, ()).item())
+    a, b = raw(ids, use_cache=True), enc(ids, use_cache=True)
+    assert enc._chunkinfer.host.cpu_share.cpu_positions(700) >= 256, "the split must be active at this length"
+    tok = a.logits[:, -1:].argmax(-1)
+    for _ in range(3):
+        sa = raw(tok, past_key_values=a.past_key_values, use_cache=True)
+        sb = enc(tok, past_key_values=b.past_key_values, use_cache=True)
+        assert torch.equal(sa.logits, sb.logits)
+        tok = sa.logits.argmax(-1)
+
+
+@torch.no_grad()
+def test_token_logprobs_equal_uncompressed():
+    raw, enc = _pair("llama", "cpu", resident_layers=1)
+    ids = _ids(2, 700, "cpu", 11)
+    assert torch.equal(chunkinfer.token_logprobs(raw, ids), chunkinfer.token_logprobs(enc, ids))
+
+
+@torch.no_grad()
+def test_failure_midway_keeps_the_encoded_cache_usable(monkeypatch):
+    raw, enc = _pair("llama", "cpu", resident_layers=1, compression=KVCompression(escape_capacity=0))
+    ids = _ids(1, 200, "cpu", 5)
+    a, b = raw(ids, use_cache=True), enc(ids, use_cache=True)
+    more = _ids(1, 1100, "cpu", 6)  # grows the host regions (200 + 1,024 headroom)
+    raise_at_projection(monkeypatch, enc.model.layers[3].mlp.down_proj)
+    with pytest.raises(RuntimeError, match="boom"):
+        enc(more, past_key_values=b.past_key_values, use_cache=True)
+    monkeypatch.undo()
+    assert all(layer.length == 200 for layer in b.past_key_values.layers)
+    a2 = raw(more, past_key_values=a.past_key_values, use_cache=True)
+    b2 = enc(more, past_key_values=b.past_key_values, use_cache=True)
+    assert torch.equal(a2.logits, b2.logits)
+    _same_host_kv(a.past_key_values, b.past_key_values)
+
+
+@torch.no_grad()
+def test_the_calibration_sample_is_what_the_loop_writes():
+    """sample_kv (the planner's measurement) gives layer 0's K, V of the first rows bit for bit."""
+    model = chunkinfer.convert(make_model("llama", layers=2, dtype=torch.bfloat16), chunk_size=64)
+    ids = _ids(2, 200, "cpu", 3)
+    cache = model(ids, use_cache=True).past_key_values
+    mb = model._chunkinfer.binding
+    k, v = sample_kv(mb, mb.embed(ids[:, :100]), torch.arange(100)[None])
+    assert torch.equal(k[:, :, :100], cache.layers[0].k_buf[:, :, :100])
+    assert torch.equal(v[:, :, :100], cache.layers[0].v_buf[:, :, :100])
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(kv_compression="lossless"), ValueError, "kv_offload=True"),
+    (dict(kv_offload=True, kv_compression="zstd"), ValueError, "kv_compression"),
+    (dict(kv_offload=True, kv_compression=True), ValueError, "kv_compression"),
+])
+def test_bad_arguments_leave_the_model_untouched(kw, exc, match):
+    model = make_model("llama", layers=2, dtype=torch.bfloat16)
+    with pytest.raises(exc, match=match):
+        chunkinfer.convert(model, **kw)
+    assert not hasattr(model, "_chunkinfer")
+
+
+@torch.no_grad()
+def test_float32_is_refused_at_convert_and_at_a_call():
+    model = make_model("llama", layers=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="bfloat16 / float16"):
+        chunkinfer.convert(model, kv_offload=True, kv_compression="lossless")
+    assert not hasattr(model, "_chunkinfer")
+    model = chunkinfer.convert(model.to(torch.bfloat16), kv_offload=True, resident_layers=0,
+                               kv_compression="lossless")
+    model.float()
+    with pytest.raises(ValueError, match="now runs in torch.float32"):
+        model(_ids(1, 20, "cpu", 1), use_cache=True)

@@ -17,3 +17,23 @@ def raise_at_projection(monkeypatch, module: nn.Module) -> None:
         return linear(x, m, gemv_rows)
 
     monkeypatch.setattr(layer_loop, "linear", failing)
+
+
+def continuation_survives_a_failure(monkeypatch, reference, model, ids, more, module: nn.Module):
+    """Run ``ids`` through both models, fail ``model``'s continuation by ``more`` at ``module`` (the
+    cache must keep its length), then continue both: returns (reference's, model's) outputs and caches."""
+    a = reference(ids, use_cache=True)
+    b = model(ids, use_cache=True)
+    raise_at_projection(monkeypatch, module)
+    try:
+        model(more, past_key_values=b.past_key_values, use_cache=True)
+    except RuntimeError as exc:
+        assert str(exc) == "boom", exc
+    else:
+        raise AssertionError("the continuation did not fail")
+    finally:
+        monkeypatch.undo()
+    assert all(layer.length == ids.shape[1] for layer in b.past_key_values.layers)
+    a2 = reference(more, past_key_values=a.past_key_values, use_cache=True)
+    b2 = model(more, past_key_values=b.past_key_values, use_cache=True)
+    return a2, b2

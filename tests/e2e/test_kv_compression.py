@@ -13,7 +13,7 @@ from chunkinfer import ops
 from chunkinfer.kv.encoded import KVCompression
 from chunkinfer.kv.offload import EncodedHostKVLayer, HostKVLayer
 from chunkinfer.loop.prefill import sample_kv
-from tests.e2e.failing_call import raise_at_projection
+from tests.e2e.failing_call import continuation_survives_a_failure
 from tests.tiny_models import left_padded_batch, make_model
 
 pytestmark = pytest.mark.skipif(not chunkinfer.kv.transfer.available() or not ops.has_kernel("kv_encode_out", "CPU"),
@@ -129,18 +129,11 @@ def test_token_logprobs_equal_uncompressed():
 @torch.no_grad()
 def test_failure_midway_keeps_the_encoded_cache_usable(monkeypatch):
     raw, enc = _pair("llama", "cpu", resident_layers=1, compression=KVCompression(escape_capacity=0))
-    ids = _ids(1, 200, "cpu", 5)
-    a, b = raw(ids, use_cache=True), enc(ids, use_cache=True)
     more = _ids(1, 1100, "cpu", 6)  # grows the host regions (200 + 1,024 headroom)
-    raise_at_projection(monkeypatch, enc.model.layers[3].mlp.down_proj)
-    with pytest.raises(RuntimeError, match="boom"):
-        enc(more, past_key_values=b.past_key_values, use_cache=True)
-    monkeypatch.undo()
-    assert all(layer.length == 200 for layer in b.past_key_values.layers)
-    a2 = raw(more, past_key_values=a.past_key_values, use_cache=True)
-    b2 = enc(more, past_key_values=b.past_key_values, use_cache=True)
+    a2, b2 = continuation_survives_a_failure(monkeypatch, raw, enc, _ids(1, 200, "cpu", 5), more,
+                                             enc.model.layers[3].mlp.down_proj)
     assert torch.equal(a2.logits, b2.logits)
-    _same_host_kv(a.past_key_values, b.past_key_values)
+    _same_host_kv(a2.past_key_values, b2.past_key_values)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import chunkinfer
 import chunkinfer.kv.transfer
 from chunkinfer.kv.device_layer import ChunkKVLayer
 from chunkinfer.kv.offload import HostKVLayer
-from tests.e2e.failing_call import raise_at_projection
+from tests.e2e.failing_call import continuation_survives_a_failure
 from tests.tiny_models import left_padded_batch, make_model
 
 pytestmark = pytest.mark.skipif(not chunkinfer.kv.transfer.available(),
@@ -145,17 +145,9 @@ def test_stock_fallback_on_offloaded_cache_is_refused():
 @torch.no_grad()
 def test_failure_midway_keeps_the_cache_usable(monkeypatch):
     resident, offloaded = _pair("llama", "cpu", resident_layers=1)
-    ids = _ids(1, 200, "cpu", 5)
-    a = resident(ids, use_cache=True)
-    b = offloaded(ids, use_cache=True)
     more = _ids(1, 1300, "cpu", 6)  # grows the host regions
-    raise_at_projection(monkeypatch, offloaded.model.layers[3].mlp.down_proj)
-    with pytest.raises(RuntimeError, match="boom"):
-        offloaded(more, past_key_values=b.past_key_values, use_cache=True)
-    monkeypatch.undo()
-    assert all(layer.length == 200 for layer in b.past_key_values.layers)
-    a2 = resident(more, past_key_values=a.past_key_values, use_cache=True)
-    b2 = offloaded(more, past_key_values=b.past_key_values, use_cache=True)
+    a2, b2 = continuation_survives_a_failure(monkeypatch, resident, offloaded, _ids(1, 200, "cpu", 5), more,
+                                             offloaded.model.layers[3].mlp.down_proj)
     assert torch.equal(a2.logits, b2.logits)
 
 

@@ -11,7 +11,7 @@ import chunkinfer
 import chunkinfer.kv.transfer
 from chunkinfer import ops
 from chunkinfer.kv.encoded import KVCompression
-from chunkinfer.kv.offload import EncodedHostKVLayer, HostKVLayer
+from chunkinfer.kv.offload import EncodedKVLayer, HostKVLayer
 from chunkinfer.loop.prefill import sample_kv
 from tests.e2e.failing_call import continuation_survives_a_failure
 from tests.tiny_models import left_padded_batch, make_model
@@ -43,23 +43,25 @@ def _same_host_kv(raw_cache, enc_cache) -> int:
     """Every encoded host layer decodes to the raw host layer's bits; returns how many were compared."""
     compared = 0
     for r, e in zip(raw_cache.layers, enc_cache.layers):
-        assert isinstance(e, EncodedHostKVLayer) == isinstance(r, HostKVLayer)
-        if isinstance(e, EncodedHostKVLayer):
+        assert isinstance(e, EncodedKVLayer) == isinstance(r, HostKVLayer)
+        if isinstance(e, EncodedKVLayer):
             n = e.length
-            assert torch.equal(e.k_enc.decoded(n).view(torch.int16), r.k_buf[:, :, :n].view(torch.int16))
-            assert torch.equal(e.v_enc.decoded(n).view(torch.int16), r.v_buf[:, :, :n].view(torch.int16))
+            assert torch.equal(e.k_enc.decoded(n).cpu().view(torch.int16), r.k_buf[:, :, :n].view(torch.int16))
+            assert torch.equal(e.v_enc.decoded(n).cpu().view(torch.int16), r.v_buf[:, :, :n].view(torch.int16))
             compared += 1
     return compared
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_resident", [0, 2])
-@pytest.mark.parametrize("compression", ["lossless", KVCompression(escape_capacity=0)], ids=["calibrated", "spilling"])
+@pytest.mark.parametrize("compression", ["lossless", KVCompression(escape_capacity=0), KVCompression(device_layers=1)],
+                         ids=["calibrated", "spilling", "one-on-device"])
 @torch.no_grad()
 def test_prefill_continuation_and_steps_equal_uncompressed(device, n_resident, compression):
     """A prompt, a continuation that grows the host regions, steps of 1 and 3 tokens: the same logits as
     the raw offload run, and the host K, V decode to its bits. ``escape_capacity=0``: every block with
-    an escape spills, so the spill pool grows and its indices are rebased on every store."""
+    an escape spills, so the spill pool grows and its indices are rebased on every store. ``device_layers=1``:
+    the first streamed layer keeps its blocks in the device's memory (here the CPU's), the rest on the host."""
     raw, enc = _pair("llama", device, resident_layers=n_resident, compression=compression)
     ids = _ids(2, 300, device, seed=torch.randint(0, 1 << 30, ()).item())
     a, b = raw(ids, use_cache=True), enc(ids, use_cache=True)
@@ -76,11 +78,14 @@ def test_prefill_continuation_and_steps_equal_uncompressed(device, n_resident, c
         assert torch.equal(sa.logits, sb.logits)
         tok = sa.logits[:, -1:].argmax(-1)
     assert _same_host_kv(a.past_key_values, b.past_key_values) == 4 - n_resident
+    tiers = [layer.cpu_readable for layer in b.past_key_values.layers[n_resident:]]
+    on_device = compression.device_layers if isinstance(compression, KVCompression) else 0
+    assert tiers == [False] * on_device + [True] * (4 - n_resident - on_device)
     reports = b.past_key_values.kv_codec_report()
     assert [r.layer for r in reports] == list(range(n_resident, 4))
     for r in reports:
         assert r.k.lost_blocks == r.v.lost_blocks == 0
-        if isinstance(compression, KVCompression):
+        if isinstance(compression, KVCompression) and compression.escape_capacity == 0:
             assert r.k.spilled_blocks + r.v.spilled_blocks > 0
         else:
             assert r.ratio > 1.1, r  # bf16: 8 + 4 bits an element before block costs
@@ -111,6 +116,27 @@ def test_cpu_attention_reads_the_encoded_host_kv(device):
     ids = _ids(2, 700, device, seed=torch.randint(0, 1 << 30, ()).item())
     a, b = raw(ids, use_cache=True), enc(ids, use_cache=True)
     assert enc._chunkinfer.host.cpu_share.cpu_positions(700) >= 256, "the split must be active at this length"
+    tok = a.logits[:, -1:].argmax(-1)
+    for _ in range(3):
+        sa = raw(tok, past_key_values=a.past_key_values, use_cache=True)
+        sb = enc(tok, past_key_values=b.past_key_values, use_cache=True)
+        assert torch.equal(sa.logits, sb.logits)
+        tok = sa.logits.argmax(-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
+def test_a_layer_encoded_on_the_device_attends_as_a_resident_one(device):
+    """Layer 1 kept encoded in the device's memory (no CPU share: the CPU cannot read it) against the same
+    layer resident raw, with the CPU splitting the host layers' steps in both: the same logits."""
+    base = make_model("llama", layers=4, dtype=torch.bfloat16, device=device, **HD64)
+    kw = dict(chunk_size=96, kv_offload=True, cpu_attention=0.5)
+    raw = chunkinfer.convert(copy.deepcopy(base), resident_layers=2, **kw)
+    enc = chunkinfer.convert(base, resident_layers=1, kv_compression=KVCompression(device_layers=1), **kw)
+    ids = _ids(2, 700, device, seed=torch.randint(0, 1 << 30, ()).item())
+    a, b = raw(ids, use_cache=True), enc(ids, use_cache=True)
+    assert torch.equal(a.logits, b.logits)
+    assert [getattr(layer, "cpu_readable", None) for layer in b.past_key_values.layers] == [None, False, True, True]
     tok = a.logits[:, -1:].argmax(-1)
     for _ in range(3):
         sa = raw(tok, past_key_values=a.past_key_values, use_cache=True)
@@ -171,3 +197,32 @@ def test_float32_is_refused_at_convert_and_at_a_call():
     model.float()
     with pytest.raises(ValueError, match="now runs in torch.float32"):
         model(_ids(1, 20, "cpu", 1), use_cache=True)
+
+
+@torch.no_grad()
+def test_a_failure_while_encoding_a_grown_layer_leaves_it_as_it_was(monkeypatch):
+    """The continuation grows the host regions; encoding the second streamed layer's new blocks raises
+    (e.g. out of host memory): that layer keeps its old blocks, and the next continuation equals a run
+    that never failed."""
+    from chunkinfer.kv import encoded
+
+    raw, enc = _pair("llama", "cpu", resident_layers=1)
+    ids, more = _ids(1, 200, "cpu", 5), _ids(1, 1100, "cpu", 6)
+    a, b = raw(ids, use_cache=True), enc(ids, use_cache=True)
+    store, calls = encoded.EncodedKV.store, []
+
+    def failing(self, x, p0, p1):
+        calls.append(p1)
+        if len(calls) == 3:  # layer 2's K: after layer 1's K and V went to new blocks
+            raise MemoryError("no host memory left")
+        return store(self, x, p0, p1)
+
+    monkeypatch.setattr(encoded.EncodedKV, "store", failing)
+    with pytest.raises(MemoryError):
+        enc(more, past_key_values=b.past_key_values, use_cache=True)
+    monkeypatch.undo()
+    assert calls[:3] == [1300, 1300, 1300] and b.past_key_values.get_seq_length() == 200
+    _same_host_kv(a.past_key_values, b.past_key_values)
+    a2 = raw(more, past_key_values=a.past_key_values, use_cache=True)
+    b2 = enc(more, past_key_values=b.past_key_values, use_cache=True)
+    assert torch.equal(a2.logits, b2.logits)

@@ -119,3 +119,24 @@ def test_cli_passes_the_ratio(tmp_path, capsys):
         main([*args, "--kv-compression-ratio", "0.5"])
     assert exc.value.code == 2
     assert "argument --kv-compression-ratio: must be a finite number >= 1.0" in capsys.readouterr().err
+
+
+def test_layers_encoded_on_the_device_when_the_host_cannot_hold_the_rest():
+    """2,093,568 tokens at ratio 1.29: the host takes only 18 layers encoded, so the others are kept
+    encoded in device memory (raw-resident layers given up for them); each costs ceil(raw / r) there."""
+    cfg, r, n = llama8b(), 1.29, 2_093_568
+    p = plan(cfg, n, kv_compression_ratio=r, decode_tokens=16, **MEM)
+    assert p.fits, p.reason
+    assert p.encoded_device_layers and p.host_layers
+    assert sorted(p.encoded_device_layers + p.host_layers + [i for i in p.resident_layers]) == list(range(32))
+    assert p.encoded_device_layers == list(range(p.encoded_device_layers[0], p.host_layers[0]))
+    layer = raw_layer_bytes(cfg, p.kv_capacity)
+    assert p.device_breakdown["KV encoded on device"] == len(p.encoded_device_layers) * math.ceil(Fraction(layer) / Fraction(r))
+    assert p.device_bytes <= 139 * GiB and p.host_bytes <= int(125 * GiB * 0.9)
+    assert f"encoded on device {len(p.encoded_device_layers)}" in p.table()
+    # without the device tier the host would need every non-resident layer: more than it has
+    encoded = math.ceil(Fraction(layer) / Fraction(r))
+    assert (32 - len(p.resident_layers)) * encoded + GiB > int(125 * GiB * 0.9)
+    # where the host holds the rest, nothing is encoded on the device
+    assert plan(cfg, 1_048_576, kv_compression_ratio=r, **MEM).encoded_device_layers == []
+    assert plan(cfg, 2_097_152, kv_compression_ratio=r, **MEM).reason.count("encoded") == 1  # 0 raw and N encoded

@@ -11,7 +11,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from .device_layer import ChunkKVLayer, cropped_length
-from .offload import EncodedHostKVLayer
+from .offload import EncodedKVLayer
 from .ring import RingKVLayer
 
 def _new_layers(num_layers: int, windows) -> list:
@@ -88,21 +88,23 @@ class ChunkKVCache(DynamicCache):
         return [i for i, layer in enumerate(self.layers) if not isinstance(layer, ChunkKVLayer)]
 
     def device_kv(self) -> tuple[int, int]:
-        """(bytes of the device-resident K, V buffers and the offload staging, their largest capacity)."""
+        """(bytes of the device-resident K, V buffers, the offload staging and K, V encoded on the device,
+        the resident buffers' largest capacity)."""
         layers = [layer for layer in self.layers if isinstance(layer, ChunkKVLayer) and layer.k_buf is not None]
         nbytes = sum(layer.nbytes() for layer in layers)
         nbytes += self.staging.nbytes() if self.staging is not None else 0
+        nbytes += sum(layer.nbytes() - layer.host_nbytes() for layer in self.layers if not isinstance(layer, ChunkKVLayer))
         full = [layer.k_buf.shape[2] for layer in layers if layer.window is None]
         return nbytes, max(full, default=0)
 
     def host_kv_bytes(self) -> int:
         """Bytes of the host-resident layers' K, V regions (encoded ones: blocks and spill pools)."""
-        return sum(layer.nbytes() for layer in self.layers if not isinstance(layer, ChunkKVLayer))
+        return sum(layer.host_nbytes() for layer in self.layers if not isinstance(layer, ChunkKVLayer))
 
     def kv_codec_report(self) -> list:
         """Per host layer whose K, V are encoded (convert(kv_compression="lossless")): what they cost, as
         encoded.LayerCodecReport (raw / stored bytes of K and V, spilled blocks, the spill pools)."""
-        reports = [layer.codec_report(i) for i, layer in enumerate(self.layers) if isinstance(layer, EncodedHostKVLayer)]
+        reports = [layer.codec_report(i) for i, layer in enumerate(self.layers) if isinstance(layer, EncodedKVLayer)]
         return [r for r in reports if r is not None]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

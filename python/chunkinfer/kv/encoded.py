@@ -40,16 +40,22 @@ class KVCompression:
     CPU's share of a step, a multiple of 256, starts on a block). ``calibration_rows``: rows of a layer's
     first store its tables are chosen on. ``margin``: the planner sizes host KV at the ratio measured on
     the prompt's first layer divided by (1 + margin). ``escape_capacity``: escapes a block holds before
-    it spills; None chooses it on the calibration sample."""
+    it spills; None chooses it on the calibration sample. ``device_layers``: where placement is not
+    planned (a model on the CPU), how many layers after the resident ones keep their K, V encoded in the
+    device's memory rather than the host's; on CUDA the planner chooses (encoded layers fill the device
+    when the host cannot hold the rest)."""
 
     block_rows: int = 16
     calibration_rows: int = 256
     margin: float = 0.1
     escape_capacity: int | None = None
+    device_layers: int = 0
 
     def __post_init__(self) -> None:
         if not (0 < self.block_rows and ALIGN % self.block_rows == 0):
             raise ValueError(f"block_rows must divide the cache's {ALIGN}-position alignment, got {self.block_rows}")
+        if self.device_layers < 0:
+            raise ValueError(f"device_layers must be >= 0, got {self.device_layers}")
         if self.calibration_rows < 1 or self.margin < 0:
             raise ValueError(f"calibration_rows must be >= 1 and margin >= 0, got {self.calibration_rows}, "
                              f"{self.margin}")
@@ -77,12 +83,14 @@ def measured_ratio(k_sample: torch.Tensor, v_sample: torch.Tensor, settings: KVC
 
 
 class EncodedKV:
-    """One of a host layer's K or V as codec blocks [B, Hkv, blocks, slot_bytes] in host memory (the
-    arena: pinned where the model is on CUDA) and a pool of spill units."""
+    """One of a streamed layer's K or V as codec blocks [B, Hkv, blocks, slot_bytes] and a pool of spill
+    units, in host memory (the arena: pinned where the model is on CUDA) or, ``device`` given, in the
+    device's memory (a layer kept on the device encoded, expanded there into the staging slot)."""
 
     def __init__(self, host, calibration: KVCodecCalibration, dtype: torch.dtype, head_dim: int,
-                 sample_rows: int) -> None:
+                 sample_rows: int, device: torch.device | None = None) -> None:
         self.host = host
+        self.device = device               # None: host memory
         self.calibration = calibration
         self.layout: KVCodecLayout = calibration.layout(dtype, head_dim)
         self.table_host = calibration.table.cpu()
@@ -92,9 +100,23 @@ class EncodedKV:
         self.pool_used = 0
         self._last_store: tuple[int, int] | None = None  # (first block, pool units before) of the last store
 
-    # ---- host memory ----
+    def emptied(self) -> "EncodedKV":
+        """A new EncodedKV with this one's tables and place, holding nothing yet."""
+        return EncodedKV(self.host, self.calibration, self.layout.dtype, self.layout.head_dim, self.sample_rows,
+                         self.device)
+
+    # ---- memory ----
+    def _allocate(self, shape: list[int]) -> torch.Tensor:
+        if self.device is None:
+            return self.host.arena.allocate(shape, torch.uint8)
+        return torch.empty(shape, dtype=torch.uint8, device=self.device)
+
     def _allocate_pool(self, units: int) -> torch.Tensor:
-        return self.host.arena.allocate([units, self.layout.spill_unit_bytes], torch.uint8)
+        return self._allocate([units, self.layout.spill_unit_bytes])
+
+    @property
+    def on_host(self) -> bool:
+        return self.device is None
 
     @property
     def capacity(self) -> int:
@@ -108,15 +130,14 @@ class EncodedKV:
         """Blocks for ``positions`` positions, keeping the blocks of the first ``keep`` positions."""
         if self.capacity >= positions:
             return
-        new = self.host.arena.allocate([batch, n_kv, self.layout.num_blocks(positions), self.layout.slot_bytes],
-                                       torch.uint8)
+        new = self._allocate([batch, n_kv, self.layout.num_blocks(positions), self.layout.slot_bytes])
         kept = self.layout.num_blocks(keep)
         if kept:
             new[:, :, :kept].copy_(self.blocks[:, :, :kept])
         self.blocks = new
 
     def nbytes(self) -> int:
-        """Host bytes held: the blocks' region and the spill pool's capacity."""
+        """Bytes held (host or device): the blocks' region and the spill pool's capacity."""
         blocks = 0 if self.blocks is None else self.blocks.numel()
         return blocks + self.pool.numel()
 
@@ -146,15 +167,17 @@ class EncodedKV:
             q1 = min(q0 + PIECE_POSITIONS, p1)
             enc = ops.kv_encode(x[:, :, q0:q1], table, block_rows=br, escape_capacity=self.layout.escape_capacity)
             first = q0 // br
-            ticket = engine.offload(enc.blocks, self.blocks, 0, enc.blocks.shape[2], first)
             used = int(enc.spill_used.item())  # the piece's spill count: the host waits for the encode
-            engine.synchronize(ticket)
+            self._spill_room(used)  # before any block is written: growing the pool may fail
+            if self.on_host:
+                engine.synchronize(engine.offload(enc.blocks, self.blocks, 0, enc.blocks.shape[2], first))
+            else:
+                self.blocks[:, :, first: first + enc.blocks.shape[2]].copy_(enc.blocks)
             if used:
                 self._adopt_spill(enc.spill[:used], first, first + enc.blocks.shape[2])
 
     def _adopt_spill(self, units: torch.Tensor, first: int, last: int) -> None:
-        """Append a piece's spill units to the pool and point its blocks [first, last) at them."""
-        self._spill_room(units.shape[0])
+        """Append a piece's spill units to the pool (room made) and point its blocks [first, last) at them."""
         base = self.pool_used
         self.pool[base: base + units.shape[0]].copy_(units)
         self.pool_used += units.shape[0]
@@ -165,7 +188,7 @@ class EncodedKV:
     # ---- reads ----
     def spill_on(self, device: torch.device) -> torch.Tensor:
         used = max(self.pool_used, 1)  # the op takes a pool of at least one unit
-        return self.pool[:used] if device.type == "cpu" else self.pool[:used].to(device)
+        return self.pool[:used].to(device)
 
     def expand(self, dst: torch.Tensor, lo: int, n: int) -> None:
         """Decode positions [lo, n) into dst [B, Hkv, >= n, D] (lo a multiple of block_rows), on dst's
@@ -182,7 +205,7 @@ class EncodedKV:
         for q0 in range(lo, n, PIECE_POSITIONS):
             q1 = min(q0 + PIECE_POSITIONS, n)
             nb = self.layout.num_blocks(q1 - q0)
-            if device.type == "cpu":
+            if self.blocks.device == device:  # the device's own, or the CPU model's host blocks
                 blocks = self.blocks[:, :, q0 // br: q0 // br + nb]
             else:
                 blocks = torch.empty(b, h, nb, self.layout.slot_bytes, dtype=torch.uint8, device=device)
@@ -190,26 +213,27 @@ class EncodedKV:
             ops.kv_decode(blocks, spill, table, self.layout, q1 - q0, out=dst[:, :, q0:q1])
 
     def encoded(self, rows: int) -> ops.KVEncoded:
-        """The first ``rows`` positions as the CPU attention reads them (the blocks where they are)."""
+        """The first ``rows`` positions as the CPU attention reads them (host blocks, where they are)."""
         used = torch.tensor([self.pool_used], dtype=torch.int32)
         return ops.KVEncoded(self.blocks, self.spill_on(torch.device("cpu")), used, self.table_host, self.layout, rows)
 
     def decoded(self, rows: int) -> torch.Tensor:
-        """The first ``rows`` positions [B, Hkv, rows, D], decoded on the CPU (inspection, tests)."""
+        """The first ``rows`` positions [B, Hkv, rows, D], decoded where the blocks are (inspection, tests)."""
         blocks = self.blocks[:, :, : self.layout.num_blocks(rows)]
-        return ops.kv_decode(blocks, self.spill_on(torch.device("cpu")), self.table_host, self.layout, rows)
+        return ops.kv_decode(blocks, self.spill_on(blocks.device), self.table_on(blocks.device), self.layout, rows)
 
     def stats(self, rows: int) -> KVCodecStats:
         """What the first ``rows`` positions cost (headers read on the host)."""
         return codec_stats(self.blocks[:, :, : self.layout.num_blocks(rows)], self.layout, rows)
 
 
-def calibrated(host, x: torch.Tensor, rows: int, settings: KVCompression) -> EncodedKV:
-    """An EncodedKV whose table is chosen on the first ``rows`` rows of x [B, Hkv, >= rows, D] (at most
-    ``settings.calibration_rows``)."""
+def calibrated(host, x: torch.Tensor, rows: int, settings: KVCompression,
+               device: torch.device | None = None) -> EncodedKV:
+    """An EncodedKV (in host memory, or on ``device``) whose table is chosen on the first ``rows`` rows
+    of x [B, Hkv, >= rows, D] (at most ``settings.calibration_rows``)."""
     n = max(1, min(rows, settings.calibration_rows))
     cal = kv_calibrate(x[:, :, :n], block_rows=settings.block_rows, escape_capacity=settings.escape_capacity)
-    return EncodedKV(host, cal, x.dtype, x.shape[-1], n)
+    return EncodedKV(host, cal, x.dtype, x.shape[-1], n, device)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 from .. import ops
 from ..planner.rates import H200_H2D_BYTES_PER_S as H2D_BYTES_PER_S  # pinned host->device copies, measured
 from .device_layer import ALIGN
-from .offload import EncodedHostKVLayer
+from .offload import EncodedKVLayer
 
 CPU_BYTES_PER_S_PRIOR = 66e9  # bf16 K, V read by the CPU kernel on the H200 host's 16 cores while the
 #                               H2D copies run (bench/results/host_decode_h200.md); refined by measurement
@@ -120,7 +120,7 @@ def split_decode_attention(q: torch.Tensor, staged, host_layer, step: SplitStep,
     t0 = time.perf_counter()
     q_rows, out_rows, lse_rows = (step.q_host.view(b, hq * t, 1, d), step.out_host.view(b, hq * t, 1, d),
                                   step.lse_host.view(b, hq * t, 1))
-    encoded = isinstance(host_layer, EncodedHostKVLayer)
+    encoded = isinstance(host_layer, EncodedKVLayer)
     if not encoded:
         ops.decode_attention(q_rows, host_layer.k_buf, host_layer.v_buf, step.cpu_lens, step.cpu_starts,
                              scale=scale, out=out_rows, lse=lse_rows)

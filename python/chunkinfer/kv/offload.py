@@ -44,8 +44,12 @@ class HostKV:
         """Pinned bytes the arena holds but has not handed out."""
         return self.arena.bytes_reserved - self.arena.bytes_used
 
-    def new_layer(self) -> "HostKVLayer":
-        return HostKVLayer(self) if self.compression is None else EncodedHostKVLayer(self)
+    def new_layer(self, on_device: bool = False) -> "HostKVLayer":
+        """A streamed layer: raw in host memory, or (compression on) encoded in host memory or, with
+        ``on_device``, encoded in the device's memory."""
+        if self.compression is None:
+            return HostKVLayer(self)
+        return EncodedKVLayer(self, self.device if on_device else None)
 
 
 class HostKVLayer(CachedPositions):
@@ -66,12 +70,18 @@ class HostKVLayer(CachedPositions):
             cap = max(cap, round_up_positions(self.capacity + _HOST_GROWTH_MIN))
         return cap
 
+    cpu_readable = True  # the CPU can attend its K, V where they are (host_attention.py)
+
     def region_bytes(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, positions: int) -> int:
         """Host bytes of K and V regions for ``positions`` positions."""
         return 2 * batch * n_kv * positions * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def nbytes(self) -> int:
         return 0 if self.k_buf is None else 2 * self.k_buf.numel() * self.k_buf.element_size()
+
+    def host_nbytes(self) -> int:
+        """Of nbytes(), those in host memory (the rest on the device)."""
+        return self.nbytes()
 
     def new_region(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, needed: int,
                    headroom: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,25 +122,36 @@ class HostKVLayer(CachedPositions):
     reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
 
 
-class EncodedHostKVLayer(HostKVLayer):
-    """A streamed layer whose K, V are held by the lossless codec (encoded.py), bit for bit."""
+class EncodedKVLayer(HostKVLayer):
+    """A streamed layer whose K, V are held by the lossless codec (encoded.py), bit for bit: in host
+    memory, or (``device``) encoded in the device's memory, expanded into the staging slot there."""
 
-    def __init__(self, host: HostKV) -> None:
+    def __init__(self, host: HostKV, device: torch.device | None = None) -> None:
         super().__init__(host)
+        self.device = device
         self.k_enc: EncodedKV | None = None
         self.v_enc: EncodedKV | None = None
+
+    @property
+    def cpu_readable(self) -> bool:
+        return self.device is None
 
     @property
     def capacity(self) -> int:
         return 0 if self.k_enc is None else self.k_enc.capacity
 
     def region_bytes(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, positions: int) -> int:
+        if self.device is not None:
+            return 0  # no host memory
         if self.k_enc is None:  # not calibrated yet: the size the plan expects
             return math.ceil(super().region_bytes(batch, n_kv, head_dim, dtype, positions) / self.host.planned_ratio)
         return self.k_enc.region_bytes(batch, n_kv, positions) + self.v_enc.region_bytes(batch, n_kv, positions)
 
     def nbytes(self) -> int:
         return 0 if self.k_enc is None else self.k_enc.nbytes() + self.v_enc.nbytes()
+
+    def host_nbytes(self) -> int:
+        return self.nbytes() if self.device is None else 0
 
     def fetch(self, dst: KVBuffers, lo: int, n: int) -> int:
         self.k_enc.expand(dst.k_buf, lo, n)  # on the current stream: nothing to wait for
@@ -140,16 +161,23 @@ class EncodedHostKVLayer(HostKVLayer):
     def send(self, src: KVBuffers, lo: int, end: int, headroom: int) -> int:
         settings = self.host.compression
         b, h = src.k_buf.shape[:2]
-        if self.capacity < end:  # the slot holds [0, end): encode it all, with tables chosen again
-            lo = 0               # when the first ones saw fewer rows than a calibration takes
-            if self.k_enc is None or self.k_enc.sample_rows < min(end, settings.calibration_rows):
-                self.k_enc = calibrated(self.host, src.k_buf, end, settings)
-                self.v_enc = calibrated(self.host, src.v_buf, end, settings)
+        if self.capacity < end:
+            # the slot holds [0, end): all of it goes to new blocks (tables chosen again when the first
+            # ones saw fewer rows than a calibration takes), which replace the old ones only once written,
+            # so a failure here leaves the layer as it was
+            k, v = self.k_enc, self.v_enc
+            if k is None or k.sample_rows < min(end, settings.calibration_rows):
+                k = calibrated(self.host, src.k_buf, end, settings, self.device)
+                v = calibrated(self.host, src.v_buf, end, settings, self.device)
+            else:
+                k, v = k.emptied(), v.emptied()
             cap = self.capacity_for(end, headroom)
-            self.k_enc.reserve(b, h, cap, 0)
-            self.v_enc.reserve(b, h, cap, 0)
+            for enc, x in ((k, src.k_buf), (v, src.v_buf)):
+                enc.reserve(b, h, cap, 0)
+                enc.store(x, 0, end)
+            self.k_enc, self.v_enc = k, v
             self.is_initialized = True
-        if end > lo:
+        elif end > lo:
             self.k_enc.store(src.k_buf, lo, end)
             self.v_enc.store(src.v_buf, lo, end)
         return -1
@@ -161,17 +189,18 @@ class EncodedHostKVLayer(HostKVLayer):
                                 self.k_enc.pool.numel() + self.v_enc.pool.numel())
 
 
-def move_to_host(cache, n_resident: int) -> None:
-    """Keep a cache's layers [0, n_resident) on the device and move the rest to pinned host memory (a
-    layer already on the host stays there; a sliding-window layer's ring, bounded by its window, stays on
-    the device). Moving a filled layer copies it and waits for the copy."""
+def move_to_host(cache, n_resident: int, on_device: int = 0) -> None:
+    """Keep a cache's layers [0, n_resident) on the device and stream the rest: with compression, the
+    full-attention ones among the next ``on_device`` layers encoded in the device's memory, the others
+    in pinned host memory (a streamed layer stays where it is; a sliding-window layer's ring, bounded by
+    its window, stays resident). Moving a filled layer copies it and waits for the copy."""
     if cache.host is None:
         raise RuntimeError("this cache was not created for KV offload (convert(model, kv_offload=True))")
     host = cache.host
     for i in range(n_resident, len(cache.layers)):
         old = cache.layers[i]
         if isinstance(old, ChunkKVLayer) and old.window is None:  # rings stay: a window is small
-            new = host.new_layer()
+            new = host.new_layer(on_device=i < n_resident + on_device)
             if old.length:
                 new.send(old, 0, old.length, 0)
                 host.engine.synchronize()
@@ -237,7 +266,8 @@ class LayerStreamer:
         cpu_keys = {}
         if host.cpu_share is not None and step and not need:
             n_cpu = host.cpu_share.cpu_positions(start)
-            cpu_keys = {li: n_cpu for li in streamed if n_cpu > 0 and attends_all(li)}
+            cpu_keys = {li: n_cpu for li in streamed
+                        if n_cpu > 0 and attends_all(li) and cache.layers[li].cpu_readable}
             if cpu_keys:
                 host.engine.synchronize()  # the CPU reads host K, V: earlier offloads must have landed
         return cls(host, cache.staging, cache.layers, streamed, start, end, headroom, shape_of, cpu_keys)

@@ -99,11 +99,15 @@ def place(cache, settings: OffloadSettings, p: Plan | None) -> None:
     """Move the layers the plan puts on the host there (a layer never moves back)."""
     n_layers = len(cache.layers)
     if p is not None:
-        n_resident = p.host_layers[0] if p.host_layers else n_layers  # rings stay resident past it
+        streamed_plan = p.encoded_device_layers + p.host_layers
+        n_resident = streamed_plan[0] if streamed_plan else n_layers  # rings stay resident past it
+        on_device = p.encoded_device_layers[-1] + 1 - n_resident if p.encoded_device_layers else 0
     else:
         n_resident = n_layers if settings.resident_layers is None else settings.resident_layers
+        compression = cache.host.compression if cache.host is not None else None
+        on_device = compression.device_layers if compression is not None else 0
     streamed = cache.streamed_layers()
     if streamed:
         n_resident = min(n_resident, streamed[0])
     if n_resident < n_layers:
-        move_to_host(cache, n_resident)
+        move_to_host(cache, n_resident, on_device)

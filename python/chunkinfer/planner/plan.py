@@ -59,6 +59,7 @@ class Plan:
     calibration: Calibration = CUDA_CALIBRATION
     shape_bytes: int = 0                   # the loop's allocations at the peak from the shapes alone
     kv_compression_ratio: float | None = None  # host KV stored losslessly compressed at this ratio; None: raw
+    encoded_device_layers: list[int] = field(default_factory=list)  # KV kept encoded in device memory
 
     @property
     def device_bytes(self) -> int:
@@ -91,7 +92,9 @@ class Plan:
         head = (f"chunkinfer plan: {self.model_type}, {self.seq_len:,} tokens{after} x batch {self.batch}, "
                 f"{self.dtype}" + (" on the CPU" if cpu else ""))
         where = (f"KV layers {len(self.resident_layers)} in process memory" if cpu else
-                 f"KV layers resident {len(self.resident_layers)}, on host {len(self.host_layers)}")
+                 f"KV layers resident {len(self.resident_layers)}, "
+                 + (f"encoded on device {len(self.encoded_device_layers)}, " if self.encoded_device_layers else "")
+                 + f"on host {len(self.host_layers)}")
         ratio = self.kv_compression_ratio
         if ratio is not None and not cpu:
             where += f" (host KV compressed, ratio {ratio:.2f})"
@@ -153,6 +156,16 @@ def _compression_ratio(value) -> float | None:
     if not math.isfinite(ratio) or ratio < 1.0:  # NaN compares false with everything: checked apart
         raise ValueError(f"kv_compression_ratio must be a finite number >= 1.0, got {value!r}")
     return ratio
+
+
+def _dev_span(full: list[bool], n_resident: int, n_full: int) -> int:
+    """Layers from n_resident on that hold its first n_full full-attention layers (rings in between)."""
+    seen = 0
+    for i in range(n_resident, len(full)):
+        if seen == n_full:
+            return i - n_resident
+        seen += full[i]
+    return len(full) - n_resident
 
 
 def _compressed(n_bytes: int, ratio: float | None) -> int:
@@ -268,8 +281,11 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
             works[c] = ChunkWork(w.activation + ring_extra, w.block, w.kv_only)
         return works[c]
 
-    def host_count(n_resident: int) -> int:
-        return sum(full[n_resident:])
+    def host_count(n_resident: int, n_dev: int = 0) -> int:
+        return sum(full[n_resident + n_dev:])
+
+    encoded_kv = _compressed(layer_kv, ratio)
+    encoded_past = _compressed(per_position * past_capacity, ratio)
 
     # the LM head after the loop: the returned logits and one head chunk's normed rows and logits
     head_rows = head_chunk_rows(seq_len, shape.vocab)  # at most: the loop's chunk caps it too
@@ -277,13 +293,24 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
     if log_probs:
         logits += batch * (2 * head_rows * shape.vocab + seq_len) * 4
 
-    def memory(n_resident: int) -> CallMemory:
-        n_host = host_count(n_resident)
+    def memory(n_resident: int, n_dev: int = 0) -> CallMemory:
+        """Layers [0, n_resident) resident raw, the full ones of [n_resident, n_resident + n_dev) kept
+        encoded on the device (compression), the other full ones on the host."""
+        n_streamed = host_count(n_resident)
         # offload: two layers' K, V staged on the device (the one computed, the one draining to the host)
-        staging = min(2, n_host) * layer_kv if n_host else 0
-        kv_old = [ring_old[i] if not full[i] else (per_position * past_capacity if i < n_resident else 0)
-                  for i in range(L)]
-        kv_new = [ring_kv[i] if not full[i] else (layer_kv if i < n_resident else 0) for i in range(L)]
+        staging = min(2, n_streamed) * layer_kv if n_streamed else 0
+
+        def kv(i: int, old: bool) -> int:
+            if not full[i]:
+                return ring_old[i] if old else ring_kv[i]
+            if i < n_resident:
+                return per_position * past_capacity if old else layer_kv
+            if i < n_resident + n_dev:
+                return encoded_past if old else encoded_kv
+            return 0
+
+        kv_old = [kv(i, True) for i in range(L)]
+        kv_new = [kv(i, False) for i in range(L)]
         return CallMemory(kv_old=kv_old, kv_new=kv_new, fixed=residual + staging + growth_kv,
                           work=work_of, last_layer_block=last_layer_block,
                           tail=logits if logits_rows > 1 or log_probs else 0)
@@ -295,20 +322,23 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
     def fits(alloc: int) -> bool:
         return total(alloc) <= dev
 
-    def schedule(n_resident: int, cands: list[int]) -> list[int] | None:
-        return choose(memory(n_resident), cands, fits)
+    def schedule(n_resident: int, cands: list[int], n_dev: int = 0) -> list[int] | None:
+        return choose(memory(n_resident, n_dev), cands, fits)
 
-    def parts_of(n_resident: int, chunks: list[int]) -> tuple[dict, int, int]:
+    def parts_of(n_resident: int, chunks: list[int], n_dev: int = 0) -> tuple[dict, int, int]:
         n_host = host_count(n_resident)
-        mem = memory(n_resident)
+        mem = memory(n_resident, n_dev)
         alloc, layer = mem.peak(chunks)
         staging = min(2, n_host) * layer_kv if n_host else 0
-        kv = sum(mem.kv_new) + growth_kv
+        encoded = sum(mem.kv_new[n_resident:n_resident + n_dev])
+        kv = sum(mem.kv_new) + growth_kv - encoded
         parts = {"process baseline": baseline} if cpu else {}
         parts |= {"weights": weights, "residual stream": residual, ("KV cache" if cpu else "KV resident"): kv}
+        if encoded:
+            parts["KV encoded on device"] = encoded
         if n_host:
             parts["KV offload staging"] = staging
-        parts["chunk work buffers"] = alloc - residual - staging - kv  # net of KV not yet allocated then
+        parts["chunk work buffers"] = alloc - residual - staging - kv - encoded  # net of KV not yet allocated then
         over = cal.overhead(alloc)
         if cpu:
             parts["runtime and malloc overhead"] = over
@@ -334,15 +364,41 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
                 n_resident, chunks = n_resident + 1, more
         else:
             n_resident = 0
+    host_usable = int(host * HOST_USABLE)
+
+    def host_fits(n_raw: int, n_dev: int) -> bool:
+        n = host_count(n_raw, n_dev)
+        return not n or n * encoded_kv + GiB <= host_usable
+
+    n_dev = 0
+    if ratio is not None and ratio > 1.0 and allow_offload and chunks is not None and not host_fits(n_resident, 0):
+        # compressed KV fits the device too: from the most raw-resident layers down, as many layers
+        # encoded on the device as the chunk schedule leaves room for, until the rest fit the host
+        closest = (n_resident, 0, chunks)
+        for n_raw in range(n_resident, -1, -1):
+            most = host_count(n_raw)
+            lo, hi, best = 0, most, schedule(n_raw, offload_cands)
+            if best is None:
+                continue
+            while lo < hi:  # the largest n_dev whose schedule fits (device bytes grow with it)
+                mid = (lo + hi + 1) // 2
+                if (sched := schedule(n_raw, offload_cands, _dev_span(full, n_raw, mid))) is not None:
+                    lo, best = mid, sched
+                else:
+                    hi = mid - 1
+            span = _dev_span(full, n_raw, lo)
+            closest = (n_raw, span, best)  # with n_raw = 0 at the end: the most the device can take
+            if host_fits(n_raw, span) or resident_layers is not None:
+                break
+        n_resident, n_dev, chunks = closest  # when nothing fits the host: the closest, for the report
     report_chunk = min(chunks) if chunks is not None else candidates[-1]
     peak_chunks = chunks if chunks is not None else [report_chunk] * L
-    parts, peak_layer, shape_bytes = parts_of(n_resident, peak_chunks)
-    n_host = host_count(n_resident)
+    parts, peak_layer, shape_bytes = parts_of(n_resident, peak_chunks, n_dev)
+    n_host = host_count(n_resident, n_dev)
     # compressed per layer: each host layer's K, V is its own region of the arena
-    host_kv = n_host * _compressed(layer_kv, ratio)
+    host_kv = n_host * encoded_kv
     # the arena hands out exact regions from 1 GiB slabs: at most one slab's tail is unused
     host_parts = {} if cpu else {"KV on host": host_kv, "pinned arena slab tail": GiB if n_host else 0}
-    host_usable = int(host * HOST_USABLE)
 
     need_dev = sum(parts.values())
     reason = ""
@@ -375,13 +431,19 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
     elif n_host and sum(host_parts.values()) > host_usable:
         hb = sum(host_parts.values())
         packed = f", compressed at ratio {ratio:.2f}" if ratio is not None else ""
+        held = f"{n_resident} raw and {sum(full[n_resident:n_resident + n_dev])} encoded" if n_dev else f"{n_resident}"
         reason = (f"host needs {hb:,} bytes ({hb / GiB:.2f} GiB) for {n_host} layers' KV{packed} (the device holds "
-                  f"{n_resident} of {L} layers), but only "
+                  f"{held} of {L} layers), but only "
                   f"{host_usable:,} bytes ({host_usable / GiB:.2f} GiB, {HOST_USABLE:.0%} of {host / GiB:.2f} GiB) "
                   "are usable")
     fits_all = not reason
+    dev_layers = [i for i in range(n_resident, n_resident + n_dev) if full[i]]
+    if fits_all and dev_layers:
+        notes.append(f"{len(dev_layers)} full-attention layers from layer {n_resident} on keep their KV encoded in "
+                     f"device memory ({encoded_kv / GiB:.2f} GiB a layer instead of {layer_kv / GiB:.2f}), expanded "
+                     "into the staging slot when they run")
     if fits_all and n_host:
-        notes.append(f"{n_host} full-attention layers from layer {n_resident} on keep their KV in pinned host memory "
+        notes.append(f"{n_host} full-attention layers from layer {n_resident + n_dev} on keep their KV in pinned host memory "
                      "(kv_offload=True); "
                      + ("each decode step attends part of it on the CPU and streams the rest to the device"
                         if cpu_attention else "each decode step streams it to the device once"))
@@ -423,11 +485,15 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         # raw bytes at r x H2D; the CPU's share reads at today's rate; decompression time is not modelled.
         host_rate = H200_H2D_BYTES_PER_S * (ratio or 1.0) + (H200_SPLIT_CPU_BYTES_PER_S if cpu_attention else 0.0)
         per_tok += n_host * batch * mean * shape.kv_bytes_per_token_layer(elt) * 1e3 / host_rate
+        # a layer encoded on the device is expanded into the slot each step: its encoded bytes read and the
+        # raw ones written, on top of the attention's read
+        per_tok += (len(dev_layers) * batch * mean * shape.kv_bytes_per_token_layer(elt) * (1 + 1 / (ratio or 1.0))
+                    * 1e3 / H200_DECODE_BYTES_PER_S)
         decode_s = per_tok * decode_tokens / 1e3
     return Plan(model_type=shape.model_type, seq_len=seq_len, batch=batch, dtype=dtype_name(dt),
                 chunk_size=min(chunks) if chunks is not None else None, breakdown_chunk=report_chunk,
                 kv_capacity=cap, resident_layers=[i for i in range(L) if i < n_resident or not full[i]],
-                host_layers=[i for i in range(n_resident, L) if full[i]],
+                host_layers=[i for i in range(n_resident + n_dev, L) if full[i]], encoded_device_layers=dev_layers,
                 device_breakdown=parts, host_breakdown=host_parts, device_memory=dev, host_memory=host,
                 prefill_seconds=prefill_s, decode_ms_per_token=per_tok, decode_seconds=decode_s, fits=fits_all,
                 reason=reason, allow_offload=allow_offload, offload_available=offload_available, notes=notes,

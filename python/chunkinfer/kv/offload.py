@@ -207,7 +207,7 @@ def move_to_host(cache, n_resident: int, on_device: int = 0) -> None:
                 new.length, new.is_initialized = old.length, True
             cache.layers[i] = new
     if cache.staging is None and n_resident < len(cache.layers):
-        cache.staging = Staging()
+        cache.staging = Staging.for_host(host)
 
 
 @dataclass
@@ -218,9 +218,16 @@ class _Slot:
 
 @dataclass
 class Staging:
-    """The two GPU slots streamed layers use in turn, kept with the cache between calls."""
+    """The GPU slots streamed layers use in turn, kept with the cache between calls: two for raw host
+    layers (one is filled from the host while the other computes and drains); one for encoded layers,
+    whose store finishes before the next layer begins (the second slot would buy no overlap, and costs a
+    whole layer's raw K, V of device memory)."""
 
     slots: list = field(default_factory=lambda: [_Slot(), _Slot()])
+
+    @classmethod
+    def for_host(cls, host: HostKV) -> "Staging":
+        return cls([_Slot()] if host.compression is not None else [_Slot(), _Slot()])
 
     def nbytes(self) -> int:
         return sum(s.kv.nbytes() for s in self.slots)
@@ -238,7 +245,7 @@ class LayerStreamer:
         self.host, self.engine, self.staging = host, host.engine, staging
         self.layers, self.streamed, self.start, self.end, self.headroom = layers, streamed, start, end, headroom
         self.shape_of = shape_of            # li -> (batch, n_kv, head_dim, dtype)
-        self.turn = {li: i % 2 for i, li in enumerate(streamed)}
+        self.turn = {li: i % len(staging.slots) for i, li in enumerate(streamed)}
         self.prefetched: dict[int, int] = {}  # li -> ticket of its prefix prefetch, issued ahead
         self.cpu_keys = cpu_keys or {}      # li -> positions [0, n) the CPU attends (not prefetched)
 
@@ -307,7 +314,7 @@ class LayerStreamer:
         else:
             self._wait(ticket)
         nxt = self.streamed.index(li) + 1
-        if nxt < len(self.streamed):
+        if nxt < len(self.streamed) and self.turn[self.streamed[nxt]] != self.turn[li]:
             self._prefetch(self.streamed[nxt])  # overlaps this layer's compute
         return slot.kv
 

@@ -8,6 +8,13 @@ Long (a 1.5M-token prefill takes about 20 minutes), so it is meant to run in the
 
 Progress lines (chunks done / in all, seconds, device memory) go to --progress as the prefill runs;
 the result row is appended to --out and printed. The planner's prediction is recorded next to it.
+
+``--kv-compression``: streamed layers keep their K, V losslessly encoded (convert(kv_compression=...)),
+with the planner's margin ``--margin`` on the ratio measured on layer 0 of the prompt; the row then has
+the measured ratio, the planned one, the per-layer ratios and the encoded bytes on host and device:
+
+    setsid python -m bench.run_capacity --length 2097152 --kv-compression --margin 0.03 --chunk-size 0 \
+        --progress /tmp/cap.log --out bench/results/capacity_h200.jsonl > /tmp/cap.out 2>&1 &
 """
 from __future__ import annotations
 
@@ -22,6 +29,9 @@ import torch
 
 import chunkinfer
 from bench.bench_model import build_model, reset_memory
+from chunkinfer.forward import planned_kv_ratio
+from chunkinfer.kv.encoded import KVCompression
+from chunkinfer.kv.offload import EncodedKVLayer
 from chunkinfer.tools.verify import reference_step_logits
 from bench.common import write_rows
 
@@ -42,6 +52,9 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--checked-tokens", type=int, default=2, help="decode tokens checked against fp32")
     ap.add_argument("--resident-layers", type=int, default=None, help="default: the planner's placement")
+    ap.add_argument("--chunk-size", type=int, default=8192, help="0: the planner's schedule")
+    ap.add_argument("--kv-compression", action="store_true", help="streamed layers' K, V encoded losslessly")
+    ap.add_argument("--margin", type=float, default=0.1, help="the planner's margin on the measured ratio")
     ap.add_argument("--progress", type=Path, default=Path("/tmp/capacity_progress.log"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/capacity_h200.jsonl"))
     args = ap.parse_args()
@@ -63,12 +76,16 @@ def main() -> None:
             last[0] = now
             say(f"prefill {done}/{total} chunks, allocated {torch.cuda.memory_allocated() / GiB:.1f} GiB")
 
-    p = chunkinfer.plan(model.config, args.length, decode_tokens=args.decode_tokens, chunk_size=8192,
-                        resident_layers=args.resident_layers)
-    say("plan:\n" + p.table())
-    chunkinfer.convert(model, chunk_size=8192, kv_offload=True, resident_layers=args.resident_layers,
-                       progress=progress)
+    chunk = args.chunk_size or None
+    compression = KVCompression(margin=args.margin) if args.kv_compression else None
+    chunkinfer.convert(model, chunk_size=chunk, kv_offload=True, resident_layers=args.resident_layers,
+                       progress=progress, kv_compression=compression)
     ids = torch.randint(0, model.config.vocab_size, (1, args.length), device="cuda")
+    # the ratio the converted model's planner will size encoded KV by (layer 0's K, V of the prompt)
+    ratio = planned_kv_ratio(model._chunkinfer, ids, None, None, 0) if compression is not None else None
+    p = chunkinfer.plan(model.config, args.length, decode_tokens=args.decode_tokens, chunk_size=chunk,
+                        resident_layers=args.resident_layers, kv_compression_ratio=ratio)
+    say("plan:\n" + p.table())
     torch.cuda.synchronize()
     start = time.perf_counter()
     out = model(ids, use_cache=True, logits_to_keep=1)
@@ -85,7 +102,19 @@ def main() -> None:
            "pinned_reserved": host.arena.bytes_reserved,
            "pinned_used": host.arena.bytes_used, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "pred_peak_alloc_beyond_weights": p.peak_alloc_beyond_weights, "pred_prefill_seconds": p.prefill_seconds,
-           "pred_ms_per_token": p.decode_ms_per_token, "pred_resident_layers": len(p.resident_layers)}
+           "pred_ms_per_token": p.decode_ms_per_token, "pred_resident_layers": len(p.resident_layers),
+           "chunk_size": chunk, "kv_compression": compression is not None}
+    if compression is not None:
+        reports = cache.kv_codec_report()
+        raw = sum(r.k.raw_bytes + r.v.raw_bytes for r in reports)
+        stored = sum(r.k.stored_bytes + r.v.stored_bytes for r in reports)
+        res.update({"planned_ratio": ratio, "measured_ratio_all_layers": raw / stored,
+                    "layer_ratios": [round(r.ratio, 4) for r in reports],
+                    "spilled_blocks": sum(r.k.spilled_blocks + r.v.spilled_blocks for r in reports),
+                    "encoded_device_layers": sum(isinstance(layer, EncodedKVLayer) and not layer.cpu_readable
+                                                 for layer in cache.layers),
+                    "pred_encoded_device_layers": len(p.encoded_device_layers),
+                    "host_kv_bytes": cache.host_kv_bytes()})
     say(f"prefill done in {prefill_s:.1f} s: {json.dumps(res)}")
     del ids
     torch.cuda.empty_cache()

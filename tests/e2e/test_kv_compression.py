@@ -227,3 +227,19 @@ def test_a_failure_while_encoding_a_grown_layer_leaves_it_as_it_was(monkeypatch)
     a2 = raw(more, past_key_values=a.past_key_values, use_cache=True)
     b2 = enc(more, past_key_values=b.past_key_values, use_cache=True)
     assert torch.equal(a2.logits, b2.logits)
+
+
+@torch.no_grad()
+def test_the_float32_verification_reads_encoded_layers():
+    """tools.verify.reference_step_logits (the capacity run's check) over an encoded cache: the same
+    values as over the raw offload cache (it decodes the blocks, in ranges not aligned to the calls')."""
+    from chunkinfer.tools.verify import reference_step_logits
+
+    raw, enc = _pair("llama", "cpu", resident_layers=1, compression=KVCompression(device_layers=1))
+    ids = _ids(1, 500, "cpu", 9)
+    a, b = raw(ids, use_cache=True), enc(ids, use_cache=True)
+    tok = a.logits[:, -1:].argmax(-1)
+    ref_a = reference_step_logits(raw, a.past_key_values, tok, kv_block=72)
+    ref_b = reference_step_logits(enc, b.past_key_values, tok, kv_block=72)
+    assert torch.equal(ref_a, ref_b)
+    assert b.past_key_values.get_seq_length() == 500  # read, not written

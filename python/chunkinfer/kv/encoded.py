@@ -217,10 +217,15 @@ class EncodedKV:
         used = torch.tensor([self.pool_used], dtype=torch.int32)
         return ops.KVEncoded(self.blocks, self.spill_on(torch.device("cpu")), used, self.table_host, self.layout, rows)
 
-    def decoded(self, rows: int) -> torch.Tensor:
-        """The first ``rows`` positions [B, Hkv, rows, D], decoded where the blocks are (inspection, tests)."""
-        blocks = self.blocks[:, :, : self.layout.num_blocks(rows)]
-        return ops.kv_decode(blocks, self.spill_on(blocks.device), self.table_on(blocks.device), self.layout, rows)
+    def decoded(self, rows: int, first: int = 0) -> torch.Tensor:
+        """Positions [first, rows) [B, Hkv, rows - first, D], decoded where the blocks are (inspection,
+        tests, the float32 verification)."""
+        br = self.layout.block_rows
+        b0 = first // br
+        blocks = self.blocks[:, :, b0: self.layout.num_blocks(rows)]
+        out = ops.kv_decode(blocks, self.spill_on(blocks.device), self.table_on(blocks.device), self.layout,
+                            rows - b0 * br)
+        return out[:, :, first - b0 * br:]
 
     def stats(self, rows: int) -> KVCodecStats:
         """What the first ``rows`` positions cost (headers read on the host)."""

@@ -88,6 +88,10 @@ class HostKVLayer(CachedPositions):
         shape = [batch, n_kv, self.capacity_for(needed, headroom), head_dim]
         return self.host.arena.allocate(shape, dtype), self.host.arena.allocate(shape, dtype)
 
+    def band(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of positions [lo, hi) where they are (host memory)."""
+        return self.k_buf[:, :, lo:hi], self.v_buf[:, :, lo:hi]
+
     def fetch(self, dst: KVBuffers, lo: int, n: int) -> int:
         """Copy positions [lo, n) into the staging buffers dst; returns the ticket to wait for."""
         engine = self.host.engine
@@ -152,6 +156,10 @@ class EncodedKVLayer(HostKVLayer):
 
     def host_nbytes(self) -> int:
         return self.nbytes() if self.device is None else 0
+
+    def band(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of positions [lo, hi), decoded where the blocks are."""
+        return self.k_enc.decoded(hi, lo), self.v_enc.decoded(hi, lo)
 
     def fetch(self, dst: KVBuffers, lo: int, n: int) -> int:
         self.k_enc.expand(dst.k_buf, lo, n)  # on the current stream: nothing to wait for

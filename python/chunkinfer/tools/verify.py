@@ -30,15 +30,17 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat([xr * cos + rotated * sin, rest], dim=-1)
 
 
-def _attend(q, k_new, v_new, k_buf, v_buf, lo: int, past: int, scale: float, block: int, ct):
-    """softmax over stored keys [lo, past) and the new one; q [Hkv, g, D], buffers [1, Hkv, cap, D]."""
+def _attend(q, k_new, v_new, band, lo: int, past: int, scale: float, block: int, ct):
+    """softmax over stored keys [lo, past) and the new one; q [Hkv, g, D], band(a, b) the cache layer's
+    K, V [1, Hkv, b - a, D] of positions [a, b) (raw, wherever and however the layer holds them)."""
     dev = q.device
     s_new = (q * k_new[:, None]).sum(-1) * scale                    # [Hkv, g]
     lse, acc = s_new, v_new[:, None].expand_as(q).clone()           # running log-sum-exp, normalised output
     for a in range(lo, past, block):
         b = min(a + block, past)
-        k = k_buf[0, :, a:b].to(dev, ct, non_blocking=False)
-        v = v_buf[0, :, a:b].to(dev, ct, non_blocking=False)
+        k_part, v_part = band(a, b)
+        k = k_part[0].to(dev, ct, non_blocking=False)
+        v = v_part[0].to(dev, ct, non_blocking=False)
         s = torch.einsum("hgd,hnd->hgn", q, k) * scale
         blk_lse = torch.logsumexp(s, -1)
         blk_out = torch.einsum("hgn,hnd->hgd", torch.softmax(s, -1), v)
@@ -89,11 +91,7 @@ def reference_step_logits(model, cache, token: torch.Tensor, *, dtype: torch.dty
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         lo = 0 if lb.window is None else max(0, past + 1 - lb.window)
         g = lb.n_q // lb.n_kv
-        k_buf, v_buf, first, end = layer.k_buf, layer.v_buf, lo, past
-        if getattr(layer, "window", None):  # a ring (kv/ring.py): its window's positions, in order
-            k_buf, v_buf = layer.band(lo, past)
-            first, end = 0, past - lo
-        o = _attend(q.view(lb.n_kv, g, lb.head_dim), k, v, k_buf, v_buf, first, end, lb.scale, kv_block, dtype)
+        o = _attend(q.view(lb.n_kv, g, lb.head_dim), k, v, layer.band, lo, past, lb.scale, kv_block, dtype)
         o = _linear(o.reshape(1, 1, -1), lb.o_proj)
         if lb.attn_out_norm is not None:
             o = _norm(o, lb.attn_out_norm, eps, gemma)

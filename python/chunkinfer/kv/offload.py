@@ -214,8 +214,10 @@ def move_to_host(cache, n_resident: int, on_device: int = 0) -> None:
                 host.engine.synchronize()
                 new.length, new.is_initialized = old.length, True
             cache.layers[i] = new
-    if cache.staging is None and n_resident < len(cache.layers):
-        cache.staging = Staging.for_host(host)
+    if n_resident < len(cache.layers):
+        if cache.staging is None:
+            cache.staging = Staging()
+        cache.staging.use(1 if on_device else 2)
 
 
 @dataclass
@@ -226,16 +228,16 @@ class _Slot:
 
 @dataclass
 class Staging:
-    """The GPU slots streamed layers use in turn, kept with the cache between calls: two for raw host
-    layers (one is filled from the host while the other computes and drains); one for encoded layers,
-    whose store finishes before the next layer begins (the second slot would buy no overlap, and costs a
-    whole layer's raw K, V of device memory)."""
+    """The GPU slots streamed layers use in turn, kept with the cache between calls: two, so that one is
+    filled (from the host, or the CPU attends its layer's share) while the other computes and drains; one
+    where memory is what limits, when layers are kept encoded on the device (each layer then finishes
+    before the next begins: no overlap, a whole layer's raw K, V less)."""
 
     slots: list = field(default_factory=lambda: [_Slot(), _Slot()])
 
-    @classmethod
-    def for_host(cls, host: HostKV) -> "Staging":
-        return cls([_Slot()] if host.compression is not None else [_Slot(), _Slot()])
+    def use(self, n: int) -> None:
+        """Keep n slots (1 or 2): a slot dropped frees its buffers."""
+        self.slots = self.slots[:n] + [_Slot() for _ in range(n - len(self.slots))]
 
     def nbytes(self) -> int:
         return sum(s.kv.nbytes() for s in self.slots)

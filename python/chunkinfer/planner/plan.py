@@ -286,10 +286,10 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
 
     encoded_kv = _compressed(layer_kv, ratio)
 
-    def staging_bytes(n_streamed: int) -> int:
-        # offload: two layers' K, V staged on the device (the one computed, the one draining to the host);
-        # encoded layers one (each is stored before the next begins: kv/offload.py Staging)
-        return min(1 if ratio is not None else 2, n_streamed) * layer_kv
+    def staging_bytes(n_streamed: int, n_dev: int = 0) -> int:
+        # offload: two layers' K, V staged on the device (the one computed, the one filled or draining);
+        # one when layers are kept encoded on the device (memory is what limits: kv/offload.py Staging)
+        return min(1 if n_dev else 2, n_streamed) * layer_kv
     encoded_past = _compressed(per_position * past_capacity, ratio)
 
     # the LM head after the loop: the returned logits and one head chunk's normed rows and logits
@@ -301,7 +301,7 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
     def memory(n_resident: int, n_dev: int = 0) -> CallMemory:
         """Layers [0, n_resident) resident raw, the full ones of [n_resident, n_resident + n_dev) kept
         encoded on the device (compression), the other full ones on the host."""
-        staging = staging_bytes(host_count(n_resident))
+        staging = staging_bytes(host_count(n_resident), n_dev)
 
         def kv(i: int, old: bool) -> int:
             if not full[i]:
@@ -332,7 +332,7 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         n_host = host_count(n_resident)
         mem = memory(n_resident, n_dev)
         alloc, layer = mem.peak(chunks)
-        staging = staging_bytes(n_host)
+        staging = staging_bytes(n_host, n_dev)
         encoded = sum(mem.kv_new[n_resident:n_resident + n_dev])
         kv = sum(mem.kv_new) + growth_kv - encoded
         parts = {"process baseline": baseline} if cpu else {}

@@ -94,6 +94,7 @@ class EncodedKV:
         self.calibration = calibration
         self.layout: KVCodecLayout = calibration.layout(dtype, head_dim)
         self.table_host = calibration.table.cpu()
+        self.table_device = calibration.table     # on the sample's device: no copy per call there
         self.sample_rows = sample_rows     # rows the table was chosen on
         self.blocks: torch.Tensor | None = None
         self.pool = self._allocate_pool(1)
@@ -150,7 +151,9 @@ class EncodedKV:
 
     # ---- writes ----
     def table_on(self, device: torch.device) -> torch.Tensor:
-        return self.table_host if device.type == "cpu" else self.table_host.to(device, non_blocking=True)
+        if device.type == "cpu":
+            return self.table_host
+        return self.table_device if self.table_device.device == device else self.table_host.to(device)
 
     def store(self, x: torch.Tensor, p0: int, p1: int) -> None:
         """Encode positions [p0, p1) of x [B, Hkv, >= p1, D] (on any device; its rows from p0's block
@@ -187,8 +190,15 @@ class EncodedKV:
 
     # ---- reads ----
     def spill_on(self, device: torch.device) -> torch.Tensor:
+        """The pool's used units on ``device``: a host pool crosses to a GPU on the transfer engine, which
+        holds it until the copy is done and orders the current stream after it (no host wait)."""
         used = max(self.pool_used, 1)  # the op takes a pool of at least one unit
-        return self.pool[:used].to(device)
+        if self.pool.device == device or device.type != "cuda":
+            return self.pool[:used].to(device)
+        out = torch.empty(used, self.layout.spill_unit_bytes, dtype=torch.uint8, device=device)
+        engine = self.host.engine
+        engine.wait(engine.prefetch(self.pool[None, None], out[None, None], 0, used, 0))
+        return out
 
     def expand(self, dst: torch.Tensor, lo: int, n: int) -> None:
         """Decode positions [lo, n) into dst [B, Hkv, >= n, D] (lo a multiple of block_rows), on dst's

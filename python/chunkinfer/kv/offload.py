@@ -39,6 +39,13 @@ class HostKV:
         self.cpu_share = cpu_share  # host_attention.CpuShare: decode attends part of the host KV on the CPU
         self.compression = compression  # encoded.KVCompression: host layers keep their K, V encoded
         self.planned_ratio = 1.0        # the ratio the last prompt's plan sized encoded host KV by
+        self._codec_stream = None
+
+    def codec_stream(self) -> "torch.cuda.Stream":
+        """The CUDA stream encoded layers are expanded on, beside the compute stream (made on first use)."""
+        if self._codec_stream is None:
+            self._codec_stream = torch.cuda.Stream(self.device)
+        return self._codec_stream
 
     def spare_bytes(self) -> int:
         """Pinned bytes the arena holds but has not handed out."""
@@ -161,10 +168,22 @@ class EncodedKVLayer(HostKVLayer):
         """K, V of positions [lo, hi), decoded where the blocks are."""
         return self.k_enc.decoded(hi, lo), self.v_enc.decoded(hi, lo)
 
-    def fetch(self, dst: KVBuffers, lo: int, n: int) -> int:
-        self.k_enc.expand(dst.k_buf, lo, n)  # on the current stream: nothing to wait for
-        self.v_enc.expand(dst.v_buf, lo, n)
-        return -1
+    def fetch(self, dst: KVBuffers, lo: int, n: int) -> "int | torch.cuda.Event":
+        if dst.k_buf.device.type != "cuda":
+            self.k_enc.expand(dst.k_buf, lo, n)  # synchronous: nothing to wait for
+            self.v_enc.expand(dst.v_buf, lo, n)
+            return -1
+        # on the codec stream, after what the compute stream has queued (the slot's previous layer), so
+        # that the copies and decodes overlap the compute queued next; the event orders the layer after
+        compute = torch.cuda.current_stream(dst.k_buf.device)
+        stream = self.host.codec_stream()
+        stream.wait_stream(compute)
+        for buf in (dst.k_buf, dst.v_buf):
+            buf.record_stream(stream)  # not reused by the allocator before the codec stream is done with it
+        with torch.cuda.stream(stream):
+            self.k_enc.expand(dst.k_buf, lo, n)
+            self.v_enc.expand(dst.v_buf, lo, n)
+            return stream.record_event()
 
     def send(self, src: KVBuffers, lo: int, end: int, headroom: int) -> int:
         settings = self.host.compression
@@ -289,8 +308,11 @@ class LayerStreamer:
                 host.engine.synchronize()  # the CPU reads host K, V: earlier offloads must have landed
         return cls(host, cache.staging, cache.layers, streamed, start, end, headroom, shape_of, cpu_keys)
 
-    def _wait(self, ticket: int) -> None:
-        if ticket >= 0:
+    def _wait(self, ticket: "int | torch.cuda.Event") -> None:
+        """Order the current stream after a copy: an engine ticket, or an encoded layer's expand event."""
+        if isinstance(ticket, torch.cuda.Event):
+            torch.cuda.current_stream().wait_event(ticket)
+        elif ticket >= 0:
             self.engine.wait(ticket)
 
     def is_streamed(self, li: int) -> bool:

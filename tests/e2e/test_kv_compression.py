@@ -244,3 +244,17 @@ def test_the_float32_verification_reads_encoded_layers():
     ref_b = reference_step_logits(enc, b.past_key_values, tok, kv_block=72)
     assert torch.equal(ref_a, ref_b)
     assert b.past_key_values.get_seq_length() == 500  # read, not written
+
+
+@torch.no_grad()
+def test_a_pickled_copy_keeps_compressing():
+    import pickle
+
+    raw, enc = _pair("llama", "cpu", resident_layers=1, compression=KVCompression(escape_capacity=0))
+    ids = _ids(1, 300, "cpu", 4)
+    enc(ids)  # state built and used before the copy
+    copy_ = pickle.loads(pickle.dumps(enc))
+    out = copy_(ids, use_cache=True)
+    assert copy_._chunkinfer.host.compression == KVCompression(escape_capacity=0)
+    assert [type(layer) for layer in out.past_key_values.layers[1:]] == [EncodedKVLayer] * 3
+    assert torch.equal(out.logits, raw(ids, use_cache=True).logits)

@@ -10,7 +10,8 @@
 # same, a line per test so a partial log reads), steps
 # (bench_steps: T-token steps, speculation, exactness, host KV), model (bench_model vs stock: prefill and
 # decode headline rows), steps-quick (steps and speculation at 32k and 131k), profile (profile_decode),
-# offload (bench_offload 262k), families (bench_families), codec (bench_kv_codec).
+# offload (bench_offload 262k), families (bench_families), codec (bench_kv_codec),
+# compression (#29: the encoded cache's CUDA tests, host decode at 131k raw and encoded).
 set -u
 WORK=/tmp/ci_work
 RES=/tmp/ci_results
@@ -55,6 +56,13 @@ run_phase() {
       python3 -m bench.bench_families --out "$RES/families_h200.jsonl" > "$RES/families.log" 2>&1 || rc=$? ;;
     codec)
       python3 -m bench.ops.bench_kv_codec --out "$RES/kv_codec_h200.jsonl" > "$RES/codec.log" 2>&1 || rc=$? ;;
+    compression)  # #29: the encoded cache's CUDA tests, then host decode at 131k raw and encoded, same machine
+      python3 -m pytest -v -m cuda -p no:cacheprovider tests/kv/test_encoded.py tests/e2e/test_kv_compression.py \
+        -rfE > "$RES/compression_tests.log" 2>&1 || rc=$?
+      for flag in "" --kv-compression; do
+        python3 -m bench.bench_host_decode --lengths 131072 --shares 0,auto $flag \
+          --out "$RES/host_decode_compression_h200.jsonl" >> "$RES/compression_bench.log" 2>&1 || rc=$?
+      done ;;
     *) echo "unknown phase $phase" >> "$RES/progress.log"; rc=2 ;;
   esac
   echo "$(date +%T) end $phase rc=$rc $(( $(date +%s) - t0 )) s" >> "$RES/progress.log"

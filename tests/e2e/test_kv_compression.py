@@ -52,6 +52,16 @@ def _same_host_kv(raw_cache, enc_cache) -> int:
     return compared
 
 
+def _same_steps(raw, a, enc, b, n: int) -> None:
+    """n greedy one-token steps of both models from their prompt outputs a, b: equal logits each time."""
+    tok = a.logits[:, -1:].argmax(-1)
+    for _ in range(n):
+        sa = raw(tok, past_key_values=a.past_key_values, use_cache=True)
+        sb = enc(tok, past_key_values=b.past_key_values, use_cache=True)
+        assert torch.equal(sa.logits, sb.logits)
+        tok = sa.logits.argmax(-1)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_resident", [0, 2])
 @pytest.mark.parametrize("compression", ["lossless", KVCompression(escape_capacity=0), KVCompression(device_layers=1)],
@@ -118,12 +128,7 @@ def test_cpu_attention_reads_the_encoded_host_kv(device):
     ids = _ids(2, 700, device, seed=torch.randint(0, 1 << 30, ()).item())
     a, b = raw(ids, use_cache=True), enc(ids, use_cache=True)
     assert enc._chunkinfer.host.cpu_share.cpu_positions(700) >= 256, "the split must be active at this length"
-    tok = a.logits[:, -1:].argmax(-1)
-    for _ in range(3):
-        sa = raw(tok, past_key_values=a.past_key_values, use_cache=True)
-        sb = enc(tok, past_key_values=b.past_key_values, use_cache=True)
-        assert torch.equal(sa.logits, sb.logits)
-        tok = sa.logits.argmax(-1)
+    _same_steps(raw, a, enc, b, 3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -139,12 +144,7 @@ def test_a_layer_encoded_on_the_device_attends_as_a_resident_one(device):
     a, b = raw(ids, use_cache=True), enc(ids, use_cache=True)
     assert torch.equal(a.logits, b.logits)
     assert [getattr(layer, "cpu_readable", None) for layer in b.past_key_values.layers] == [None, False, True, True]
-    tok = a.logits[:, -1:].argmax(-1)
-    for _ in range(3):
-        sa = raw(tok, past_key_values=a.past_key_values, use_cache=True)
-        sb = enc(tok, past_key_values=b.past_key_values, use_cache=True)
-        assert torch.equal(sa.logits, sb.logits)
-        tok = sa.logits.argmax(-1)
+    _same_steps(raw, a, enc, b, 3)
 
 
 @torch.no_grad()

@@ -54,12 +54,14 @@ def _dtype(text: str, what: str) -> str:
 
 
 def _ratio(text: str, what: str) -> float:
+    from .planner.plan import MIN_COMPRESSION_RATIO
+
     try:
         r = float(text)
     except ValueError:
-        raise ValueError(f"{what} must be a number >= 1.0, got {text!r}") from None
-    if not math.isfinite(r) or r < 1.0:
-        raise ValueError(f"{what} must be a finite number >= 1.0, got {text!r}")
+        raise ValueError(f"{what} must be a number >= {MIN_COMPRESSION_RATIO}, got {text!r}") from None
+    if not math.isfinite(r) or r < MIN_COMPRESSION_RATIO:
+        raise ValueError(f"{what} must be a finite number >= {MIN_COMPRESSION_RATIO}, got {text!r}")
     return r
 
 
@@ -195,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every layer's KV on the device (default: offload layers to pinned host memory when needed)")
     p.add_argument("--kv-compression-ratio", type=_arg(_ratio, "--kv-compression-ratio"), default=None,
                    metavar="R",
-                   help="plan host-offloaded KV stored with lossless compression at ratio R >= 1.0, already "
+                   help="plan host-offloaded KV stored with lossless compression at ratio R (raw / stored), already "
                         "margined (measured ratio / (1 + margin)); default: stored raw")
     p.set_defaults(func=_plan)
     _add_bench(sub)

@@ -146,15 +146,21 @@ def _process_baseline(value, kind: str, model_type: str) -> int:
     return positive_int(value, "process_baseline", minimum=0)
 
 
+# the codec's worst case: a block's slot and its spilled exponent plane, under 1.5x the raw bytes (fp16), so
+# a measured ratio below 1 (data that codes badly) is planned as it is, never rounded up to raw
+MIN_COMPRESSION_RATIO = 0.5
+
+
 def _compression_ratio(value) -> float | None:
-    """kv_compression_ratio checked: None, or a finite int/float >= 1.0 (as a float)."""
+    """kv_compression_ratio checked: None, or a finite int/float >= MIN_COMPRESSION_RATIO (as a float)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"kv_compression_ratio must be a float >= 1.0 or None, got {type(value).__name__} {value!r}")
+        raise TypeError(f"kv_compression_ratio must be a float >= {MIN_COMPRESSION_RATIO} or None, got "
+                        f"{type(value).__name__} {value!r}")
     ratio = float(value)
-    if not math.isfinite(ratio) or ratio < 1.0:  # NaN compares false with everything: checked apart
-        raise ValueError(f"kv_compression_ratio must be a finite number >= 1.0, got {value!r}")
+    if not math.isfinite(ratio) or ratio < MIN_COMPRESSION_RATIO:  # NaN compares false: checked apart
+        raise ValueError(f"kv_compression_ratio must be a finite number >= {MIN_COMPRESSION_RATIO}, got {value!r}")
     return ratio
 
 
@@ -202,11 +208,13 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
     (calibrate.py); default ``CUDA_CALIBRATION`` / ``CPU_CALIBRATION``. ``cpu_attention``: decode
     steps attend part of the host KV on the CPU (convert's default), else they stream all of it.
 
-    ``kv_compression_ratio``: None (default) keeps host-resident KV raw. A float r >= 1.0 plans it stored
-    with lossless compression: each host layer's K, V take ceil(layer bytes / r) of pinned host memory
-    (the device staging slots stay raw: they hold the expanded K, V) and cross PCIe compressed in decode.
-    Pass an already-margined ratio, the measured one divided by (1 + safety margin): the plan takes r as
-    given, and a tensor that compresses worse than r would not fit the host memory planned for it.
+    ``kv_compression_ratio``: None (default) keeps host-resident KV raw. A float r (raw / stored, at
+    least MIN_COMPRESSION_RATIO) plans streamed KV stored with lossless compression: each host layer's K, V
+    take ceil(layer bytes / r) of pinned host memory and cross PCIe compressed in decode; the device
+    staging slots stay raw (they hold the expanded K, V). When the host cannot hold the rest (r > 1),
+    layers are kept encoded in device memory too (``Plan.encoded_device_layers``, ceil(layer bytes / r)
+    each, given up raw-resident layers for), with one staging slot. Pass an already-margined ratio, the
+    measured one divided by (1 + safety margin): the plan takes r as given.
 
     ``device="cpu"``: predicts the process's peak RSS. ``device_memory`` is then the RSS the process
     may reach (default: physical memory), nothing is offloaded, and ``process_baseline`` is the RSS

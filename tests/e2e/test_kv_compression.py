@@ -272,3 +272,17 @@ def test_float16_is_encoded_bit_for_bit():
     _same_steps(raw, a, enc, b, 2)
     assert _same_host_kv(a.past_key_values, b.past_key_values) == 3
     assert all(r.k.lost_blocks == r.v.lost_blocks == 0 for r in b.past_key_values.kv_codec_report())
+
+
+@torch.no_grad()
+def test_prompt_lookup_on_encoded_kv_gives_greedy_tokens():
+    """Speculative steps (T-token verification, then transformers' crop of the rejected drafts) over
+    encoded host layers whose every escaping block spills: the re-encoded last blocks and the pool they
+    take back keep the tokens greedy's."""
+    raw, enc = _pair("llama", "cpu", resident_layers=1, compression=KVCompression(escape_capacity=0))
+    pattern = _ids(1, 40, "cpu", 0)
+    ids = torch.cat([pattern, pattern, pattern[:, :20]], 1)  # repeats: the lookup drafts get accepted
+    kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=0)
+    greedy = raw.generate(ids, **kw)
+    assert torch.equal(enc.generate(ids, prompt_lookup_num_tokens=6, **kw), greedy)
+    assert torch.equal(enc.generate(ids, **kw), greedy)

@@ -3,7 +3,8 @@ the encoded K, V reach (kv_codec_report), and whether the outputs equal the unco
 
 Each model runs twice with every full-attention layer's KV on the host (convert(kv_offload=True,
 resident_layers=0)): raw, and with kv_compression="lossless". The prompt is Python's documentation
-(pydoc_data topics), then greedy steps. Rows: one per (model, host layer), and one summary per model
+(pydoc_data topics), then greedy steps. "8B-shape" is the Llama-3.1-8B shape with random weights (the
+capacity run's model; ``--layers`` of them, random token ids): the ratio its K, V reach. Rows: one per (model, host layer), and one summary per model
 (host bytes raw and encoded, logits equal, times). Times on the CPU are informational.
 
   python bench/bench_kv_compression.py --tokens 2048 --steps 8 --out bench/results/kv_compression_cpu
@@ -39,10 +40,17 @@ def run(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.
     return out.logits, logits, cache, prefill, (time.perf_counter() - t0) / max(steps, 1)
 
 
-def bench_model(name: str, tokens: int, steps: int, device: str) -> list[dict]:
-    tok, base = load(name, torch.bfloat16)
-    base = base.to(device)
-    ids = torch.tensor([tok(pydoc_text())["input_ids"][:tokens]], device=device)
+def bench_model(name: str, tokens: int, steps: int, device: str, layers: int) -> list[dict]:
+    if name == "8B-shape":
+        from chunkinfer.tools.benchmark import build_model, llama31_8b_config
+
+        torch.manual_seed(0)
+        base = build_model(llama31_8b_config(layers, llama3_rope=False), device, torch.bfloat16)
+        ids = torch.randint(0, base.config.vocab_size, (1, tokens), device=device)
+    else:
+        tok, base = load(name, torch.bfloat16)
+        base = base.to(device)
+        ids = torch.tensor([tok(pydoc_text())["input_ids"][:tokens]], device=device)
     kw = dict(chunk_size=512, kv_offload=True, resident_layers=0, cpu_attention=False)
     raw = chunkinfer.convert(copy.deepcopy(base), **kw)
     enc = chunkinfer.convert(base, kv_compression="lossless", **kw)
@@ -71,9 +79,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--layers", type=int, default=2, help="layers of the 8B-shape model")
     ap.add_argument("--out", default="bench/results/kv_compression_cpu")
     args = ap.parse_args()
-    rows = [r for name in args.models for r in bench_model(name, args.tokens, args.steps, args.device)]
+    rows = [r for name in args.models for r in bench_model(name, args.tokens, args.steps, args.device, args.layers)]
     command = "python " + " ".join(sys.argv)
     write_rows(args.out + ".jsonl", rows, command)
     models = [r for r in rows if r["kind"] == "model"]

@@ -11,6 +11,11 @@ own streams, ordered against compute by CUDA events only: the host never waits f
   host growth     a larger pinned region is allocated and the whole layer [0, end) is offloaded into
                   it from the slot; the old region goes back to the arena once the prefetch that read
                   it is done (the engine holds the tensors of a copy until it completes)
+
+With ``convert(kv_compression=...)`` every streamed layer is an EncodedKVLayer (encoded.py): its K, V are
+encoded as they leave the slot (the host waits for each piece's spill count) and expanded into it on a
+codec stream beside the compute stream; a layer may keep its blocks in device memory instead of the
+host's when the planner puts it there, and then the staging has one slot, not two.
 """
 from __future__ import annotations
 

@@ -99,3 +99,28 @@ def test_settings_are_checked():
         KVCompression(margin=-0.1)
     assert KVCompression(margin=0.25).planned_ratio(1.25) == 1.0
     assert KVCompression(margin=0.125).planned_ratio(0.9) == 0.8  # data that codes badly is planned as it is
+
+
+def test_a_plan_places_layers_raw_encoded_on_the_device_and_on_the_host():
+    """placement.place with a plan's encoded_device_layers / host_layers: the tiers it asks for, rings
+    left resident in between, one staging slot while layers are encoded on the device."""
+    from types import SimpleNamespace
+
+    from chunkinfer.kv.cache import ChunkKVCache
+    from chunkinfer.kv.device_layer import ChunkKVLayer
+    from chunkinfer.kv.offload import EncodedKVLayer
+    from chunkinfer.kv.placement import OffloadSettings, place
+
+    host = HostKV(torch.device("cpu"), compression=KVCompression())
+    cache = ChunkKVCache(6, host, windows=[None, None, 64, None, None, None])  # layer 2 slides
+    place(cache, OffloadSettings(resident_layers=None),
+          SimpleNamespace(encoded_device_layers=[1, 3], host_layers=[4, 5]))
+    def kinds():
+        return [("raw" if isinstance(x, ChunkKVLayer) else "device" if not x.cpu_readable else "host")
+                for x in cache.layers]
+
+    assert kinds() == ["raw", "device", "raw", "device", "host", "host"]
+    assert all(isinstance(x, EncodedKVLayer) for x in cache.layers[3:]) and len(cache.staging.slots) == 1
+    place(cache, OffloadSettings(resident_layers=None), SimpleNamespace(encoded_device_layers=[], host_layers=[4, 5]))
+    assert len(cache.staging.slots) == 2  # a later plan without device-encoded layers: two slots again
+    assert kinds() == ["raw", "device", "raw", "device", "host", "host"]  # a streamed layer stays where it is

@@ -21,10 +21,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .kv.cache import ChunkKVCache
 from .kv.device_layer import ChunkKVLayer
+from .kv.encoded import measured_ratio
 from .kv.placement import PromptCall, place, plan_prompt
 from .loop.head import final_norm, head_chunk_rows, iter_logits, logits_of
 from .loop.loss import ChunkedCrossEntropy, shifted_targets
-from .kv.encoded import measured_ratio
 from .loop.prefill import LoopInputs, run_layers, sample_kv
 from .loop.step import STEP_TOKENS
 from .loop.step_path import run_step

@@ -205,10 +205,10 @@ class EncodedKV:
         """Decode positions [lo, n) into dst [B, Hkv, >= n, D] (lo a multiple of block_rows), on dst's
         device: the blocks cross to it compressed."""
         br = self.layout.block_rows
-        if lo % br:
-            raise ValueError(f"expand: the first position {lo} is not a multiple of the block rows {br}")
         if n <= lo:
             return
+        if lo % br:
+            raise ValueError(f"expand: the first position {lo} is not a multiple of the block rows {br}")
         device = dst.device
         table, spill = self.table_on(device), self.spill_on(device)
         engine = self.host.engine

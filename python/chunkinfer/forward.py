@@ -184,14 +184,15 @@ def check_cache(cache: ChunkKVCache, state: ConvertedState, batch: int) -> None:
     if cache.filled_by is mb:  # this model filled it: its shapes were checked (a step's host time counts)
         return
     for li, (layer, lb) in enumerate(zip(cache.layers, mb.layers)):
-        if layer.k_buf is None or not layer.length:
+        if (shape := layer.held_shape()) is None:
             continue
-        _, h, _, d = layer.k_buf.shape
+        _, h, d, held_dtype = shape
+        where = f" on {layer.k_buf.device}" if isinstance(layer, ChunkKVLayer) else " (streamed)"
         dtype, device = lb.o_proj.weight.dtype, mb.devices.layers[li]  # where the layer runs (accelerate)
-        if (h, d) != (lb.n_kv, lb.head_dim) or layer.k_buf.dtype != dtype or (
+        if (h, d) != (lb.n_kv, lb.head_dim) or held_dtype != dtype or (
                 isinstance(layer, ChunkKVLayer) and not _same_device(layer.k_buf.device, device)):
             raise ValueError(f"the cache passed was filled by another model: layer {li} holds {h} KV heads of "
-                             f"dim {d} in {layer.k_buf.dtype} on {layer.k_buf.device}, the model has {lb.n_kv} of "
+                             f"dim {d} in {held_dtype}{where}, the model has {lb.n_kv} of "
                              f"dim {lb.head_dim} in {dtype} on {device}")
 
 

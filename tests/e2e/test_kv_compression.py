@@ -286,3 +286,20 @@ def test_prompt_lookup_on_encoded_kv_gives_greedy_tokens():
     greedy = raw.generate(ids, **kw)
     assert torch.equal(enc.generate(ids, prompt_lookup_num_tokens=6, **kw), greedy)
     assert torch.equal(enc.generate(ids, **kw), greedy)
+
+
+@torch.no_grad()
+def test_an_encoded_cache_of_another_batch_or_model_is_refused_before_any_work():
+    """Every layer streamed and encoded (no raw buffer to read a shape from): a continuation with another
+    batch, or by a model of another shape, raises before any work and leaves the cache as it was."""
+    _, enc = _pair("llama", "cpu", resident_layers=0)
+    cache = enc(_ids(2, 100, "cpu", 1), use_cache=True).past_key_values
+    before = [layer.k_enc.decoded(100).clone() for layer in cache.layers]
+    with pytest.raises(ValueError, match="holds batch 2, the input has batch 1"):
+        enc(_ids(1, 5, "cpu", 2), past_key_values=cache, use_cache=True)
+    other = chunkinfer.convert(make_model("llama", layers=4, dtype=torch.bfloat16, num_key_value_heads=4),
+                               chunk_size=96, kv_offload=True, resident_layers=0, kv_compression="lossless")
+    with pytest.raises(ValueError, match="filled by another model: layer 0 holds 2 KV heads"):
+        other(_ids(2, 5, "cpu", 2), past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 100
+    assert all(torch.equal(b, layer.k_enc.decoded(100)) for b, layer in zip(before, cache.layers))

@@ -113,8 +113,8 @@ class ChunkKVCache(DynamicCache):
     def batch_size_held(self) -> int | None:
         """The batch the cached K, V are for, None while empty."""
         for layer in self.layers:
-            if layer.length and layer.k_buf is not None:
-                return layer.k_buf.shape[0]
+            if (shape := layer.held_shape()) is not None:
+                return shape[0]
         return None
 
     def crop(self, tokens_to_remove: int) -> None:

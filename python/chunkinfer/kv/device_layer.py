@@ -110,6 +110,13 @@ class CachedPositions(CacheLayerMixin):
     def values(self) -> torch.Tensor | None:
         return None if self.v_buf is None else self.v_buf[:, :, : self.length]
 
+    def held_shape(self) -> tuple[int, int, int, torch.dtype] | None:
+        """(batch, KV heads, head dim, dtype) of the K, V held; None while nothing is."""
+        if self.k_buf is None or not self.length:
+            return None
+        b, h, _, d = self.k_buf.shape
+        return b, h, d, self.k_buf.dtype
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
 

@@ -169,6 +169,12 @@ class EncodedKVLayer(HostKVLayer):
     def host_nbytes(self) -> int:
         return self.nbytes() if self.device is None else 0
 
+    def held_shape(self) -> tuple[int, int, int, torch.dtype] | None:
+        if self.k_enc is None or not self.length:
+            return None
+        b, h = self.k_enc.blocks.shape[:2]
+        return b, h, self.k_enc.layout.head_dim, self.k_enc.layout.dtype
+
     def band(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of positions [lo, hi), decoded where the blocks are."""
         return self.k_enc.decoded(hi, lo), self.v_enc.decoded(hi, lo)

@@ -14,6 +14,7 @@ from .kv.encoded import parse_kv_compression
 from .kv.host_attention import parse_cpu_attention
 from .kv.placement import OffloadSettings
 from .models.adapters import bind
+from .ops.kv_codec import DTYPES as KV_CODEC_DTYPES
 from .planner.schedule import default_chunk_size
 from .planner.units import parse_memory
 from .state import ConvertSettings, ConvertedState
@@ -82,7 +83,7 @@ def build_state(model: nn.Module, chunk_size: int | None = None, cuda_graphs: bo
             raise ValueError(f"kv_compression={kv_compression!r} compresses the KV of host-resident layers: pass "
                              "kv_offload=True too (device-resident KV is kept raw)")
         dtype = binding.embed.weight.dtype
-        if dtype not in (torch.bfloat16, torch.float16):
+        if dtype not in KV_CODEC_DTYPES:
             raise ValueError(f"kv_compression={kv_compression!r} codes bfloat16 / float16 K, V losslessly; this "
                              f"model runs in {dtype}")
     device = binding.devices.main

@@ -29,6 +29,7 @@ from .loop.prefill import LoopInputs, run_layers, sample_kv
 from .loop.step import STEP_TOKENS
 from .loop.step_path import run_step
 from .models.devices import moves_inputs
+from .ops.kv_codec import DTYPES as KV_CODEC_DTYPES
 from .planner.schedule import CHUNK_LIMITS
 from .state import ConvertedState
 
@@ -379,7 +380,7 @@ def planned_kv_ratio(state: ConvertedState, ids: torch.Tensor | None, emb: torch
     if host is None or host.compression is None:
         return None
     weight = mb.embed.weight
-    if weight.dtype not in (torch.bfloat16, torch.float16):
+    if weight.dtype not in KV_CODEC_DTYPES:
         raise ValueError(f"kv_compression codes bfloat16 / float16 K, V; the model now runs in {weight.dtype} "
                          "(convert it again without kv_compression, or cast it back)")
     if weight.device.type != "cuda":

@@ -60,6 +60,10 @@ class KVCompression:
             raise ValueError(f"calibration_rows must be >= 1 and margin >= 0, got {self.calibration_rows}, "
                              f"{self.margin}")
 
+    def calibrate(self, sample: torch.Tensor) -> KVCodecCalibration:
+        """The code table (and escape capacity) of a K or V sample [..., S, D] with these settings."""
+        return kv_calibrate(sample, block_rows=self.block_rows, escape_capacity=self.escape_capacity)
+
     def planned_ratio(self, measured: float) -> float:
         """The ratio the planner sizes encoded KV by: below 1 too, where the data codes badly."""
         return measured / (1.0 + self.margin)
@@ -78,8 +82,7 @@ def parse_kv_compression(value) -> KVCompression | None:
 
 def measured_ratio(k_sample: torch.Tensor, v_sample: torch.Tensor, settings: KVCompression) -> float:
     """The ratio raw / stored of K and V samples [B, Hkv, S, D] together, each with its own table."""
-    k = kv_calibrate(k_sample, block_rows=settings.block_rows, escape_capacity=settings.escape_capacity)
-    v = kv_calibrate(v_sample, block_rows=settings.block_rows, escape_capacity=settings.escape_capacity)
+    k, v = settings.calibrate(k_sample), settings.calibrate(v_sample)
     return 2.0 / (1.0 / k.ratio + 1.0 / v.ratio)
 
 
@@ -248,8 +251,7 @@ def calibrated(host, x: torch.Tensor, rows: int, settings: KVCompression,
     """An EncodedKV (in host memory, or on ``device``) whose table is chosen on the first ``rows`` rows
     of x [B, Hkv, >= rows, D] (at most ``settings.calibration_rows``)."""
     n = max(1, min(rows, settings.calibration_rows))
-    cal = kv_calibrate(x[:, :, :n], block_rows=settings.block_rows, escape_capacity=settings.escape_capacity)
-    return EncodedKV(host, cal, x.dtype, x.shape[-1], n, device)
+    return EncodedKV(host, settings.calibrate(x[:, :, :n]), x.dtype, x.shape[-1], n, device)
 
 
 @dataclass(frozen=True)

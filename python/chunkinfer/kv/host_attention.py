@@ -130,7 +130,7 @@ def split_decode_attention(q: torch.Tensor, staged, host_layer, step: SplitStep,
                                                      step.cpu_starts, scale=scale)
         out_rows.copy_(out_c)
         lse_rows.copy_(lse_c)
-    hkv = host_layer.k_enc.blocks.shape[1] if encoded else host_layer.k_buf.shape[1]
+    _, hkv, _, _ = host_layer.held_shape()
     # raw-equivalent bytes: the rate compares positions per second with the H2D copy's
     share.observe(2 * b * hkv * step.n_cpu * d * q.element_size(), time.perf_counter() - t0)
     out_c = step.out_host.to(q.device, non_blocking=True)

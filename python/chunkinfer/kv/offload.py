@@ -88,8 +88,8 @@ class HostKVLayer(CachedPositions):
         """Host bytes of K and V regions for ``positions`` positions."""
         return 2 * batch * n_kv * positions * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def nbytes(self) -> int:
-        return 0 if self.k_buf is None else 2 * self.k_buf.numel() * self.k_buf.element_size()
+    nbytes = KVBuffers.nbytes  # the same K, V buffers' bytes, here in host memory
+    band = KVBuffers.band      # K, V of positions [lo, hi) where they are
 
     def host_nbytes(self) -> int:
         """Of nbytes(), those in host memory (the rest on the device)."""
@@ -99,10 +99,6 @@ class HostKVLayer(CachedPositions):
                    headroom: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = [batch, n_kv, self.capacity_for(needed, headroom), head_dim]
         return self.host.arena.allocate(shape, dtype), self.host.arena.allocate(shape, dtype)
-
-    def band(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of positions [lo, hi) where they are (host memory)."""
-        return self.k_buf[:, :, lo:hi], self.v_buf[:, :, lo:hi]
 
     def fetch(self, dst: KVBuffers, lo: int, n: int) -> int:
         """Copy positions [lo, n) into the staging buffers dst; returns the ticket to wait for."""

@@ -144,3 +144,18 @@ def test_layers_encoded_on_the_device_when_the_host_cannot_hold_the_rest():
     # a ratio too low for the length: the reason reports the closest placement, every layer encoded
     short = plan(cfg, n, kv_compression_ratio=1.17, **MEM)
     assert not short.fits and "(the device holds 0 raw and " in short.reason, short.reason
+
+
+def test_rings_inside_the_encoded_span_count_as_resident():
+    """Gemma-3's sliding layers between the full ones stay raw rings on the device: the device part
+    "KV encoded on device" is the full layers' encoded bytes only, and the rings stay in "KV resident"."""
+    cfg = transformers.Gemma3TextConfig(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                                        num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                                        vocab_size=262208, sliding_window=1024)
+    r = 1.3
+    p = plan(cfg, 4_000_000, kv_compression_ratio=r, **MEM)
+    assert p.encoded_device_layers and p.encoded_device_layers[-1] - p.encoded_device_layers[0] > 1  # rings between
+    layer = 2 * 8 * 256 * 2 * p.kv_capacity
+    encoded = len(p.encoded_device_layers) * math.ceil(Fraction(layer) / Fraction(r))
+    assert p.device_breakdown["KV encoded on device"] == encoded
+    assert p.device_breakdown["KV resident"] > 0  # the rings (and any raw-resident full layers)

@@ -341,7 +341,7 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         mem = memory(n_resident, n_dev)
         alloc, layer = mem.peak(chunks)
         staging = staging_bytes(n_host, n_dev)
-        encoded = sum(mem.kv_new[n_resident:n_resident + n_dev])
+        encoded = sum(mem.kv_new[i] for i in range(n_resident, n_resident + n_dev) if full[i])  # rings: resident
         kv = sum(mem.kv_new) + growth_kv - encoded
         parts = {"process baseline": baseline} if cpu else {}
         parts |= {"weights": weights, "residual stream": residual, ("KV cache" if cpu else "KV resident"): kv}

@@ -337,17 +337,17 @@ def plan(config, seq_len: int, *, batch: int = 1, dtype=torch.bfloat16, device_m
         return choose(memory(n_resident, n_dev), cands, fits)
 
     def parts_of(n_resident: int, chunks: list[int], n_dev: int = 0) -> tuple[dict, int, int]:
-        n_host = host_count(n_resident)
+        n_streamed = host_count(n_resident)  # on the host and encoded on the device alike
         mem = memory(n_resident, n_dev)
         alloc, layer = mem.peak(chunks)
-        staging = staging_bytes(n_host, n_dev)
+        staging = staging_bytes(n_streamed, n_dev)
         encoded = sum(mem.kv_new[i] for i in range(n_resident, n_resident + n_dev) if full[i])  # rings: resident
         kv = sum(mem.kv_new) + growth_kv - encoded
         parts = {"process baseline": baseline} if cpu else {}
         parts |= {"weights": weights, "residual stream": residual, ("KV cache" if cpu else "KV resident"): kv}
         if encoded:
             parts["KV encoded on device"] = encoded
-        if n_host:
+        if n_streamed:
             parts["KV offload staging"] = staging
         parts["chunk work buffers"] = alloc - residual - staging - kv - encoded  # net of KV not yet allocated then
         over = cal.overhead(alloc)
